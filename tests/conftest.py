@@ -1,0 +1,30 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def small_darcy(tmp_path_factory) -> str:
+    """96 Darcy samples at 17x17 in chunks of 16 (5 chunks train, 1 test): enough to see a loss fall."""
+    from data.darcy import write_darcy_dataset
+    url = str(tmp_path_factory.mktemp("data") / "darcy.zarr")
+    write_darcy_dataset(url, n=96, res=17, seed=0, chunk_size=16, fine_factor=2)
+    return url
+
+
+SMALL_MODEL = ["model.width=8", "model.modes=[4, 4]", "model.n_layers=2", "model.projection_channels=16",
+               "model.padding=0", "data.batch_size=8", "train.progress=false", "train.log_every=1"]
+
+
+def fieldtrain(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the console entry point as a user would (python -m launch.cli == `fieldtrain`)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,211 @@
+"""Typed run configuration: nested dataclasses loaded from TOML, with dotted overrides.
+
+    cfg = load_config("configs/darcy_fno.toml", overrides=["optim.lr=1e-3", "train.epochs=5"])
+
+Every section is a dataclass validated in `__post_init__`; an unknown section or key, or a bad value,
+is a `ValueError` that names the dotted key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"config key {key!r} = {value!r}; allowed: {', '.join(map(repr, allowed))}")
+
+
+def _positive(key: str, value: float, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ValueError(f"config key {key!r} = {value!r}; must be {'>= 0' if zero_ok else '> 0'}")
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"          # the run directory is out_dir/name
+    seed: int = 0
+    deterministic: bool = True     # torch.use_deterministic_algorithms and one intra-op thread per rank
+    threads_per_rank: int = 0      # 0: cores // local ranks
+
+
+@dataclass
+class DataConfig:
+    path: str = ""                 # any fsspec URL or plain path of a dataset group
+    storage_options: dict = field(default_factory=dict)
+    test_fraction: float = 0.1     # trailing whole chunks held out for evaluation
+    batch_size: int = 16           # per rank
+    shuffle: bool = True
+    drop_last: bool = True         # equal samples per rank: drop the stream's tail (True) or pad it (False)
+    window_chunks: int = 4         # shuffle window of the loader, in chunks
+    prefetch: int = 4              # batches read ahead by the background thread
+
+    def __post_init__(self):
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"config key 'data.test_fraction' = {self.test_fraction!r}; must be in (0, 1)")
+        for k in ("batch_size", "window_chunks", "prefetch"):
+            _positive(f"data.{k}", getattr(self, k))
+
+
+@dataclass
+class ModelConfig:
+    name: str = "fno"
+    width: int = 32
+    modes: list = field(default_factory=lambda: [12, 12])
+    n_layers: int = 4
+    padding: int = 0
+    projection_channels: int = 128
+    spectral_weights: str = "complex"   # "real" stores them as (..., 2) float tensors
+
+    def __post_init__(self):
+        _choice("model.name", self.name, ("fno",))
+        _choice("model.spectral_weights", self.spectral_weights, ("complex", "real"))
+        if not self.modes or not all(isinstance(m, int) and m > 0 for m in self.modes):
+            raise ValueError(f"config key 'model.modes' = {self.modes!r}; must be a list of positive ints")
+        for k in ("width", "n_layers", "projection_channels"):
+            _positive(f"model.{k}", getattr(self, k))
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.9          # sgd only
+    scheduler: str = "cosine"      # per step over the whole run
+    warmup_steps: int = 0
+    grad_clip: float = 0.0         # 0: off
+
+    def __post_init__(self):
+        _choice("optim.name", self.name, ("adam", "adamw", "sgd"))
+        _choice("optim.scheduler", self.scheduler, ("cosine", "constant"))
+        _positive("optim.lr", self.lr)
+        _positive("optim.weight_decay", self.weight_decay, zero_ok=True)
+        _positive("optim.warmup_steps", self.warmup_steps, zero_ok=True)
+        _positive("optim.grad_clip", self.grad_clip, zero_ok=True)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    max_steps: int = 0             # 0: epochs * batches per epoch; else stop (and schedule) at this step
+    log_every: int = 10
+    eval_every: int = 0            # steps; 0: at the end of each epoch
+    ckpt_every: int = 0            # steps; 0: at the end of the run only
+    keep_checkpoints: int = 2
+    progress: bool = True          # a progress bar on rank 0
+
+    def __post_init__(self):
+        _positive("train.epochs", self.epochs)
+        for k in ("max_steps", "eval_every", "ckpt_every"):
+            _positive(f"train.{k}", getattr(self, k), zero_ok=True)
+        _positive("train.log_every", self.log_every)
+        _positive("train.keep_checkpoints", self.keep_checkpoints)
+
+
+@dataclass
+class CommConfig:
+    """The gradient exchange (the DDP communication hook)."""
+    compressor: str = "none"
+    bucket_cap_mb: float = 25.0
+    transport: str = "torch"       # torch.distributed; "mpi" through mpi4py
+
+    def __post_init__(self):
+        from trainer.comm import COMPRESSORS   # the registry lives next to the hook
+        _choice("comm.compressor", self.compressor, tuple(COMPRESSORS))
+        _choice("comm.transport", self.transport, ("torch",))
+        _positive("comm.bucket_cap_mb", self.bucket_cap_mb)
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"          # gloo on CPU, nccl with CUDA
+    timeout_s: int = 300           # rendezvous and collective timeout
+
+    def __post_init__(self):
+        _choice("dist.backend", self.backend, ("auto", "gloo", "nccl", "mpi"))
+        _positive("dist.timeout_s", self.timeout_s)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check one TOML value against the dataclass field's annotation (ints widen to floats)."""
+    typ = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}.get(typ, typ)
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ in (str, int, float, bool, list, dict):
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise ValueError(f"config key {key!r} = {value!r} is a {type(value).__name__}; expected {typ.__name__}")
+    return value
+
+
+def config_from_dict(raw: dict) -> Config:
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    hints = typing.get_type_hints(Config)
+    built = {}
+    for name, values in raw.items():
+        if name not in sections:
+            raise ValueError(f"unknown config section {name!r}; allowed: {', '.join(sections)}")
+        if not isinstance(values, dict):
+            raise ValueError(f"config section {name!r} must be a table, got {values!r}")
+        cls = hints[name]
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        for key, value in values.items():
+            if key not in fields:
+                raise ValueError(f"unknown config key '{name}.{key}'; allowed: {', '.join(fields)}")
+            values[key] = _coerce(f"{name}.{key}", value, fields[key])
+        built[name] = cls(**values)
+    return Config(**built)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like section.key=value")
+    key, value = text.split("=", 1)
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value  # a bare string: --set data.path=runs/x.zarr
+    return key.strip().split("."), parsed
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+    for text in overrides:
+        keys, value = _parse_override(text)
+        if len(keys) != 2:
+            raise ValueError(f"override {text!r}: keys are section.key, e.g. optim.lr=1e-3")
+        raw.setdefault(keys[0], {})[keys[1]] = value
+    return config_from_dict(raw)

@@ -1,0 +1,231 @@
+"""Fourier Neural Operator (Li et al. 2021, "Fourier Neural Operator for Parametric PDEs").
+
+    v_0     = P(x, grid)                                    lifting, pointwise
+    v_{l+1} = sigma( K_l v_l + W_l v_l ),  l = 0..L-1       (no sigma after the last layer)
+    (K v)   = IFFT( R_l . FFT(v) )                          R_l acts on the lowest modes only
+    u       = Q(v_L)                                        projection, pointwise
+
+Generic over d = 1, 2, 3 spatial dims; tensors are channels-first, (batch, channels, *grid).
+The spectral weights R_l are mesh-independent, so the same model evaluates at any resolution
+that resolves its modes (the "zero-shot super-resolution" of the paper).
+
+Spectral weights are stored either as complex64 parameters ("complex") or as float32 with a
+trailing (real, imag) dim of 2 ("real"), viewed as complex in forward. The two are bit-identical;
+the real form exists because torch's DDP powerSGD_hook mishandles complex parameters.
+Spectral parameters are named `...spectral.weight` (see `is_spectral_param`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SPECTRAL_WEIGHT_FORMS = ("complex", "real")
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def is_spectral_param(name: str) -> bool:
+    """True for parameter names (from `named_parameters()`) that hold FNO spectral weights."""
+    return name == "spectral.weight" or name.endswith(".spectral.weight")
+
+
+def check_modes(modes: tuple[int, ...], grid: tuple[int, ...]) -> None:
+    """Raise ValueError unless `grid` resolves `modes`.
+
+    Full FFT axes keep modes [:m] and [-m:], which needs 2m <= n; the last (rfft) axis keeps
+    [:m] of its n//2 + 1 frequencies, which needs m <= n//2 + 1.
+    """
+    if len(grid) != len(modes):
+        raise ValueError(f"grid {tuple(grid)} has {len(grid)} dims but modes {tuple(modes)} has {len(modes)}")
+    full_ok = all(2 * m <= n for m, n in zip(modes[:-1], grid[:-1]))
+    rfft_ok = modes[-1] <= grid[-1] // 2 + 1
+    if not (full_ok and rfft_ok):
+        raise ValueError(
+            f"resolution {tuple(grid)} is too coarse for modes {tuple(modes)}: need 2*m <= n on the "
+            f"full FFT axes and m <= n//2 + 1 on the last (rfft) axis"
+        )
+
+
+class SpectralConv(nn.Module):
+    """Multiply the lowest `modes` Fourier modes by learned complex weights (rfftn over the last d dims).
+
+    (K v)_o(k) = sum_i R_{i,o}(k) v_i(k) for the retained k, 0 elsewhere (Li et al. 2021, eq. 5).
+    Retained k: [:m] and [-m:] on each of the first d-1 axes (2^(d-1) corner blocks) and [:m] on the
+    rfft axis. All corners live in one weight tensor of shape (in, out, 2*m_1, ..., 2*m_{d-1}, m_d):
+    along a full axis, index j < m is frequency j and index j >= m is frequency j - 2m.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, modes: tuple[int, ...], weights: str = "complex"):
+        super().__init__()
+        modes = tuple(int(m) for m in modes)
+        if not 1 <= len(modes) <= 3 or any(m < 1 for m in modes):
+            raise ValueError(f"modes must be 1 to 3 positive ints, got {modes}")
+        if weights not in SPECTRAL_WEIGHT_FORMS:
+            raise ValueError(f"weights={weights!r}; allowed: {SPECTRAL_WEIGHT_FORMS}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.modes, self.weights_form = modes, weights
+        shape = (in_channels, out_channels, *(2 * m for m in modes[:-1]), modes[-1])
+        # FNO reference init: scale * rand, real and imaginary parts each U[0, 1).
+        w = torch.rand(shape, dtype=torch.cfloat) / (in_channels * out_channels)
+        self.weight = nn.Parameter(w if weights == "complex" else torch.view_as_real(w).clone())
+
+    def complex_weight(self) -> torch.Tensor:
+        """The weights as a complex tensor (a view for the real form), (in, out, 2m_1, ..., m_d)."""
+        return self.weight if self.weight.is_complex() else torch.view_as_complex(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = len(self.modes)
+        if x.ndim != d + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected input (batch, {self.in_channels}, <{d} grid dims>), got shape {tuple(x.shape)}"
+            )
+        grid = tuple(x.shape[2:])
+        check_modes(self.modes, grid)
+        w = self.complex_weight()
+        dims = tuple(range(-d, 0))
+        # FFT in the weights' precision (also keeps bf16/fp16 activations out of the FFT).
+        x_ft = torch.fft.rfftn(x.to(w.real.dtype), dim=dims)  # (B, in, n_1, ..., n_d//2+1)
+
+        # Gather the retained corners: [:m] ++ [-m:] on full axes, [:m] on the rfft axis.
+        x_ft = x_ft[..., : self.modes[-1]]
+        for ax, (m, n) in enumerate(zip(self.modes[:-1], grid[:-1])):
+            idx = torch.cat([torch.arange(m), torch.arange(n - m, n)]).to(x.device)
+            x_ft = x_ft.index_select(2 + ax, idx)
+        y = torch.einsum("bi...,io...->bo...", x_ft, w)  # (B, out, 2m_1, ..., m_d)
+
+        # Scatter back by zero-filling the dropped frequencies (between the corners; past m_d).
+        for ax, (m, n) in enumerate(zip(self.modes[:-1], grid[:-1])):
+            low, high = y.split(m, dim=2 + ax)
+            gap = list(y.shape)
+            gap[2 + ax] = n - 2 * m
+            y = torch.cat([low, y.new_zeros(gap), high], dim=2 + ax)
+        gap = list(y.shape)
+        gap[-1] = grid[-1] // 2 + 1 - self.modes[-1]
+        y = torch.cat([y, y.new_zeros(gap)], dim=-1)
+        return torch.fft.irfftn(y, s=grid, dim=dims)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, modes={self.modes}, weights={self.weights_form!r}"
+
+
+class FNOBlock(nn.Module):
+    """One Fourier layer without its activation: K v + W v, W a pointwise (1x1) conv with bias."""
+
+    def __init__(self, width: int, modes: tuple[int, ...], weights: str = "complex"):
+        super().__init__()
+        self.spectral = SpectralConv(width, width, modes, weights)
+        self.skip = _CONV[len(modes)](width, width, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.spectral(x) + self.skip(x)
+
+
+class FNO(nn.Module):
+    """Fourier Neural Operator: lifting -> n_layers Fourier layers -> projection.
+
+    forward: (B, C_in, *grid) -> (B, C_out, *grid), d = len(modes) grid dims, any resolution
+    that resolves `modes` (after `padding`).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        modes: tuple[int, ...] | int,
+        width: int = 32,
+        n_layers: int = 4,
+        lifting_channels: int | None = None,
+        projection_channels: int = 128,
+        padding: int = 0,
+        positional_embedding: bool = True,
+        spectral_weights: str = "complex",
+        dim: int | None = None,
+    ):
+        super().__init__()
+        if isinstance(modes, int):
+            if dim is None:
+                raise ValueError(f"modes={modes} is an int, so dim (1, 2 or 3) must be given")
+            modes = (modes,) * dim
+        modes = tuple(int(m) for m in modes)
+        if dim is not None and dim != len(modes):
+            raise ValueError(f"dim={dim} disagrees with modes={modes} ({len(modes)} dims)")
+        if len(modes) not in _CONV:
+            raise ValueError(f"modes={modes} gives {len(modes)} dims; allowed: 1, 2, 3")
+        if spectral_weights not in SPECTRAL_WEIGHT_FORMS:
+            raise ValueError(f"spectral_weights={spectral_weights!r}; allowed: {SPECTRAL_WEIGHT_FORMS}")
+        for name, v in [("in_channels", in_channels), ("out_channels", out_channels), ("width", width),
+                        ("n_layers", n_layers), ("projection_channels", projection_channels)]:
+            if v < 1:
+                raise ValueError(f"{name}={v}; must be >= 1")
+        if padding < 0:
+            raise ValueError(f"padding={padding}; must be >= 0")
+        if lifting_channels is not None and lifting_channels < 1:
+            raise ValueError(f"lifting_channels={lifting_channels}; must be None or >= 1")
+
+        self.modes, self.dim, self.padding = modes, len(modes), padding
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.positional_embedding = positional_embedding
+        conv = _CONV[self.dim]
+        c_lift = in_channels + (self.dim if positional_embedding else 0)
+        if lifting_channels is None:
+            self.lifting = nn.Sequential(conv(c_lift, width, 1))
+        else:
+            self.lifting = nn.Sequential(conv(c_lift, lifting_channels, 1), nn.GELU(),
+                                         conv(lifting_channels, width, 1))
+        self.blocks = nn.ModuleList(FNOBlock(width, modes, spectral_weights) for _ in range(n_layers))
+        self.projection = nn.Sequential(conv(width, projection_channels, 1), nn.GELU(),
+                                        conv(projection_channels, out_channels, 1))
+
+    def grid_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """Coordinates x_j = i / n_j in [0, 1) per grid axis (periodic convention), (B, d, *grid)."""
+        grid = x.shape[2:]
+        axes = [torch.arange(n, device=x.device, dtype=x.dtype) / n for n in grid]
+        coords = torch.stack(torch.meshgrid(*axes, indexing="ij"))  # (d, *grid)
+        return coords.expand(x.shape[0], *coords.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.dim
+        if x.ndim != d + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected input (batch, {self.in_channels}, <{d} grid dims>), got shape {tuple(x.shape)}"
+            )
+        grid = tuple(x.shape[2:])
+        padded = tuple(n + self.padding for n in grid)
+        try:
+            check_modes(self.modes, padded)
+        except ValueError as e:
+            raise ValueError(f"input resolution {grid} with padding={self.padding}: {e}") from None
+
+        if self.positional_embedding:
+            x = torch.cat([x, self.grid_embedding(x)], dim=1)
+        x = self.lifting(x)  # (B, width, *grid)
+        if self.padding:
+            # Zero-pad the high side of every grid axis: the domain need not be periodic (Darcy).
+            x = F.pad(x, [0, self.padding] * d)
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i < len(self.blocks) - 1:
+                x = F.gelu(x)
+        if self.padding:
+            x = x[(..., *(slice(0, n) for n in grid))]
+        return self.projection(x)
+
+
+@torch.no_grad()
+def copy_weights(src: nn.Module, dst: nn.Module) -> None:
+    """Copy all parameters and buffers of `src` into `dst` by name, converting spectral weights
+    between the complex and real-with-trailing-2 forms where the two models differ."""
+    src_state = src.state_dict()
+    dst_state = dst.state_dict()
+    if src_state.keys() != dst_state.keys():
+        raise ValueError(f"state keys differ: {sorted(src_state.keys() ^ dst_state.keys())}")
+    for name, t in dst_state.items():
+        s = src_state[name]
+        if s.is_complex() and not t.is_complex():
+            s = torch.view_as_real(s)
+        elif t.is_complex() and not s.is_complex():
+            s = torch.view_as_complex(s.contiguous())
+        if s.shape != t.shape:
+            raise ValueError(f"{name}: shape {tuple(s.shape)} cannot be copied into {tuple(t.shape)}")
+        t.copy_(s)
