@@ -1,0 +1,297 @@
+"""Zarr v3 storage for field datasets: one group per dataset, opened from any fsspec URL.
+
+Layout of a dataset group::
+
+    <url>/zarr.json             group attributes (see REQUIRED_ATTRS)
+    <url>/inputs                float32 (N, C_in, *grid),  chunks (chunk_size, C_in, *grid)
+    <url>/targets               float32 (N, C_out, *grid), chunks (chunk_size, C_out, *grid)
+
+Chunking is along the sample axis N only, so a chunk is the unit of I/O for the loader
+and chunk i lives under the key ``<array>/c/<i>/0/0...``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync
+from zarr.storage import FsspecStore, LocalStore
+
+FORMAT_VERSION = 1
+ARRAY_NAMES = ("inputs", "targets")
+REQUIRED_ATTRS = ("fieldtrain_version", "generator", "params", "grid", "num_samples", "normalization")
+CODECS = ("blosc-lz4", "zstd", "none")
+
+
+def open_zarr_store(url: str, storage_options: dict | None = None, read_only: bool = True) -> zarr.abc.store.Store:
+    """Open a store for a plain path (LocalStore) or any fsspec URL such as file://, memory://, s3://."""
+    if "://" not in url:
+        return LocalStore(url, read_only=read_only)
+    options = dict(storage_options or {})
+    if url.startswith("file://") and not read_only:
+        # fsspec's local filesystem does not create parent directories on write by itself.
+        options.setdefault("auto_mkdir", True)
+    return FsspecStore.from_url(url, storage_options=options, read_only=read_only)
+
+
+def _compressors(codec: str):
+    if codec == "blosc-lz4":
+        return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+    if codec == "zstd":
+        return zarr.codecs.ZstdCodec(level=3)
+    if codec == "none":
+        return None
+    raise ValueError(f"unknown codec {codec!r}; allowed: {', '.join(CODECS)}")
+
+
+def _chunk_key(arr: zarr.Array, chunk: int) -> str:
+    key = arr.metadata.encode_chunk_key((chunk,) + (0,) * (arr.ndim - 1))
+    return f"{arr.path}/{key}" if arr.path else key
+
+
+def _channel_stats(x: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """Per-channel (count, mean, M2) of x (n, C, *grid), in float64."""
+    flat = np.moveaxis(x.reshape(x.shape[0], x.shape[1], -1), 1, 0).reshape(x.shape[1], -1)  # (C, n*prod(grid))
+    flat = flat.astype(np.float64)
+    mean = flat.mean(axis=1)
+    m2 = ((flat - mean[:, None]) ** 2).sum(axis=1)
+    return flat.shape[1], mean, m2
+
+
+def _combine_stats(parts: list[tuple[int, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Population mean/std from per-chunk (count, mean, M2): Chan et al. (1979) pairwise update, all at once."""
+    counts = np.array([p[0] for p in parts], dtype=np.float64)[:, None]  # (chunks, 1)
+    means = np.stack([p[1] for p in parts])  # (chunks, C)
+    m2s = np.stack([p[2] for p in parts])
+    total = counts.sum()
+    mean = (counts * means).sum(axis=0) / total
+    m2 = (m2s + counts * (means - mean) ** 2).sum(axis=0)
+    return mean, np.sqrt(m2 / total)
+
+
+class FieldDataset:
+    """A validated, read-only view of a dataset group.
+
+    Everything the loader relies on (arrays, shapes, chunking, attributes) is checked here,
+    so a bad dataset fails at open time with a message naming the URL and the offending part.
+    """
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        self.url = url
+        self._store = open_zarr_store(url, storage_options, read_only=True)
+        try:
+            group = zarr.open_group(self._store, mode="r", zarr_format=3)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{url}: not a Zarr v3 group or store does not exist ({type(e).__name__}: {e})") from e
+
+        present = sorted(group.array_keys())
+        arrays = {}
+        for name in ARRAY_NAMES:
+            if name not in present:
+                raise ValueError(f"{url}: missing array {name!r}; arrays present: {present or 'none'}")
+            arr = group[name]
+            if arr.ndim < 3:
+                raise ValueError(f"{url}: array {name!r} has ndim {arr.ndim} (shape {arr.shape}); "
+                                 "expected (N, C, *grid) with ndim >= 3")
+            if not np.issubdtype(arr.dtype, np.floating):
+                raise ValueError(f"{url}: array {name!r} has dtype {arr.dtype}; expected a float dtype")
+            if arr.shards is not None or tuple(arr.chunks[1:]) != tuple(arr.shape[1:]):
+                raise ValueError(f"{url}: array {name!r} has chunks {arr.chunks} (shards {arr.shards}) for shape "
+                                 f"{arr.shape}; expected unsharded chunks ({arr.chunks[0]}, *{tuple(arr.shape[1:])})"
+                                 " i.e. chunked along N only")
+            arrays[name] = arr
+        self.inputs, self.targets = arrays["inputs"], arrays["targets"]
+
+        if self.inputs.shape[0] != self.targets.shape[0]:
+            raise ValueError(f"{url}: 'inputs' has {self.inputs.shape[0]} samples but 'targets' has "
+                             f"{self.targets.shape[0]}")
+        if self.inputs.chunks[0] != self.targets.chunks[0]:
+            raise ValueError(f"{url}: chunk length along N differs: 'inputs' {self.inputs.chunks[0]}, "
+                             f"'targets' {self.targets.chunks[0]}")
+        if self.inputs.shape[2:] != self.targets.shape[2:]:
+            raise ValueError(f"{url}: grid shape differs: 'inputs' {self.inputs.shape[2:]}, "
+                             f"'targets' {self.targets.shape[2:]}")
+
+        self.attrs = dict(group.attrs)
+        missing = [k for k in REQUIRED_ATTRS if k not in self.attrs]
+        if missing:
+            raise ValueError(f"{url}: group attributes missing keys {missing}; required: {list(REQUIRED_ATTRS)}")
+        if self.attrs["fieldtrain_version"] != FORMAT_VERSION:
+            raise ValueError(f"{url}: attribute 'fieldtrain_version' is {self.attrs['fieldtrain_version']!r}; "
+                             f"this code reads version {FORMAT_VERSION}")
+        if self.attrs["num_samples"] != self.inputs.shape[0]:
+            raise ValueError(f"{url}: attribute 'num_samples' is {self.attrs['num_samples']} but the arrays "
+                             f"hold {self.inputs.shape[0]}")
+        for name, arr in arrays.items():
+            stats = self.attrs["normalization"].get(name) if isinstance(self.attrs["normalization"], dict) else None
+            if (not isinstance(stats, dict) or len(stats.get("mean", ())) != arr.shape[1]
+                    or len(stats.get("std", ())) != arr.shape[1]):
+                raise ValueError(f"{url}: attribute normalization[{name!r}] must hold 'mean' and 'std' with "
+                                 f"{arr.shape[1]} entries (one per channel); got {stats!r}")
+
+        self.num_samples = int(self.inputs.shape[0])
+        self.chunk_size = int(self.inputs.chunks[0])
+        self.num_chunks = math.ceil(self.num_samples / self.chunk_size)
+        self.input_shape = tuple(self.inputs.shape[1:])
+        self.target_shape = tuple(self.targets.shape[1:])
+
+    def __repr__(self) -> str:
+        return (f"FieldDataset({self.url!r}, N={self.num_samples}, inputs={self.input_shape}, "
+                f"targets={self.target_shape}, chunk_size={self.chunk_size})")
+
+    def normalization(self) -> dict:
+        """Per-channel statistics {"inputs": {"mean": [...], "std": [...]}, "targets": {...}}."""
+        return self.attrs["normalization"]
+
+    def _check_chunks_exist(self, chunks: range) -> None:
+        # Zarr silently returns fill values for absent chunks; a missing chunk must be an error.
+        keys = [(name, c, _chunk_key(arr, c)) for name, arr in (("inputs", self.inputs), ("targets", self.targets))
+                for c in chunks]
+
+        async def _exists() -> list[bool]:
+            return await asyncio.gather(*(self._store.exists(k) for _, _, k in keys))
+
+        for (name, c, key), ok in zip(keys, sync(_exists())):
+            if not ok:
+                raise ValueError(f"{self.url}: chunk {c} of array {name!r} is missing (key {key!r})")
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Samples [start, stop) as float32 arrays (stop - start, C, *grid)."""
+        if not 0 <= start < stop <= self.num_samples:
+            raise ValueError(f"{self.url}: sample range [{start}, {stop}) invalid; need 0 <= start < stop <= "
+                             f"{self.num_samples}")
+        chunks = range(start // self.chunk_size, (stop - 1) // self.chunk_size + 1)
+        self._check_chunks_exist(chunks)
+        out = []
+        for name, arr in (("inputs", self.inputs), ("targets", self.targets)):
+            try:
+                out.append(np.asarray(arr[start:stop], dtype=np.float32))
+            except Exception as e:  # codec / store errors: find and name the bad chunk
+                bad = chunks[0]
+                for c in chunks:
+                    try:
+                        arr[c * self.chunk_size:(c + 1) * self.chunk_size]
+                    except Exception:
+                        bad = c
+                        break
+                raise ValueError(f"{self.url}: chunk {bad} of array {name!r} is corrupt or unreadable (key "
+                                 f"{_chunk_key(arr, bad)!r}; {type(e).__name__}: {e})") from e
+        return out[0], out[1]
+
+    def read_chunk(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+        """The whole chunk `chunk` along N (the last chunk may be shorter)."""
+        if not 0 <= chunk < self.num_chunks:
+            raise ValueError(f"{self.url}: chunk {chunk} out of range; dataset has chunks 0..{self.num_chunks - 1}")
+        start = chunk * self.chunk_size
+        return self.read(start, min(start + self.chunk_size, self.num_samples))
+
+
+class FieldDatasetWriter:
+    """Creates the group and arrays up front, then takes whole chunks; finish() writes stats + attrs.
+
+    Until finish() the group lacks the 'normalization' attribute, so a half-written dataset
+    fails FieldDataset validation instead of being silently read.
+    """
+
+    def __init__(self, url: str, num_samples: int, input_shape: tuple, target_shape: tuple, chunk_size: int,
+                 generator: str, params: dict, grid_bounds, storage_options: dict | None = None,
+                 codec: str = "blosc-lz4", overwrite: bool = False):
+        input_shape, target_shape = tuple(int(d) for d in input_shape), tuple(int(d) for d in target_shape)
+        if num_samples < 1 or chunk_size < 1:
+            raise ValueError(f"{url}: num_samples ({num_samples}) and chunk_size ({chunk_size}) must be >= 1")
+        for name, shape in (("inputs", input_shape), ("targets", target_shape)):
+            if len(shape) < 2 or min(shape) < 1:
+                raise ValueError(f"{url}: {name} sample shape {shape} must be (C, *grid) with positive sizes")
+        if input_shape[1:] != target_shape[1:]:
+            raise ValueError(f"{url}: grid of inputs {input_shape[1:]} differs from grid of targets "
+                             f"{target_shape[1:]}")
+        bounds = np.asarray(grid_bounds, dtype=np.float64)
+        if bounds.shape != (len(input_shape) - 1, 2) or not np.all(bounds[:, 0] < bounds[:, 1]):
+            raise ValueError(f"{url}: grid_bounds {grid_bounds!r} must be [[lo, hi]] * {len(input_shape) - 1} "
+                             "with lo < hi")
+        try:
+            json.dumps(params)
+        except TypeError as e:
+            raise ValueError(f"{url}: params must be JSON-serialisable ({e})") from e
+        compressors = _compressors(codec)
+
+        store = open_zarr_store(url, storage_options, read_only=False)
+        try:
+            empty = sync(store.is_empty(""))
+        except FileNotFoundError:
+            empty = True
+        if not empty and not overwrite:
+            raise ValueError(f"{url}: store already exists and is not empty; pass overwrite=True to replace it")
+
+        self.url, self.num_samples, self.chunk_size = url, int(num_samples), int(chunk_size)
+        self.num_chunks = math.ceil(self.num_samples / self.chunk_size)
+        self.input_shape, self.target_shape = input_shape, target_shape
+        attrs = {"fieldtrain_version": FORMAT_VERSION, "generator": generator, "params": params,
+                 "grid": {"shape": list(input_shape[1:]), "bounds": bounds.tolist()},
+                 "num_samples": self.num_samples}
+        self._group = zarr.open_group(store, mode="w", zarr_format=3, attributes=attrs)
+        self._arrays = {
+            name: self._group.create_array(
+                name, shape=(self.num_samples, *shape), dtype="float32", chunks=(self.chunk_size, *shape),
+                compressors=compressors, fill_value=np.nan,
+                # Store every chunk, even all-fill ones, so readers can treat an absent key as an error.
+                config={"write_empty_chunks": True})
+            for name, shape in (("inputs", input_shape), ("targets", target_shape))
+        }
+        self._stats: dict[int, dict[str, tuple]] = {}
+        self._finished = False
+
+    def write_chunk(self, chunk: int, inputs: np.ndarray, targets: np.ndarray) -> None:
+        """Write chunk `chunk` (rows chunk*chunk_size ...) and record its per-channel statistics."""
+        if self._finished:
+            raise ValueError(f"{self.url}: write_chunk({chunk}) after finish()")
+        if not 0 <= chunk < self.num_chunks:
+            raise ValueError(f"{self.url}: chunk {chunk} out of range; dataset has chunks 0..{self.num_chunks - 1}")
+        start = chunk * self.chunk_size
+        stop = min(start + self.chunk_size, self.num_samples)
+        stats = {}
+        for name, x, shape in (("inputs", inputs, self.input_shape), ("targets", targets, self.target_shape)):
+            x = np.asarray(x)
+            if x.shape != (stop - start, *shape):
+                raise ValueError(f"{self.url}: chunk {chunk} of {name!r} has shape {x.shape}; expected "
+                                 f"{(stop - start, *shape)}")
+            if not np.isfinite(x).all():
+                raise ValueError(f"{self.url}: chunk {chunk} of {name!r} contains non-finite values")
+            x = x.astype(np.float32, copy=False)
+            self._arrays[name][start:stop] = x
+            stats[name] = _channel_stats(x)
+        self._stats[chunk] = stats
+
+    def finish(self) -> None:
+        """Check every chunk was written, then store per-channel mean/std (population, ddof=0)."""
+        missing = sorted(set(range(self.num_chunks)) - set(self._stats))
+        if missing:
+            shown = missing[:10] + (["..."] if len(missing) > 10 else [])
+            raise ValueError(f"{self.url}: cannot finish, {len(missing)} chunk(s) never written: {shown}")
+        norm = {}
+        for name in ARRAY_NAMES:
+            mean, std = _combine_stats([self._stats[c][name] for c in range(self.num_chunks)])
+            norm[name] = {"mean": mean.tolist(), "std": std.tolist()}
+        self._group.attrs.update({"normalization": norm})
+        self._finished = True
+
+
+def write_field_dataset(url: str, inputs: np.ndarray, targets: np.ndarray, *, chunk_size: int, generator: str,
+                        params: dict, grid_bounds, storage_options: dict | None = None, codec: str = "blosc-lz4",
+                        overwrite: bool = False) -> None:
+    """Write in-memory arrays inputs (N, C_in, *grid) and targets (N, C_out, *grid) as a dataset group."""
+    inputs, targets = np.asarray(inputs), np.asarray(targets)
+    if inputs.ndim < 3 or targets.ndim < 3 or inputs.shape[0] != targets.shape[0]:
+        raise ValueError(f"{url}: inputs {inputs.shape} and targets {targets.shape} must be (N, C, *grid) "
+                         "with the same N")
+    writer = FieldDatasetWriter(url, inputs.shape[0], inputs.shape[1:], targets.shape[1:], chunk_size, generator,
+                                params, grid_bounds, storage_options=storage_options, codec=codec,
+                                overwrite=overwrite)
+    for c in range(writer.num_chunks):
+        sl = slice(c * chunk_size, (c + 1) * chunk_size)
+        writer.write_chunk(c, inputs[sl], targets[sl])
+    writer.finish()
