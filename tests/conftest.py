@@ -19,7 +19,7 @@ def small_darcy(tmp_path_factory) -> str:
     return url
 
 
-SMALL_MODEL = ["model.width=8", "model.modes=[4, 4]", "model.n_layers=2", "model.projection_channels=16",
+SMALL_MODEL = ["model.width=16", "model.modes=[4, 4]", "model.n_layers=2", "model.projection_channels=32", "optim.lr=1e-2",
                "model.padding=0", "data.batch_size=8", "train.progress=false", "train.log_every=1"]
 
 

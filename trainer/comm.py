@@ -51,7 +51,7 @@ class GradientExchange:
 
 
 
-def _ddp_hook(state: GradientExchange, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+def _ddp_hook(state, bucket):   # unannotated: DDP checks annotations, and this module's are strings
     buf = bucket.buffer()
     state.stats.bytes_sent += state.compressor.bytes_sent(buf)
     state.stats.bytes_uncompressed += buf.numel() * buf.element_size()

@@ -20,5 +20,5 @@ def parallelize(model: torch.nn.Module, comm: CommConfig, device: torch.device
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return model, None
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-              bucket_cap_mb=comm.bucket_cap_mb, broadcast_buffers=False)
+              bucket_cap_mb=comm.bucket_cap_mb)
     return ddp, register_gradient_exchange(ddp, comm.compressor)

@@ -1,0 +1,305 @@
+"""The training loop: a `Trainer` that owns the model, its data, its optimizer and its checkpoints.
+
+    trainer = Trainer(cfg, device)     # validates the store and config; writes nothing before that
+    summary = trainer.train()          # resumes from the latest checkpoint when resume=True
+
+Variants override one method (`forward_backward`), as torchtitan's trainers do.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data.loader import ShardedLoader, evaluation_batches
+from data.shards import ChunkShardPlan
+from data.store import FieldDataset
+from trainer.checkpoint import CheckpointManager, ModelOptimizerState, RNGState
+from trainer.config import Config
+from trainer.fno import FNO
+from trainer.parallelize import parallelize
+
+log = logging.getLogger("fieldtrain")
+
+
+def relative_l2(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample ||pred - target||_2 / ||target||_2, shape (batch,) (the FNO paper's metric and loss)."""
+    diff = (pred - target).flatten(1).norm(dim=1)
+    return diff / target.flatten(1).norm(dim=1).clamp_min(1e-12)
+
+
+class TrainState:
+    """The trainer's own counters, Stateful for DCP."""
+
+    def __init__(self):
+        self.step = 0
+        self.samples_seen = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "samples_seen": self.samples_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class MetricsLogger:
+    """CSV and TensorBoard scalars, rank 0 only."""
+
+    COLUMNS = ("step", "epoch", "train_loss", "test_rel_l2", "lr", "step_time_s", "bytes_per_step",
+               "compression_ratio")
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.rows: list[dict] = []
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+            self.csv_path = run_dir / "metrics.csv"
+
+    def log(self, step: int, **scalars: float) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **scalars}
+        self.rows.append(row)
+        for k, v in scalars.items():
+            self.tb.add_scalar(k, v, step)
+        new = not self.csv_path.exists()
+        with self.csv_path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.COLUMNS, restval="")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tb.close()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, device: torch.device = torch.device("cpu"), resume: bool = False):
+        self.cfg, self.device, self.resume = cfg, device, resume
+        self.rank, self.world_size = _rank_world()
+        if not cfg.data.path:
+            raise ValueError("config key 'data.path' is empty: give the dataset URL, e.g. --set data.path=runs/demo/darcy.zarr")
+        # Validate everything that can be wrong with the inputs before anything is written.
+        self.dataset = FieldDataset(cfg.data.path, cfg.data.storage_options)
+        ds = self.dataset
+        test_chunks = max(1, round(ds.num_chunks * cfg.data.test_fraction))
+        if test_chunks >= ds.num_chunks:
+            raise ValueError(f"dataset {ds.url} has {ds.num_chunks} chunks of {ds.chunk_size}; "
+                             f"data.test_fraction={cfg.data.test_fraction} leaves none for training")
+        self.train_stop = (ds.num_chunks - test_chunks) * ds.chunk_size
+        if self.train_stop < self.world_size * cfg.data.batch_size:
+            raise ValueError(f"dataset {ds.url}: {self.train_stop} training samples cannot fill one batch of "
+                             f"{cfg.data.batch_size} on each of {self.world_size} ranks")
+        grid = ds.input_shape[1:]
+        if len(cfg.model.modes) != len(grid):
+            raise ValueError(f"config key 'model.modes' = {cfg.model.modes} has {len(cfg.model.modes)} entries; "
+                             f"dataset {ds.url} has a {len(grid)}-D grid {tuple(grid)}")
+
+        torch.manual_seed(cfg.run.seed)
+        self.model = FNO(ds.input_shape[0], ds.target_shape[0], tuple(cfg.model.modes), width=cfg.model.width,
+                         n_layers=cfg.model.n_layers, padding=cfg.model.padding,
+                         projection_channels=cfg.model.projection_channels,
+                         spectral_weights=cfg.model.spectral_weights)
+        self.model(torch.zeros(1, *ds.input_shape))  # modes vs grid are checked here, before any write
+        self.model, self.exchange = parallelize(self.model, cfg.comm, device)
+        self.optimizer = self._build_optimizer()
+
+        plan = ChunkShardPlan(self.train_stop, ds.chunk_size, self.world_size, self.rank, seed=cfg.run.seed,
+                              shuffle=cfg.data.shuffle, drop_last=cfg.data.drop_last,
+                              window_chunks=cfg.data.window_chunks)
+        self.loader = ShardedLoader(ds, plan, cfg.data.batch_size, prefetch=cfg.data.prefetch)
+        self.target_norm = self.loader.target_normalizer.to(device)
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * len(self.loader)
+        self.scheduler = self._build_scheduler()
+        self.state = TrainState()
+        self.checkpoints = CheckpointManager(cfg.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
+        self.stop_requested = False
+
+        if self.rank == 0:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            (cfg.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        self.metrics = MetricsLogger(cfg.run_dir, enabled=self.rank == 0)
+
+    # ---- construction --------------------------------------------------------------------------------------
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        params = self.model.parameters()
+        if o.name == "sgd":
+            return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+        return cls(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, foreach=False)
+
+    def _build_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        o, total = self.cfg.optim, self.total_steps
+
+        def factor(step: int) -> float:
+            if step < o.warmup_steps:
+                return (step + 1) / o.warmup_steps
+            if o.scheduler == "constant":
+                return 1.0
+            progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+            return 0.5 * (1 + math.cos(math.pi * progress))
+
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+
+    def stateful(self) -> dict:
+        return {"model_optim": ModelOptimizerState(self.model, self.optimizer), "scheduler": self.scheduler,
+                "data": self.loader, "trainer": self.state, "rng": RNGState(self.rank)}
+
+    # ---- steps ---------------------------------------------------------------------------------------------
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Relative L2 in physical units (targets decoded with the store's statistics), averaged over the batch."""
+        pred = self.target_norm.decode(self.model(x))
+        loss = relative_l2(pred, self.target_norm.decode(y)).mean()
+        loss.backward()
+        return loss
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.forward_backward(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.item()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean per-sample relative L2 over the test split, each rank taking a contiguous share."""
+        ds = self.dataset
+        n_test = ds.num_samples - self.train_stop
+        lo = self.train_stop + self.rank * n_test // self.world_size
+        hi = self.train_stop + (self.rank + 1) * n_test // self.world_size
+        was_training = self.model.training
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for x, y in evaluation_batches(ds, lo, hi, self.cfg.data.batch_size):
+            x, y = x.to(self.device), y.to(self.device)
+            err = relative_l2(self.target_norm.decode(self.model(x)), self.target_norm.decode(y))
+            total += torch.stack([err.sum().double(), torch.tensor(float(len(err)), dtype=torch.float64)])
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        self.model.train(was_training)
+        return (total[0] / total[1]).item()
+
+    @torch.no_grad()
+    def replica_divergence(self) -> float:
+        """Max |w_rank - w_rank0| over all parameters and ranks: 0.0 when data parallelism is intact."""
+        if not dist.is_initialized() or self.world_size == 1:
+            return 0.0
+        flat = torch.cat([torch.view_as_real(p).flatten() if p.is_complex() else p.flatten()
+                          for p in self.model.parameters()])
+        reference = flat.clone()
+        dist.broadcast(reference, src=0)
+        diff = (flat - reference).abs().max().reshape(1)
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        return diff.item()
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, _frame):
+            log.warning("rank %d: signal %d, checkpointing after this step", self.rank, signum)
+            self.stop_requested = True
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, request_stop)
+
+    def _stop_everywhere(self) -> bool:
+        """A stop asked of any rank stops all of them at the same step."""
+        flag = torch.tensor([float(self.stop_requested)], device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def train(self, until_step: int | None = None) -> dict:
+        """Train to `total_steps` (or stop after `until_step`, checkpointing, as a preemption would)."""
+        cfg = self.cfg
+        if self.resume and self.checkpoints.latest() is not None:
+            path = self.checkpoints.load(self.stateful())
+            log.info("resumed from %s at step %d", path, self.state.step)
+        self._install_signal_handlers()
+        steps_per_epoch = len(self.loader)
+        pbar = None
+        if self.rank == 0 and cfg.train.progress:
+            from tqdm import tqdm
+            pbar = tqdm(total=self.total_steps, initial=self.state.step, desc="train", unit="step",
+                        dynamic_ncols=True, leave=True)
+        t_start, test_l2, train_loss, bytes_per_step, ratio = time.perf_counter(), float("nan"), float("nan"), 0, 1.0
+        window: list[float] = []
+        self.model.train()
+        stopped = False
+        while self.state.step < self.total_steps and not stopped:
+            epoch_at_start = self.loader.state_dict()["epoch"]
+            for x, y in self.loader:
+                t0 = time.perf_counter()
+                loss = self.train_step(x, y)
+                step_time = time.perf_counter() - t0
+                self.state.step += 1
+                self.state.samples_seen += len(x) * self.world_size
+                window.append(loss)
+                if self.exchange is not None:
+                    sent, full = self.exchange.stats.reset()
+                    bytes_per_step, ratio = sent, full / max(sent, 1)
+                step = self.state.step
+                end_of_epoch = step % steps_per_epoch == 0
+                if pbar is not None:
+                    pbar.update(1)
+                    pbar.set_postfix(loss=f"{loss:.4f}", epoch=epoch_at_start)
+                if step % cfg.train.log_every == 0 or step == self.total_steps:
+                    train_loss = sum(window) / len(window)
+                    window.clear()
+                    self.metrics.log(step, epoch=epoch_at_start, train_loss=train_loss,
+                                     lr=self.scheduler.get_last_lr()[0], step_time_s=step_time,
+                                     bytes_per_step=bytes_per_step, compression_ratio=ratio)
+                if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or \
+                        (not cfg.train.eval_every and end_of_epoch) or step == self.total_steps:
+                    test_l2 = self.evaluate()
+                    self.metrics.log(step, epoch=epoch_at_start, test_rel_l2=test_l2)
+                    if pbar is not None:
+                        pbar.write(f"step {step} epoch {epoch_at_start}: test relative L2 {test_l2:.4f}")
+                preempted = self._stop_everywhere()
+                if (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or step == self.total_steps \
+                        or step == until_step or preempted:
+                    self.checkpoints.save(step, self.stateful())
+                if step >= self.total_steps or step == until_step or preempted:
+                    stopped = step != self.total_steps
+                    break
+        if pbar is not None:
+            pbar.close()
+        if window:
+            train_loss = sum(window) / len(window)
+        divergence = self.replica_divergence()
+        if divergence > 0:
+            log.error("replicas differ after %d steps: max |w - w_rank0| = %.3e", self.state.step, divergence)
+        summary = {
+            "replica_max_abs_diff": divergence,
+            "steps": self.state.step, "total_steps": self.total_steps, "finished": self.state.step >= self.total_steps,
+            "epochs": self.state.samples_seen / (self.loader.plan.samples_per_rank * self.world_size),
+            "world_size": self.world_size, "train_samples": self.train_stop,
+            "test_samples": self.dataset.num_samples - self.train_stop, "train_loss": train_loss,
+            "test_rel_l2": test_l2, "wall_time_s": time.perf_counter() - t_start,
+            "grad_bytes_per_step": bytes_per_step, "compression_ratio": ratio, "compressor": cfg.comm.compressor,
+        }
+        if self.rank == 0:
+            tmp = cfg.run_dir / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2))
+            os.replace(tmp, cfg.run_dir / "summary.json")
+        self.loader.close()
+        self.metrics.close()
+        return summary
