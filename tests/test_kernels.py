@@ -1,0 +1,258 @@
+"""kernels/: exact round trips and byte layouts, quantisation error bounds and unbiasedness, sparsifiers."""
+
+import numpy as np
+import pytest
+import torch
+
+from kernels import (dequantize_blockwise, pack_bits, pack_int4, pack_signs, quantize_blockwise, randk_select,
+                     scatter_dense, topk_select, unpack_bits, unpack_int4, unpack_signs)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+SIZES = [0, 1, 2, 7, 8, 9, 15, 16, 17, 63, 64, 65, 1000, 4099]
+
+
+def _gen(device: str, seed: int = 0) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+# ---- bit packing ----
+
+def test_pack_bits_byte_layout():
+    bits = torch.tensor([1, 0, 0, 0, 0, 0, 0, 1, 1], dtype=torch.bool)
+    assert pack_bits(bits).tolist() == [0x81, 0x01]
+    assert pack_bits(torch.tensor([0, 1, 1, 0, 1], dtype=torch.bool)).tolist() == [0b10110]
+    assert pack_signs(torch.tensor([-1.0, 0.0, -0.0, 2.0, -3.0])).tolist() == [0b01110]   # 0.0 and -0.0 are +
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", SIZES)
+def test_bits_round_trip_matches_numpy(device, n):
+    bits = torch.rand(n, generator=_gen("cpu", n)) < 0.5
+    packed = pack_bits(bits.to(device))
+    assert packed.dtype == torch.uint8 and packed.shape == ((n + 7) // 8,)
+    assert packed.cpu().tolist() == np.packbits(bits.numpy(), bitorder="little").tolist()
+    assert torch.equal(unpack_bits(packed, n).cpu(), bits)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", SIZES)
+def test_signs_round_trip(device, n):
+    x = torch.randn(n, generator=_gen("cpu", n)).to(device)
+    x[: n // 3] = 0.0                                   # zeros decode as +1
+    for dtype in (torch.float32, torch.bfloat16):
+        signs = unpack_signs(pack_signs(x), n, dtype=dtype)
+        assert signs.dtype == dtype and signs.device == x.device
+        assert torch.equal(signs.float(), torch.where(x >= 0, 1.0, -1.0))
+
+
+def test_bitpack_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="bool"):
+        pack_bits(torch.ones(4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="1-D"):
+        pack_signs(torch.ones(2, 2))
+    with pytest.raises(ValueError, match="n=17"):
+        unpack_bits(torch.zeros(2, dtype=torch.uint8), 17)
+
+
+# ---- int4 packing ----
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int4_every_value_and_layout(device):
+    q = torch.arange(-8, 8, dtype=torch.int8, device=device)
+    packed = pack_int4(q)
+    # (-8, -7) -> low 0x8, high 0x9 -> 0x98; ...; (6, 7) -> 0x76
+    expected = [((b & 0xF) << 4) | (a & 0xF) for a, b in zip(range(-8, 8, 2), range(-7, 8, 2))]
+    assert packed.cpu().tolist() == expected
+    assert torch.equal(unpack_int4(packed, 16), q)
+    # every (low, high) pair, and the odd-n zero pad
+    lo, hi = torch.meshgrid(q, q, indexing="ij")
+    pairs = torch.stack([lo.reshape(-1), hi.reshape(-1)], dim=1).reshape(-1)
+    assert torch.equal(unpack_int4(pack_int4(pairs), 512), pairs)
+    assert pack_int4(torch.tensor([-1, 3, 5], dtype=torch.int8)).tolist() == [0x3F, 0x05]
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_int4_round_trip(n):
+    q = torch.randint(-8, 8, (n,), generator=_gen("cpu", n), dtype=torch.int8)
+    packed = pack_int4(q)
+    assert packed.shape == ((n + 1) // 2,)
+    assert torch.equal(unpack_int4(packed, n), q)
+
+
+# ---- blockwise quantisation ----
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("n,block_size", [(1, 1), (1, 64), (9, 4), (100, 7), (1000, 64), (4099, 256)])
+def test_nearest_rounding_error_bound(device, bits, n, block_size):
+    levels = 2 ** (bits - 1) - 1
+    x = (torch.randn(n, generator=_gen("cpu", n)) * torch.logspace(-3, 3, n)).to(device)
+    q, scales = quantize_blockwise(x, bits, block_size, stochastic=False)
+    nb = -(-n // block_size)
+    assert q.dtype == torch.int8 and q.shape == (n,) and scales.dtype == torch.float32 and scales.shape == (nb,)
+    absmax = torch.nn.functional.pad(x.abs(), (0, nb * block_size - n)).view(nb, block_size).amax(1)
+    torch.testing.assert_close(scales, absmax / levels, rtol=0, atol=0)
+    assert int(q.abs().max()) == levels                # each block's absmax maps to +-L
+    s = scales.repeat_interleave(block_size)[:n]
+    deq = dequantize_blockwise(q, scales, block_size)
+    assert torch.all((x - deq).abs() <= s / 2 * (1 + 1e-5))
+    assert torch.equal(q, torch.round(x.double() / s.double()).to(torch.int8))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stochastic_rounding_unbiased_and_neighbouring(device):
+    bits, block_size, n, draws = 4, 10, 50, 4000
+    x = torch.randn(n, generator=_gen("cpu", 1), dtype=torch.float64)
+    x[13] = 0.0
+    # Tiling x keeps every block (and its scale) identical, so one call gives `draws` independent draws.
+    q, scales = quantize_blockwise(x.float().repeat(draws).to(device), bits, block_size, generator=_gen(device, 2))
+    q, scales = q.cpu().double().view(draws, n), scales.cpu().double().view(draws, n // block_size)
+    assert torch.all(scales == scales[0])
+    s = scales[0].repeat_interleave(block_size)
+    v = x / s
+    assert torch.all((q - v).abs() < 1 + 1e-5)        # floor(v) or ceil(v), never further
+    assert torch.all(q.abs() <= 7)
+    p = v - v.floor()                                   # P(round up)
+    stderr = (s**2 * p * (1 - p) / draws).sqrt()
+    mean = (q * s).mean(0)
+    assert torch.all((mean - x).abs() <= 4 * stderr + 1e-6)
+    # not secretly nearest rounding: elements with p near 1/2 take both levels
+    both = (q.min(0).values != q.max(0).values)
+    assert both[(p - 0.5).abs() < 0.4].all()
+
+
+def test_stochastic_rounding_uses_generator():
+    x = torch.randn(300, generator=_gen("cpu"))
+    a = quantize_blockwise(x, 8, 32, generator=_gen("cpu", 5))
+    b = quantize_blockwise(x, 8, 32, generator=_gen("cpu", 5))
+    c = quantize_blockwise(x, 8, 32, generator=_gen("cpu", 6))
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_zero_and_constant_blocks(stochastic):
+    block_size = 8
+    x = torch.cat([torch.zeros(8), torch.full((8,), -2.5), torch.full((5,), 0.75)])   # short last block
+    q, scales = quantize_blockwise(x, 8, block_size, stochastic=stochastic, generator=_gen("cpu"))
+    assert torch.equal(scales, torch.tensor([0.0, 2.5, 0.75]) / 127)
+    assert q.tolist() == [0] * 8 + [-127] * 8 + [127] * 5
+    deq = dequantize_blockwise(q, scales, block_size)
+    torch.testing.assert_close(deq, x)
+    assert torch.equal(deq[:8], torch.zeros(8))         # no NaN from 0 / 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_quantize_other_input_dtypes(dtype):
+    x = torch.randn(77, generator=_gen("cpu")).to(dtype)
+    q, scales = quantize_blockwise(x, 8, 16, stochastic=False)
+    assert scales.dtype == torch.float32
+    s = scales.repeat_interleave(16)[:77]
+    assert torch.all((x.float() - dequantize_blockwise(q, scales, 16)).abs() <= s / 2 * (1 + 1e-5))
+
+
+def test_int4_quantize_then_pack_round_trip():
+    x = torch.randn(101, generator=_gen("cpu"))
+    q, scales = quantize_blockwise(x, 4, 32, generator=_gen("cpu", 1))
+    assert int(q.min()) >= -7 and int(q.max()) <= 7
+    assert torch.equal(unpack_int4(pack_int4(q), 101), q)
+
+
+def test_quant_rejects_bad_arguments():
+    x = torch.randn(10)
+    for bits in (1, 9):
+        with pytest.raises(ValueError, match=f"bits.*{bits}"):
+            quantize_blockwise(x, bits, 4)
+    with pytest.raises(ValueError, match="block_size.*0"):
+        quantize_blockwise(x, 8, 0)
+    with pytest.raises(ValueError, match="floating"):
+        quantize_blockwise(torch.ones(4, dtype=torch.int32), 8, 4)
+    with pytest.raises(ValueError, match=r"\(3,\)"):
+        dequantize_blockwise(torch.zeros(10, dtype=torch.int8), torch.ones(2), 4)
+    with pytest.raises(ValueError, match="int8"):
+        pack_int4(torch.zeros(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="n=5"):
+        unpack_int4(torch.zeros(2, dtype=torch.uint8), 5)
+
+
+# ---- sparsification ----
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,k", [(1, 1), (1, 0), (10, 3), (17, 17), (1000, 10), (4099, 400)])
+def test_topk_exact_and_contraction(device, n, k):
+    x = torch.randn(n, generator=_gen("cpu", n)).to(device)
+    values, indices = topk_select(x, k)
+    assert values.shape == (k,) and indices.dtype == torch.int32
+    expected = torch.sort(x.abs(), descending=True, stable=True).indices[:k].sort().values
+    assert torch.equal(indices.long(), expected)
+    assert torch.equal(values, x[expected])
+    dense = scatter_dense(n, indices, values)
+    assert ((x - dense) ** 2).sum() <= (1 - k / n) * (x**2).sum() * (1 + 1e-6)
+
+
+def test_topk_ties_are_deterministic_and_sorted():
+    x = torch.tensor([1.0, -3.0, 3.0, 0.5, -3.0, 2.0])
+    values, indices = topk_select(x, 2)
+    assert torch.all(indices[1:] > indices[:-1])
+    assert set(indices.tolist()) <= {1, 2, 4} and values.abs().tolist() == [3.0, 3.0]
+    assert torch.equal(topk_select(x, 2)[1], indices)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_randk_distinct_sorted_uniform_unbiased(device):
+    d, k, draws = 20, 5, 4000
+    x = torch.randn(d, generator=_gen("cpu"), dtype=torch.float64).to(device)
+    gen = _gen(device, 3)
+    counts = torch.zeros(d, dtype=torch.float64)
+    estimate = torch.zeros(d, dtype=torch.float64, device=device)
+    for _ in range(draws):
+        values, indices = randk_select(x, k, gen)
+        assert indices.dtype == torch.int32 and indices.shape == (k,)
+        assert torch.all(indices[1:] > indices[:-1])   # sorted and distinct
+        assert torch.equal(values, x[indices.long()])  # unscaled
+        counts[indices.long().cpu()] += 1
+        scatter_dense(d, indices, values * (d / k), out=estimate)
+    expected = draws * k / d
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 60.0                                  # 19 dof: mean 19, P(chi2 > 60) ~ 4e-6
+    mean = (estimate / draws).cpu()
+    stderr = x.abs().cpu() * ((d / k - 1) / draws) ** 0.5   # per-element: (d/k) x_i Bernoulli(k/d)
+    assert torch.all((mean - x.cpu()).abs() <= 4 * stderr)
+
+
+def test_randk_uses_generator_and_edge_cases():
+    x = torch.randn(50)
+    a = randk_select(x, 7, _gen("cpu", 1))[1]
+    assert torch.equal(a, randk_select(x, 7, _gen("cpu", 1))[1])
+    assert not torch.equal(a, randk_select(x, 7, _gen("cpu", 2))[1])
+    assert randk_select(x, 50, _gen("cpu"))[1].tolist() == list(range(50))
+    assert randk_select(x, 0, _gen("cpu"))[1].shape == (0,)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scatter_dense(device):
+    idx = torch.tensor([1, 1, 3], dtype=torch.int32, device=device)
+    val = torch.tensor([1.0, 2.0, 5.0], device=device)
+    assert scatter_dense(5, idx, val).tolist() == [0.0, 3.0, 0.0, 5.0, 0.0]          # duplicates sum
+    written = scatter_dense(5, idx[1:], val[1:], accumulate=False)
+    assert written.tolist() == [0.0, 2.0, 0.0, 5.0, 0.0]
+    # an allgather of (world, k) payloads, accumulated into an existing buffer
+    out = torch.ones(5, device=device)
+    ret = scatter_dense(5, torch.tensor([[0, 2], [2, 4]], device=device),
+                        torch.tensor([[1.0, 2.0], [3.0, 4.0]], device=device), out=out)
+    assert ret is out and out.tolist() == [2.0, 1.0, 6.0, 1.0, 5.0]
+    overwritten = scatter_dense(5, idx[1:], val[1:], out=torch.ones(5, device=device), accumulate=False)
+    assert overwritten.tolist() == [1.0, 2.0, 1.0, 5.0, 1.0]
+
+
+def test_sparse_rejects_bad_arguments():
+    x = torch.randn(10)
+    with pytest.raises(ValueError, match="k=11"):
+        topk_select(x, 11)
+    with pytest.raises(ValueError, match="k=-1"):
+        randk_select(x, -1, _gen("cpu"))
+    with pytest.raises(ValueError, match="1-D"):
+        topk_select(x.view(2, 5), 1)
+    with pytest.raises(ValueError, match="shape"):
+        scatter_dense(10, torch.zeros(3, dtype=torch.int32), torch.zeros(4))
+    with pytest.raises(ValueError, match=r"\(10,\)"):
+        scatter_dense(10, torch.zeros(3, dtype=torch.int32), torch.zeros(3), out=torch.zeros(9))
