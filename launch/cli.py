@@ -103,7 +103,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from data.darcy import write_darcy_dataset
     storage_options = json.loads(args.storage_options) if args.storage_options else None
     write_darcy_dataset(args.out, args.n, args.res, seed=args.seed, chunk_size=args.chunk_size,
-                        storage_options=storage_options, workers=args.workers, overwrite=args.overwrite,
+                        fine_factor=args.fine_factor, storage_options=storage_options, workers=args.workers, overwrite=args.overwrite,
                         progress=True)
     print(f"wrote {args.n} samples to {args.out}")
     return 0
@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--chunk-size", type=int, default=64)
+    g.add_argument("--fine-factor", type=int, default=4, help="solve on a grid this many times finer, then subsample")
     g.add_argument("--workers", type=int, default=1)
     g.add_argument("--overwrite", action="store_true")
     g.add_argument("--storage-options", default="", help="JSON, e.g. '{\"anon\": false}'")

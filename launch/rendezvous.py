@@ -30,8 +30,30 @@ def _int_env(name: str) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+def _mpi_master() -> tuple[str, str]:
+    """Under mpirun without MASTER_ADDR/PORT: rank 0 picks them and broadcasts them over MPI."""
+    import socket
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    chosen = None
+    if comm.Get_rank() == 0:
+        one_host = os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") == os.environ["OMPI_COMM_WORLD_SIZE"]
+        addr = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if one_host else socket.gethostname())
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("", 0))
+            chosen = (addr, str(os.environ.get("MASTER_PORT") or sock.getsockname()[1]))
+    return comm.bcast(chosen, root=0)
+
+
 def read_dist_env() -> DistEnv:
-    """torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); none means one rank."""
+    """The launcher's variables; explicit torchrun variables (RANK, WORLD_SIZE, ...) win over Open MPI's
+    (OMPI_COMM_WORLD_*); none means one rank."""
+    if "WORLD_SIZE" not in os.environ and "OMPI_COMM_WORLD_SIZE" in os.environ:
+        rank, world = _int_env("OMPI_COMM_WORLD_RANK"), _int_env("OMPI_COMM_WORLD_SIZE")
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = _mpi_master()
+        return DistEnv(rank, world, _int_env("OMPI_COMM_WORLD_LOCAL_RANK"),
+                       _int_env("OMPI_COMM_WORLD_LOCAL_SIZE"), "Open MPI (mpirun)")
     if "WORLD_SIZE" not in os.environ:
         return DistEnv(0, 1, 0, 1, "single process")
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]

@@ -54,8 +54,15 @@ class RNGState(Stateful):
             state["cuda"] = torch.cuda.get_rng_state()
         return {f"rank{self.rank}": state}
 
+    def per_rank_keys(self) -> list[str]:
+        return [f"rank{self.rank}"]
+
     def load_state_dict(self, state: dict) -> None:
-        mine = state[f"rank{self.rank}"]
+        mine = state.get(f"rank{self.rank}")
+        if mine is None:
+            log.warning("checkpoint has no RNG state for rank %d (saved by a smaller world); keeping the seeded RNG",
+                        self.rank)
+            return
         torch.set_rng_state(mine["cpu"])
         if "cuda" in mine and torch.cuda.is_available():
             torch.cuda.set_rng_state(mine["cuda"])
@@ -115,10 +122,26 @@ class CheckpointManager:
         if path is None:
             raise ValueError(f"--resume: no checkpoint in {self.directory}")
         saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-        rng = state.get("rng")
-        if isinstance(rng, RNGState) and not any(k.startswith(f"rng.rank{rng.rank}.") for k in saved):
-            log.warning("checkpoint %s has no RNG state for rank %d (saved by a different world size); "
-                        "keeping this rank's seeded RNG", path, rng.rank)
-            state = {k: v for k, v in state.items() if k != "rng"}
+        state = {name: _without_unsaved(name, obj, saved) for name, obj in state.items()}
         dcp.load(state, checkpoint_id=path)
         return path
+
+
+class _Without(Stateful):
+    """A Stateful minus some top-level keys (for loading per-rank entries a smaller world never saved)."""
+
+    def __init__(self, obj: Stateful, drop: set[str]):
+        self.obj, self.drop = obj, drop
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in self.obj.state_dict().items() if k not in self.drop}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.obj.load_state_dict(state)
+
+
+def _without_unsaved(name: str, obj, saved) -> Stateful:
+    """Per-rank entries (`per_rank_keys()`) may be absent after a world-size change; everything else must exist."""
+    keys = getattr(obj, "per_rank_keys", lambda: [])()
+    missing = {k for k in keys if not any(s == f"{name}.{k}" or s.startswith(f"{name}.{k}.") for s in saved)}
+    return _Without(obj, missing) if missing else obj

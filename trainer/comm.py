@@ -1,32 +1,39 @@
 """The gradient exchange: the one place where gradients cross ranks.
 
-DDP hands each gradient bucket to a communication hook (`register_comm_hook`); the hook here drives a
-compressor chosen by `comm.compressor` and counts the bytes each rank puts on the wire, so the trainer
-can log bytes per step and the compression ratio. Compressors plug in through `COMPRESSORS`.
+DDP hands each gradient bucket to a communication hook. Ours runs the configured compressor
+(`trainer/compress/`) on one background thread, FIFO in bucket order, so every rank issues its
+collectives in the same order while backward continues on the main thread (the exchange of bucket k
+overlaps the backward of the layers before it). The hook also
+
+- counts the bytes each rank puts on the wire (`CountingTransport`), next to what an fp32 ring allreduce
+  would send;
+- notes whether this rank's gradient was non-finite: the trainer agrees on that across ranks and then
+  either applies the step and `commit()`s the compressor's state, or skips it and `rollback()`s, so a
+  NaN on one rank neither reaches the weights nor poisons error feedback;
+- keeps the compressor's state (error feedback, warm starts) `Stateful` for the checkpoint: each rank's
+  own part under its own key, the replicated part once.
+
+torch's own `fp16_compress_hook` and `powerSGD_hook` are available as `torch_fp16`/`torch_powersgd`, the
+baselines users have today (torch's PowerSGD needs `model.spectral_weights = "real"` to be correct on FNO).
 """
 
 from __future__ import annotations
 
+import io
+import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from trainer.compress import COMPRESSORS
+from trainer.compress.base import Compressor, ParamView
+from trainer.compress.simple import AllReduceCompressor
+from trainer.compress.transport import make_transport, ring_allreduce_bytes
+from trainer.config import CommConfig
 
-class AllReduceCompressor:
-    """The baseline: average the fp32 bucket with one allreduce."""
-
-    def exchange(self, bucket: torch.Tensor, group) -> torch.futures.Future:
-        world = dist.get_world_size(group)
-        bucket.div_(world)
-        fut = dist.all_reduce(bucket, group=group, async_op=True).get_future()
-        return fut.then(lambda f: f.value()[0])
-
-    def bytes_sent(self, bucket: torch.Tensor) -> int:
-        return bucket.numel() * bucket.element_size()
-
-
-COMPRESSORS = {"none": AllReduceCompressor}
+log = logging.getLogger("fieldtrain")
 
 
 @dataclass
@@ -41,25 +48,175 @@ class ExchangeStats:
         return out
 
 
+def _blob(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _unblob(data: bytes):
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
 class GradientExchange:
-    """DDP communication-hook state: a compressor, its process group and the byte counters."""
+    """DDP communication-hook state: the compressor, its transport, byte counters, the non-finite flag."""
 
-    def __init__(self, compressor: str, group=None):
-        self.compressor = COMPRESSORS[compressor]()
-        self.group = group
+    def __init__(self, cfg: CommConfig, module: torch.nn.Module, seed: int = 0):
+        self.cfg = cfg
+        self.transport = make_transport(cfg.transport)
+        self.compressor: Compressor = self._build(cfg.compressor, module, seed)
+        self.warmup = AllReduceCompressor(cfg, self.transport)   # fp32 for the first cfg.start_step steps
+        self.step = 0
         self.stats = ExchangeStats()
+        self.local_nonfinite = False
+        self.bypass = False          # plain allreduce, nothing counted or stored (see parallelize._settle_buckets)
+        self._names = {id(p): name for name, p in module.named_parameters()}
+        self._views: dict[tuple, list[ParamView]] = {}
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grad-exchange")
 
+    def _build(self, name: str, module: torch.nn.Module, seed: int) -> Compressor:
+        if name == "auto":
+            from trainer.compress.auto import choose_compressor
+            name = choose_compressor(self.cfg, self.transport, module)
+        cls = COMPRESSORS[name]
+        assert cls is not None, f"{name} is a torch hook, not one of our compressors"
+        compressor = cls(self.cfg, self.transport)
+        compressor.seed = seed
+        return compressor
+
+    def views(self, params: list[torch.Tensor], numel: int) -> list[ParamView]:
+        """Where each parameter of a bucket sits in its flat buffer (complex ones as 2x float32)."""
+        key = tuple(id(p) for p in params)
+        if key not in self._views:
+            views, offset = [], 0
+            for p in params:
+                n = p.numel() * (2 if p.is_complex() else 1)
+                views.append(ParamView(self._names[id(p)], offset, n, tuple(p.shape), p.is_complex()))
+                offset += n
+            assert offset == numel, f"bucket layout: params cover {offset} floats, buffer has {numel}"
+            self._views[key] = views
+        return self._views[key]
+
+    def run(self, buf: torch.Tensor, views: list[ParamView]) -> torch.Tensor:
+        """Average one bucket in place (runs on the exchange thread)."""
+        if self.bypass:
+            return self.transport.inner.allreduce_(buf).div_(self.transport.world_size)
+        if not bool(torch.isfinite(buf).all()):
+            self.local_nonfinite = True
+        compressor = self.warmup if self.step < self.cfg.start_step else self.compressor
+        before = self.transport.bytes_sent
+        out, _payload = compressor.exchange(buf, views)
+        if out is not buf:
+            buf.copy_(out)
+        self.stats.bytes_sent += self.transport.bytes_sent - before
+        self.stats.bytes_uncompressed += ring_allreduce_bytes(buf.numel() * 4, self.transport.world_size)
+        return buf
+
+    # ---- called by the trainer once per step, after backward ----
+    def end_step(self, applied: bool) -> None:
+        (self.compressor.commit if applied else self.compressor.rollback)()
+        self.local_nonfinite = False
+        if applied:
+            self.step += 1
+
+    # ---- Stateful ----
+    def state_dict(self) -> dict:
+        state = self.compressor.state_dict()
+        rank = self.transport.rank
+        return {"world_size": self.transport.world_size, "step": self.step, "compressor": self.compressor.name,
+                "replicated": _blob(state["replicated"]), f"rank{rank}": _blob(state["local"])}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        if state["compressor"] != self.compressor.name:
+            log.warning("checkpoint's compressor was %s, this run uses %s: starting its state afresh",
+                        state["compressor"], self.compressor.name)
+            return
+        same_world = int(state["world_size"]) == self.transport.world_size
+        mine = state.get(f"rank{self.transport.rank}")
+        local = _unblob(mine) if same_world and mine is not None else {}
+        reset = self.compressor.load_state_dict({"local": local, "replicated": _unblob(state["replicated"])},
+                                                same_world=same_world)
+        if reset:
+            log.warning("world size %s -> %d: %s", state["world_size"], self.transport.world_size, reset)
+
+    def per_rank_keys(self) -> list[str]:
+        return [f"rank{self.transport.rank}"]
 
 
 def _ddp_hook(state, bucket):   # unannotated: DDP checks annotations, and this module's are strings
     buf = bucket.buffer()
-    state.stats.bytes_sent += state.compressor.bytes_sent(buf)
-    state.stats.bytes_uncompressed += buf.numel() * buf.element_size()
-    return state.compressor.exchange(buf, state.group)
+    views = state.views(bucket.parameters(), buf.numel())
+    fut = torch.futures.Future()
+
+    def work():
+        try:
+            fut.set_result(state.run(buf, views))
+        except Exception as e:   # surfaces in backward() on the main thread
+            fut.set_exception(e)
+
+    state._thread.submit(work)
+    return fut
 
 
-def register_gradient_exchange(ddp_model: torch.nn.parallel.DistributedDataParallel,
-                               compressor: str = "none", group=None) -> GradientExchange:
-    exchange = GradientExchange(compressor, group)
+def _torch_powersgd_bytes(bucket, rank: int, min_rate: float) -> int:
+    """Allreduced bytes of torch's powerSGD_hook for one bucket, by its own compression rule."""
+    total = 0
+    for g in bucket.gradients():
+        n, m = (g.shape[0], g.numel() // g.shape[0]) if g.ndim > 1 else (g.numel(), 1)
+        compress = g.ndim > 1 and n * m >= min_rate * rank * (n + m)
+        total += 4 * (rank * (n + m) if compress else g.numel())
+    return total
+
+
+class TorchHookExchange:
+    """torch's fp16/PowerSGD hooks behind the same face as GradientExchange (stats, non-finite flag).
+    Their state is not checkpointed: they are baselines for benchmarks."""
+
+    def __init__(self):
+        self.stats = ExchangeStats()
+        self.local_nonfinite = False
+
+    def end_step(self, applied: bool) -> None:
+        self.local_nonfinite = False
+
+
+def register_torch_hook(ddp_model, name: str, cfg: CommConfig) -> TorchHookExchange:
+    """torch's fp16/PowerSGD hooks, each bucket's collectives completed before the next bucket's start
+    (torch's PowerSGD chains can interleave differently on different ranks and crash gloo)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+    exchange = TorchHookExchange()
+    stats = exchange.stats
+    if name == "torch_fp16":
+        hook, hook_state = default_hooks.fp16_compress_hook, None
+        payload = lambda b: b.buffer().numel() * 2   # noqa: E731
+    else:
+        hook = powerSGD_hook.powerSGD_hook
+        hook_state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=cfg.rank,
+                                                 start_powerSGD_iter=max(2, cfg.start_step),
+                                                 min_compression_rate=cfg.min_compression_rate)
+        payload = lambda b: _torch_powersgd_bytes(b, cfg.rank, cfg.min_compression_rate)  # noqa: E731
+
+    world = dist.get_world_size()
+
+    def serialised(state, bucket):
+        if not bool(torch.isfinite(bucket.buffer()).all()):
+            exchange.local_nonfinite = True
+        stats.bytes_sent += ring_allreduce_bytes(payload(bucket), world)
+        stats.bytes_uncompressed += ring_allreduce_bytes(bucket.buffer().numel() * 4, world)
+        out = hook(state, bucket).wait()
+        fut = torch.futures.Future()
+        fut.set_result(out)
+        return fut
+
+    ddp_model.register_comm_hook(hook_state, serialised)
+    return exchange
+
+
+def register_gradient_exchange(ddp_model: torch.nn.parallel.DistributedDataParallel, cfg: CommConfig,
+                               seed: int = 0) -> GradientExchange:
+    exchange = GradientExchange(cfg, ddp_model.module, seed)
     ddp_model.register_comm_hook(exchange, _ddp_hook)
+    log.info("gradient exchange: %s over %s (%d ranks)", exchange.compressor.name, cfg.transport,
+             exchange.transport.world_size)
     return exchange

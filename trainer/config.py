@@ -112,16 +112,34 @@ class TrainConfig:
 
 @dataclass
 class CommConfig:
-    """The gradient exchange (the DDP communication hook)."""
+    """The gradient exchange (the DDP communication hook) and its compressor."""
     compressor: str = "none"
+    transport: str = "torch"       # torch.distributed, or "mpi" through mpi4py (under mpirun)
     bucket_cap_mb: float = 25.0
-    transport: str = "torch"       # torch.distributed; "mpi" through mpi4py
+    start_step: int = 0            # exchange uncompressed fp32 for the first steps (torch's start_powerSGD_iter)
+    error_feedback: bool = True    # for the compressors that have it
+    rank: int = 4                  # powersgd: rank of the P Q^T approximation
+    powersgd_complex: str = "complex"     # powersgd on complex weights: complex P/Q, or a "real_view" matrix
+    min_compression_rate: float = 2.0     # powersgd: compress a matrix only if n*m >= rate * r*(n+m)
+    density: float = 0.01          # topk/randk: k = ceil(density * n)
+    randk_unbiased: bool = False   # randk: scale by d/k (unbiased, no error feedback) instead of EF21
+    block_size: int = 256          # int8/int4: elements per absmax scale
+    auto_candidates: list = field(default_factory=lambda: ["none", "fp16", "powersgd", "int8", "int4", "sign", "topk"])
 
     def __post_init__(self):
-        from trainer.comm import COMPRESSORS   # the registry lives next to the hook
+        from trainer.compress import COMPRESSORS   # the registry lives next to the compressors
         _choice("comm.compressor", self.compressor, tuple(COMPRESSORS))
-        _choice("comm.transport", self.transport, ("torch",))
+        _choice("comm.transport", self.transport, ("torch", "mpi"))
+        _choice("comm.powersgd_complex", self.powersgd_complex, ("real_view", "complex"))
         _positive("comm.bucket_cap_mb", self.bucket_cap_mb)
+        _positive("comm.start_step", self.start_step, zero_ok=True)
+        _positive("comm.rank", self.rank)
+        _positive("comm.min_compression_rate", self.min_compression_rate)
+        if not 0 < self.density <= 1:
+            raise ValueError(f"config key 'comm.density' = {self.density!r}; must be in (0, 1]")
+        _positive("comm.block_size", self.block_size)
+        for name in self.auto_candidates:
+            _choice("comm.auto_candidates[]", name, tuple(COMPRESSORS))
 
 
 @dataclass

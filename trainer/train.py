@@ -24,6 +24,7 @@ from data.loader import ShardedLoader, evaluation_batches
 from data.shards import ChunkShardPlan
 from data.store import FieldDataset
 from trainer.checkpoint import CheckpointManager, ModelOptimizerState, RNGState
+from trainer.comm import GradientExchange
 from trainer.config import Config
 from trainer.fno import FNO
 from trainer.parallelize import parallelize
@@ -43,12 +44,14 @@ class TrainState:
     def __init__(self):
         self.step = 0
         self.samples_seen = 0
+        self.skipped_steps = 0     # steps whose gradient was non-finite on some rank
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "samples_seen": self.samples_seen}
+        return {"step": self.step, "samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
+        self.skipped_steps = int(state["skipped_steps"])
 
 
 def _rank_world() -> tuple[int, int]:
@@ -61,7 +64,7 @@ class MetricsLogger:
     """CSV and TensorBoard scalars, rank 0 only."""
 
     COLUMNS = ("step", "epoch", "train_loss", "test_rel_l2", "lr", "step_time_s", "bytes_per_step",
-               "compression_ratio")
+               "compression_ratio", "skipped_steps")
 
     def __init__(self, run_dir: Path, enabled: bool):
         self.enabled = enabled
@@ -117,8 +120,9 @@ class Trainer:
                          n_layers=cfg.model.n_layers, padding=cfg.model.padding,
                          projection_channels=cfg.model.projection_channels,
                          spectral_weights=cfg.model.spectral_weights)
-        self.model(torch.zeros(1, *ds.input_shape))  # modes vs grid are checked here, before any write
-        self.model, self.exchange = parallelize(self.model, cfg.comm, device)
+        example = torch.zeros(1, *ds.input_shape)
+        self.model(example)  # modes vs grid are checked here, before any write
+        self.model, self.exchange = parallelize(self.model, cfg.comm, device, example, seed=cfg.run.seed)
         self.optimizer = self._build_optimizer()
 
         plan = ChunkShardPlan(self.train_stop, ds.chunk_size, self.world_size, self.rank, seed=cfg.run.seed,
@@ -160,8 +164,11 @@ class Trainer:
         return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
 
     def stateful(self) -> dict:
-        return {"model_optim": ModelOptimizerState(self.model, self.optimizer), "scheduler": self.scheduler,
-                "data": self.loader, "trainer": self.state, "rng": RNGState(self.rank)}
+        state = {"model_optim": ModelOptimizerState(self.model, self.optimizer), "scheduler": self.scheduler,
+                 "data": self.loader, "trainer": self.state, "rng": RNGState(self.rank)}
+        if isinstance(self.exchange, GradientExchange):
+            state["comm"] = self.exchange
+        return state
 
     # ---- steps ---------------------------------------------------------------------------------------------
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -172,13 +179,35 @@ class Trainer:
         return loss
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimizer step, skipped on every rank when any rank's gradient (or loss) is non-finite."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.forward_backward(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
-        if self.cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
+        if self.exchange is not None:
+            nonfinite = self.exchange.local_nonfinite or not math.isfinite(loss.item())
+        else:
+            nonfinite = not all(bool(torch.isfinite(p.grad).all()) for p in self.model.parameters()
+                                if p.grad is not None)
+        nonfinite, self.stop_requested = self._agree(nonfinite, self.stop_requested)
+        if nonfinite:
+            self.state.skipped_steps += 1
+            log.warning("step %d: non-finite gradient on some rank; step skipped on all ranks (%d so far)",
+                        self.state.step + 1, self.state.skipped_steps)
+        else:
+            if self.cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+        if self.exchange is not None:
+            self.exchange.end_step(applied=not nonfinite)
+        self.optimizer.zero_grad(set_to_none=True)
         return loss.item()
+
+    def _agree(self, *flags: bool) -> list[bool]:
+        """Any rank's flag holds for all ranks (one small allreduce per step)."""
+        t = torch.tensor([float(f) for f in flags], device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -220,13 +249,6 @@ class Trainer:
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, request_stop)
 
-    def _stop_everywhere(self) -> bool:
-        """A stop asked of any rank stops all of them at the same step."""
-        flag = torch.tensor([float(self.stop_requested)], device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
     def train(self, until_step: int | None = None) -> dict:
         """Train to `total_steps` (or stop after `until_step`, checkpointing, as a preemption would)."""
         cfg = self.cfg
@@ -259,12 +281,13 @@ class Trainer:
                 step = self.state.step
                 end_of_epoch = step % steps_per_epoch == 0
                 if pbar is not None:
+                    pbar.set_postfix(loss=f"{loss:.4f}", epoch=epoch_at_start, refresh=False)
                     pbar.update(1)
-                    pbar.set_postfix(loss=f"{loss:.4f}", epoch=epoch_at_start)
                 if step % cfg.train.log_every == 0 or step == self.total_steps:
                     train_loss = sum(window) / len(window)
                     window.clear()
                     self.metrics.log(step, epoch=epoch_at_start, train_loss=train_loss,
+                                     skipped_steps=self.state.skipped_steps,
                                      lr=self.scheduler.get_last_lr()[0], step_time_s=step_time,
                                      bytes_per_step=bytes_per_step, compression_ratio=ratio)
                 if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or \
@@ -273,7 +296,7 @@ class Trainer:
                     self.metrics.log(step, epoch=epoch_at_start, test_rel_l2=test_l2)
                     if pbar is not None:
                         pbar.write(f"step {step} epoch {epoch_at_start}: test relative L2 {test_l2:.4f}")
-                preempted = self._stop_everywhere()
+                preempted = self.stop_requested   # agreed across ranks in train_step
                 if (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or step == self.total_steps \
                         or step == until_step or preempted:
                     self.checkpoints.save(step, self.stateful())
@@ -294,7 +317,8 @@ class Trainer:
             "world_size": self.world_size, "train_samples": self.train_stop,
             "test_samples": self.dataset.num_samples - self.train_stop, "train_loss": train_loss,
             "test_rel_l2": test_l2, "wall_time_s": time.perf_counter() - t_start,
-            "grad_bytes_per_step": bytes_per_step, "compression_ratio": ratio, "compressor": cfg.comm.compressor,
+            "grad_bytes_per_step": bytes_per_step, "compression_ratio": ratio, "skipped_steps": self.state.skipped_steps,
+            "compressor": getattr(getattr(self.exchange, "compressor", None), "name", cfg.comm.compressor),
         }
         if self.rank == 0:
             tmp = cfg.run_dir / "summary.json.tmp"

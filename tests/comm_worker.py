@@ -1,0 +1,66 @@
+"""Runs several training runs inside one set of ranks (torchrun or mpirun), for the exchange tests.
+
+    torchrun --nproc-per-node 2 tests/comm_worker.py SPEC.json OUT_DIR
+    mpirun -n 2 python tests/comm_worker.py SPEC.json OUT_DIR
+
+SPEC: {"base": [overrides...], "runs": [{"name", "overrides", "stop_after", "resume", "poison_step"}]}.
+Each rank saves its final flat parameters to OUT_DIR/<name>.rank<r>.pt; rank 0 writes OUT_DIR/<name>.json
+(the run summary plus the compressor's state, checked finite).
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from launch.rendezvous import destroy_distributed, init_distributed  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.train import Trainer  # noqa: E402
+
+
+class PoisonedTrainer(Trainer):
+    """Rank 1's loss becomes NaN at one step: its gradient is non-finite, the others' are not."""
+    poison_step = 0
+
+    def forward_backward(self, x, y):
+        if self.rank == 1 and self.state.step + 1 == self.poison_step:
+            pred = self.target_norm.decode(self.model(x))
+            loss = (pred * math.nan).mean()
+            loss.backward()
+            return loss
+        return super().forward_backward(x, y)
+
+
+def main(spec_path: str, out: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    out_dir = Path(out)
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    env = None
+    for run in spec["runs"]:
+        cfg = load_config(spec["config"], spec["base"] + run.get("overrides", []) + [f"run.name={run['name']}"])
+        if env is None:
+            env, device = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
+        cls = PoisonedTrainer if run.get("poison_step") else Trainer
+        cls.poison_step = run.get("poison_step", 0)
+        trainer = cls(cfg, device, resume=run.get("resume", False))
+        summary = trainer.train(until_step=run.get("stop_after"))
+        flat = torch.cat([torch.view_as_real(p.detach()).flatten() if p.is_complex() else p.detach().flatten()
+                          for p in trainer.model.parameters()])
+        torch.save(flat, out_dir / f"{run['name']}.rank{env.rank}.pt")
+        comp = getattr(trainer.exchange, "compressor", None)
+        state = comp.state_dict() if comp is not None else {"local": {}, "replicated": {}}
+        summary["state_finite"] = all(bool(torch.isfinite(t).all()) for part in state.values() for t in part.values()
+                                      if torch.is_tensor(t) and t.is_floating_point())
+        summary["state_keys"] = sum(len(part) for part in state.values())
+        if env.rank == 0:
+            (out_dir / f"{run['name']}.json").write_text(json.dumps(summary))
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,139 @@
+"""Compressed gradient exchange on real gloo (and MPI) ranks, through the Trainer.
+
+The problem is fixed-seed: Darcy at 17x17, a small FNO with COMPLEX spectral weights, Adam.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, SMALL_MODEL
+
+WORKER = str(REPO / "tests" / "comm_worker.py")
+STEPS = 24
+
+# (row name, overrides, margin: after the same steps, test rel. L2 <= fp32's * (1 + margin)). The margins are what
+# these compressors cost on this tiny, short problem (24 steps from scratch); on the benchmark's problem the
+# gaps are far smaller (README, Performance).
+COMPRESSORS = [
+    ("none", ["comm.compressor=none"], 0.0),
+    ("fp16", ["comm.compressor=fp16"], 0.01),
+    ("powersgd", ["comm.compressor=powersgd", "comm.rank=2"], 0.25),
+    ("powersgd_real_view", ["comm.compressor=powersgd", "comm.rank=2", "comm.powersgd_complex=real_view"], 0.35),
+    ("topk", ["comm.compressor=topk", "comm.density=0.1"], 0.35),
+    ("randk", ["comm.compressor=randk", "comm.density=0.1"], 1.6),
+    ("int8", ["comm.compressor=int8"], 0.02),
+    ("int4", ["comm.compressor=int4"], 0.35),
+    ("sign", ["comm.compressor=sign"], 0.8),
+]
+
+
+def run_ranks(world: int, spec: dict, tmp_path, launcher: str = "torchrun") -> dict:
+    out = tmp_path / f"out-{launcher}-{world}"
+    out.mkdir(exist_ok=True)
+    spec_path = out / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if launcher == "mpirun":
+        cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", str(world), sys.executable, WORKER,
+               str(spec_path), str(out)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--master-addr=127.0.0.1",
+               f"--master-port={_free_port()}", WORKER, str(spec_path), str(out)]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    results = {}
+    for run in spec["runs"]:
+        name = run["name"]
+        results[name] = json.loads((out / f"{name}.json").read_text())
+        results[name]["params"] = [torch.load(out / f"{name}.rank{r}.pt") for r in range(world)]
+    return results
+
+
+def _free_port() -> int:
+    from launch.local import free_port
+    return free_port()
+
+
+def base(small_darcy, tmp_path, steps=STEPS) -> list[str]:
+    return [f"data.path={small_darcy}", f"run.out_dir={tmp_path / 'runs'}", f"train.max_steps={steps}",
+            "train.ckpt_every=0", *SMALL_MODEL]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_every_compressor_keeps_replicas_identical_and_trains(small_darcy, tmp_path, world):
+    spec = {"config": str(REPO / "configs" / "darcy_fno.toml"), "base": base(small_darcy, tmp_path),
+            "runs": [{"name": n, "overrides": o} for n, o, _ in COMPRESSORS]}
+    results = run_ranks(world, spec, tmp_path)
+    fp32 = results["none"]["test_rel_l2"]
+    full_bytes = results["none"]["grad_bytes_per_step"]
+    for name, _, margin in COMPRESSORS:
+        r = results[name]
+        assert r["replica_max_abs_diff"] == 0.0, name
+        assert all(torch.equal(r["params"][0], p) for p in r["params"][1:]), name
+        assert r["test_rel_l2"] <= fp32 * (1 + margin), (name, r["test_rel_l2"], fp32)
+        assert r["skipped_steps"] == 0 and r["state_finite"], name
+        if name not in ("none",):
+            assert r["grad_bytes_per_step"] < full_bytes, name
+
+
+@pytest.mark.slow
+def test_non_finite_gradient_on_one_rank_skips_the_step_everywhere(small_darcy, tmp_path):
+    runs = [{"name": f"{c}_nan", "overrides": [f"comm.compressor={c}"], "poison_step": 5}
+            for c in ("powersgd", "int8", "sign", "topk")]
+    spec = {"config": str(REPO / "configs" / "darcy_fno.toml"), "base": base(small_darcy, tmp_path, steps=10),
+            "runs": runs}
+    for name, r in run_ranks(2, spec, tmp_path).items():
+        assert r["skipped_steps"] == 1, name
+        assert r["state_finite"] and r["state_keys"] > 0, name
+        assert np.isfinite(r["train_loss"]) and np.isfinite(r["test_rel_l2"]), name
+        assert torch.isfinite(r["params"][0]).all() and torch.equal(r["params"][0], r["params"][1]), name
+
+
+@pytest.mark.slow
+def test_resume_with_compressor_state_equals_uninterrupted_run(small_darcy, tmp_path):
+    runs = []
+    for c in ("powersgd", "sign", "topk", "int4"):
+        over = [f"comm.compressor={c}"]
+        runs += [{"name": f"{c}_straight", "overrides": over},
+                 {"name": f"{c}_staged", "overrides": over, "stop_after": 7},
+                 {"name": f"{c}_staged", "overrides": over, "resume": True}]
+    spec = {"config": str(REPO / "configs" / "darcy_fno.toml"), "base": base(small_darcy, tmp_path, steps=14),
+            "runs": runs}
+    results = run_ranks(2, spec, tmp_path)
+    for c in ("powersgd", "sign", "topk", "int4"):
+        a, b = results[f"{c}_straight"], results[f"{c}_staged"]
+        assert b["steps"] == 14 and a["state_keys"] == b["state_keys"] > 0, c
+        assert torch.equal(a["params"][0], b["params"][0]), c
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI's mpirun is installed by `make test`")
+def test_mpi_transport_gives_the_gloo_result(small_darcy, tmp_path):
+    names = ("none", "powersgd", "int8", "sign", "topk")
+    spec = {"config": str(REPO / "configs" / "darcy_fno.toml"), "base": base(small_darcy, tmp_path, steps=8),
+            "runs": [{"name": c, "overrides": [f"comm.compressor={c}"]} for c in names]}
+    gloo = run_ranks(2, spec, tmp_path)
+    for run in spec["runs"]:
+        run["overrides"].append("comm.transport=mpi")
+        run["name"] += "_mpi"
+    mpi = run_ranks(2, spec, tmp_path, launcher="mpirun")
+    for c in names:
+        assert torch.equal(gloo[c]["params"][0], mpi[f"{c}_mpi"]["params"][0]), c
+        assert torch.equal(mpi[f"{c}_mpi"]["params"][0], mpi[f"{c}_mpi"]["params"][1]), c
+
+
+@pytest.mark.slow
+def test_auto_measures_the_link_and_picks_a_candidate(small_darcy, tmp_path):
+    spec = {"config": str(REPO / "configs" / "darcy_fno.toml"), "base": base(small_darcy, tmp_path, steps=4),
+            "runs": [{"name": "auto", "overrides": ["comm.compressor=auto"]}]}
+    r = run_ranks(2, spec, tmp_path)["auto"]
+    assert r["compressor"] in ("none", "fp16", "powersgd", "int8", "int4", "sign", "topk")
+    assert r["replica_max_abs_diff"] == 0.0

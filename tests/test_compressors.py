@@ -1,0 +1,304 @@
+"""Compressors on W ranks simulated by threads: agreement across ranks, exactness, error-feedback
+bookkeeping, unbiasedness, transactional state, and convergence of error feedback."""
+
+import math
+
+import pytest
+import torch
+from thread_transport import ThreadGroup, run_ranks
+
+from trainer.compress import COMPRESSORS
+from trainer.compress.base import ParamView
+from trainer.compress.quant import bucket_state
+from trainer.config import CommConfig
+
+# A bucket like an FNO's: a linear weight (compressed by PowerSGD), its bias, a complex spectral weight
+# and a conv weight small enough to go uncompressed.
+SPEC = [("lin.weight", (24, 40), False), ("lin.bias", (24,), False),
+        ("spec.weight", (12, 12, 6, 4), True), ("conv.weight", (16, 12, 1, 1), False)]
+
+VARIANTS = {
+    "none": ("none", {}), "fp16": ("fp16", {}), "powersgd": ("powersgd", {}),
+    "powersgd_complex": ("powersgd", {"powersgd_complex": "complex"}), "topk": ("topk", {}),
+    "randk": ("randk", {}), "randk_unbiased": ("randk", {"randk_unbiased": True}),
+    "int8": ("int8", {}), "int4": ("int4", {}), "sign": ("sign", {}),
+}
+
+
+def make_views(spec=SPEC) -> tuple[list[ParamView], int]:
+    views, offset = [], 0
+    for name, shape, cplx in spec:
+        n = math.prod(shape) * (2 if cplx else 1)
+        views.append(ParamView(name, offset, n, shape, cplx))
+        offset += n
+    return views, offset
+
+
+def build(variant: str, transport, **overrides):
+    name, kw = VARIANTS[variant]
+    comp = COMPRESSORS[name](CommConfig(**{"density": 0.1, "block_size": 64, **kw, **overrides}), transport)
+    comp.seed = 0
+    return comp
+
+
+def rank_grad(rank: int, n: int, step: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randn(n, generator=g) * (1 + rank)
+
+
+def run_steps(world, variant, steps, grad=rank_grad, views=None, **overrides):
+    """Each rank runs `steps` committed exchanges; returns per rank (outputs, compressor, bytes sent)."""
+    views, n = views or make_views()
+
+    def fn(rank, transport):
+        comp, outs, sent = build(variant, transport, **overrides), [], []
+        for s in range(steps):
+            out, nbytes = comp.exchange(grad(rank, n, s), views)
+            comp.commit()
+            outs.append(out.clone())
+            sent.append(nbytes)
+        return outs, comp, sent
+    return run_ranks(world, fn)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_identical_on_every_rank(variant, world):
+    """Bit-identical outputs on every rank (replicas must not drift), pointing the right way, for fewer
+    bytes than fp32 allreduce (and the same bytes on every rank: equal-size collectives)."""
+    views, n = make_views()
+    results = run_steps(world, variant, 3)
+    for step in range(3):
+        outs = [r[0][step] for r in results]
+        assert outs[0].shape == (n,) and torch.isfinite(outs[0]).all()
+        assert all(torch.equal(o, outs[0]) for o in outs[1:])
+        true = sum(rank_grad(r, n, step) for r in range(world)) / world
+        assert torch.cosine_similarity(outs[0], true, dim=0) > 0.15       # rand-k at density 0.1: ~0.2
+        sent = {r[2][step] for r in results}
+        assert len(sent) == 1 and 0 < sent.pop() < (4 * n if variant != "none" else 4 * n + 1)
+    if variant in ("none", "fp16"):
+        true = sum(rank_grad(r, n, 2) for r in range(world)) / world
+        torch.testing.assert_close(outs[0], true, atol=1e-2 if variant == "fp16" else 1e-6, rtol=1e-3)
+
+
+@pytest.mark.parametrize("mode,complex_rank,exact", [("complex", 4, True), ("real_view", 2, True),
+                                                      ("real_view", 4, False)])
+def test_powersgd_exact_on_low_rank_mean(mode, complex_rank, exact):
+    """Each rank's gradient is A B_j^H (shared column space; the mean has complex rank `complex_rank`).
+    With r = 4 both modes are exact for complex rank 4 in "complex" mode and complex rank 2 in
+    "real_view" (where it is real rank 4); complex rank 4 in real_view (real rank 8) cannot be."""
+    spec = [("spec.weight", (16, 8, 6, 4), True), ("lin.weight", (24, 40), False)]
+    views, n = make_views(spec)
+    g = torch.Generator().manual_seed(7)
+    A = torch.randn(16, complex_rank, dtype=torch.complex64, generator=g)
+    L = torch.randn(24, 4, generator=g)
+
+    def grad(rank, n, step):
+        g = torch.Generator().manual_seed(rank)
+        spec_w = A @ torch.randn(complex_rank, 8 * 6 * 4, dtype=torch.complex64, generator=g)
+        lin_w = L @ torch.randn(4, 40, generator=g)
+        return torch.cat([torch.view_as_real(spec_w).reshape(-1), lin_w.reshape(-1)])
+
+    results = run_steps(2, "powersgd", 2, grad=grad, views=(views, n), powersgd_complex=mode, rank=4)
+    true = (grad(0, n, 0) + grad(1, n, 0)) / 2
+    for step in range(2):
+        out = results[0][0][step]
+        lin = views[1].slice(out)
+        assert (lin - views[1].slice(true)).norm() <= 1e-5 * views[1].slice(true).norm()
+        err = (views[0].slice(out) - views[0].slice(true)).norm() / views[0].slice(true).norm()
+        assert (err < 1e-5) if exact else (err > 1e-2), f"step {step}: relative error {err:.2e}"
+
+
+def test_powersgd_complex_vs_real_view_error_per_byte(capsys):
+    """A (32, 32, 24, 12) complex spectral-weight gradient: complex rank 4 with singular values 1, 1/2,
+    1/4, 1/8, plus 10% noise. At equal rank r both modes send the same bytes to 0.2% (real_view r(n + 2m)
+    floats, complex 2r(n + m)), but a complex rank-r P Q^H spans what real_view needs rank 2r for."""
+    shape, n_rows, m = (32, 32, 24, 12), 32, 32 * 24 * 12
+    g = torch.Generator().manual_seed(3)
+    U = torch.linalg.qr(torch.randn(n_rows, 4, dtype=torch.complex64, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(m, 4, dtype=torch.complex64, generator=g)).Q
+    low = U @ torch.diag(torch.tensor([1, 0.5, 0.25, 0.125], dtype=torch.complex64)) @ V.mH
+    G = low + 0.1 * low.norm() / math.sqrt(n_rows * m) * torch.randn(n_rows, m, dtype=torch.complex64, generator=g)
+    flat = torch.view_as_real(G).reshape(-1).contiguous()
+    views = [ParamView("spec", 0, flat.numel(), shape, True)]
+    table = {}
+    for mode in ("real_view", "complex"):
+        for r in (1, 2, 4, 8):
+            comp = build("powersgd", ThreadGroup(1).transport(0), powersgd_complex=mode, rank=r, error_feedback=False)
+            for _ in range(4):                                   # warm-started power iterations
+                out, sent = comp.exchange(flat.clone(), views)
+                comp.commit()
+            table[mode, r] = ((out - flat).norm() / flat.norm()).item(), sent
+    with capsys.disabled():
+        print("\nPowerSGD, complex (32,32,24,12) gradient, rank 4 + 10% noise: relative error, KiB per exchange")
+        for r in (1, 2, 4, 8):
+            (er, br), (ec, bc) = table["real_view", r], table["complex", r]
+            print(f"  r={r}: real_view {er:.4f} {br / 1024:6.1f} KiB   complex {ec:.4f} {bc / 1024:6.1f} KiB")
+    for r in (1, 2, 4):
+        (er, br), (ec, bc) = table["real_view", r], table["complex", r]
+        assert abs(bc - br) < 0.01 * br and ec < 0.9 * er, f"rank {r}"
+        assert ec < 1.1 * table["real_view", 2 * r][0]        # about as good as real_view at twice the bytes
+    assert table["complex", 4][0] < 0.2                      # rank 4 reaches the noise floor
+
+
+@pytest.mark.parametrize("variant", ["int8", "int4", "sign"])
+def test_error_feedback_conserves_what_was_not_sent(variant):
+    """Worker i sends c_i and keeps e_i' = x_i - c_i with x_i = g_i + e_i; server r keeps e_s' = y - out on
+    its shard with y = mean_i c_i + e_s. Hence, exactly up to fp32 roundoff:
+        mean_i (g_i + e_i) + E_s = out + mean_i e_i' + E_s'   (E_s: the servers' shards concatenated)."""
+    world, (views, n) = 4, make_views()
+
+    def residuals(comp):
+        worker = bucket_state(comp, views, "/e", torch.zeros(n))
+        server = [v for k, v in comp.local.items() if k.startswith("server")]
+        return worker, (server[0] if server else None)
+
+    def fn(rank, transport):
+        comp, log = build(variant, transport), []
+        for s in range(3):
+            before = residuals(comp)
+            out, _ = comp.exchange(rank_grad(rank, n, s), views)
+            comp.commit()
+            log.append((before, residuals(comp), out.clone()))
+        return log
+
+    logs = run_ranks(world, fn)
+    for s in range(3):
+        # E_s before (i = 0) and after (i = 1) the step; there is none before the first
+        server = [0 if logs[0][s][i][1] is None else torch.cat([logs[r][s][i][1] for r in range(world)])[:n]
+                  for i in (0, 1)]
+        lhs = sum(rank_grad(r, n, s) + logs[r][s][0][0] for r in range(world)) / world + server[0]
+        rhs = logs[0][s][2] + sum(logs[r][s][1][0] for r in range(world)) / world + server[1]
+        torch.testing.assert_close(lhs, rhs, atol=1e-5, rtol=1e-5)
+        assert logs[0][s][1][0].abs().max() > 0          # something really was held back
+
+
+@pytest.mark.parametrize("variant", ["topk", "randk"])
+def test_ef21_bookkeeping(variant):
+    """EF21: g_i' - g_i = C(grad_i - g_i) is k-sparse and equals grad_i - g_i where it is non-zero
+    (top-k: on the k largest |grad_i - g_i|); and g == mean_i g_i after every step."""
+    world, (views, n) = 3, make_views()
+    k = math.ceil(0.1 * n)
+
+    def fn(rank, transport):
+        comp, log = build(variant, transport), []
+        for s in range(4):
+            gi = bucket_state(comp, views, "/g_i", torch.zeros(n))
+            grad = rank_grad(rank, n, s)
+            out, _ = comp.exchange(grad.clone(), views)
+            comp.commit()
+            gi_new = bucket_state(comp, views, "/g_i", torch.zeros(n))
+            g = bucket_state(comp, views, "/g", torch.zeros(n), local=False)
+            log.append((grad - gi, gi_new - gi, gi_new, g, out))
+        return log
+
+    logs = run_ranks(world, fn)
+    for s in range(4):
+        for r in range(world):
+            d, c, *_ = logs[r][s]
+            support = c != 0
+            assert support.sum() <= k and torch.equal(c[support], d[support])
+            if variant == "topk":
+                assert d[support].abs().min() >= d[~support].abs().max()
+        g, out = logs[0][s][3], logs[0][s][4]
+        assert torch.equal(g, out)
+        torch.testing.assert_close(g, sum(logs[r][s][2] for r in range(world)) / world, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant,kw", [("randk_unbiased", {}), ("int8", {"error_feedback": False}),
+                                        ("int4", {"error_feedback": False})])
+def test_unbiased_by_monte_carlo(variant, kw):
+    views, n = make_views([("w", (20, 30), False)])
+    trials = 400
+    results = run_steps(2, variant, trials, views=(views, n), grad=lambda r, n, s: rank_grad(r, n), **kw)
+    samples = torch.stack(results[0][0])                              # (trials, n)
+    true = (rank_grad(0, n) + rank_grad(1, n)) / 2
+    se = samples.std(dim=0) / math.sqrt(trials)
+    err = samples.mean(dim=0) - true
+    assert (err.abs() <= 5 * se + 1e-6).all()                         # per element, within 5 standard errors
+    assert err.pow(2).sum() <= 2 * se.pow(2).sum()                    # and in aggregate (expected ratio 1)
+    assert samples.std(dim=0).max() > 0                               # it really is random
+
+
+def test_topk_is_a_contraction():
+    """||C(x) - x||^2 <= (1 - k/d) ||x||^2, with equality when all |x_i| are equal."""
+    views, n = make_views([("w", (50, 40), False)])
+    k = math.ceil(0.1 * n)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, generator=g), torch.randn(n, generator=g) ** 3, torch.randn(n, generator=g).sign()]
+    for x in xs:
+        comp = build("topk", ThreadGroup(1).transport(0), error_feedback=False)
+        out, sent = comp.exchange(x.clone(), views)
+        assert sent == 8 * k and (out != 0).sum() == k
+        assert (out - x).pow(2).sum() <= (1 - k / n) * x.pow(2).sum() * (1 + 1e-6)
+    assert (out - x).pow(2).sum() >= (1 - k / n) * x.pow(2).sum() * (1 - 1e-6)
+
+
+@pytest.mark.parametrize("variant", ["powersgd", "powersgd_complex", "topk", "randk", "int8", "int4", "sign"])
+def test_rollback_state_dict_and_world_change(variant):
+    views, n = make_views()
+
+    def snapshot(comp):     # a deep copy, so in-place changes to committed state would show
+        return {part: {k: v.clone() for k, v in d.items()} for part, d in comp.state_dict().items()}
+
+    def same(a, b):
+        flat = lambda s: {(p, k): v for p, d in s.items() for k, v in d.items()}   # noqa: E731
+        a, b = flat(a), flat(b)
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def fn(rank, transport):
+        comp = build(variant, transport)
+        comp.exchange(rank_grad(rank, n, 0), views)
+        comp.commit()
+        before = snapshot(comp)
+        first = comp.exchange(rank_grad(rank, n, 1), views)[0].clone()
+        comp.rollback()
+        assert same(snapshot(comp), before)
+        again, _ = comp.exchange(rank_grad(rank, n, 1), views)   # the redo is deterministic
+        assert torch.equal(first, again)
+        comp.commit()
+        saved = snapshot(comp)
+
+        fresh = build(variant, transport)
+        assert fresh.load_state_dict(saved, same_world=True) is None and same(snapshot(fresh), saved)
+        a, _ = comp.exchange(rank_grad(rank, n, 2), views)
+        b, _ = fresh.exchange(rank_grad(rank, n, 2), views)
+        assert torch.equal(a, b)
+
+        other = build(variant, transport)
+        message = other.load_state_dict(saved, same_world=False)
+        assert isinstance(message, str) and other.local == {}
+        if variant in ("topk", "randk"):                             # g = mean g_i: both reset
+            assert not any(k.endswith("/g") for k in other.replicated)
+        if variant.startswith("powersgd"):                           # the warm start is replicated: kept
+            assert any(k.endswith("/q") for k in other.replicated)
+        return message
+    run_ranks(2, fn)
+
+
+def shared_direction_grad(rank: int, n: int, step: int = 0) -> torch.Tensor:
+    """Every rank's gradient has the same signs, magnitudes uniform in [1, 2] (1 + rank)."""
+    signs = torch.randn(n, generator=torch.Generator().manual_seed(5)).sign()
+    return signs * (1 + torch.rand(n, generator=torch.Generator().manual_seed(rank))) * (1 + rank)
+
+
+@pytest.mark.parametrize("variant,steps,grad", [("sign", 200, shared_direction_grad), ("topk", 400, rank_grad),
+                                                ("int4", 200, rank_grad), ("powersgd", 400, rank_grad)])
+def test_error_feedback_average_converges_on_constant_gradient(variant, steps, grad):
+    """Error feedback sends later what it held back: for a constant gradient, sum_t out_t = T mean_i g_i
+    - (residuals now - residuals at 0), so the running mean of the outputs tends to the true mean, here
+    within 1%; without error feedback sign stays biased. (Scaled sign on Gaussian-magnitude gradients
+    gets there far more slowly: its residuals must grow until ||x||_1 / n exceeds max |g|: 7% after 200
+    steps, 3.7% after 800.) EF21's output itself becomes exact once every g_i has caught up."""
+    views, n = make_views()
+    grad = lambda r, n, s, g=grad: g(r, n)                 # noqa: E731 - constant in time
+    results = run_steps(2, variant, steps, grad=grad)
+    true = (grad(0, n, 0) + grad(1, n, 0)) / 2
+    outs = torch.stack(results[0][0])
+    assert (outs.mean(dim=0) - true).norm() / true.norm() < 0.01
+    if variant == "topk":
+        torch.testing.assert_close(outs[-1], true)
+    if variant == "sign":
+        biased = run_steps(2, variant, 50, grad=grad, error_feedback=False)
+        avg = torch.stack(biased[0][0]).mean(dim=0)
+        assert (avg - true).norm() / true.norm() > 0.1

@@ -1,0 +1,131 @@
+"""`comm.compressor = "auto"`: measure the link, predict each compressor's exchange time, pick the fastest.
+
+Link model (Hockney's alpha-beta): a message of b bytes costs alpha + beta*b. For W ranks,
+    allreduce (ring)   2(W-1) alpha + 2 (W-1)/W * b * beta          b = the full buffer
+    all_to_all         (W-1) alpha + (W-1)/W * b * beta             b = the full (W, m) buffer
+    allgather          (W-1) alpha + (W-1) * b * beta               b = one rank's part
+alpha and beta come from timed allreduces of a small and a large buffer at start-up (the slowest rank's
+times, so every rank decides the same). Each compressor's local encode/decode time is measured on the
+model's own gradient size with the kernels it uses. Per step, a compressor costs its collectives on every
+DDP bucket plus its encode/decode; the prediction table and the choice are logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+
+from kernels import pack_signs, quantize_blockwise, dequantize_blockwise, topk_select, unpack_signs
+
+log = logging.getLogger("fieldtrain")
+
+
+def _timed(fn, repeats: int) -> float:
+    fn()   # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_link(transport, small: int = 256, large: int = 1 << 20, repeats: int = 5) -> tuple[float, float]:
+    """(alpha seconds, beta seconds/byte) from fp32 allreduces of `small` and `large` elements."""
+    w = transport.world_size
+    a, b = torch.zeros(small), torch.zeros(large)
+    t = torch.tensor([_timed(lambda: transport.allreduce_(a), repeats), _timed(lambda: transport.allreduce_(b), repeats)],
+                     dtype=torch.float64)
+    # every rank must choose the same compressor: decide on the slowest rank's numbers
+    t = transport.allgather(t).max(0).values
+    ring = 2 * (w - 1) / w
+    beta = max((t[1] - t[0]).item() / (ring * 4 * (large - small)), 1e-12)
+    alpha = max((t[0].item() - ring * 4 * small * beta) / (2 * (w - 1)), 0.0)
+    return alpha, beta
+
+
+def _collective_time(kind: str, nbytes: float, w: int, alpha: float, beta: float) -> float:
+    if kind == "allreduce":
+        return 2 * (w - 1) * alpha + 2 * (w - 1) / w * nbytes * beta
+    if kind == "all_to_all":
+        return (w - 1) * alpha + (w - 1) / w * nbytes * beta
+    assert kind == "allgather", kind
+    return (w - 1) * alpha + (w - 1) * nbytes * beta
+
+
+def collectives(name: str, cfg, n: int, matrices: list[tuple[int, int]], n_small: int, w: int) -> list[tuple[str, float]]:
+    """(collective, bytes) one step of `name` issues for a gradient of n floats, over all buckets at once."""
+    if name == "none":
+        return [("allreduce", 4 * n)]
+    if name == "fp16":
+        return [("allreduce", 2 * n)]
+    if name == "powersgd":
+        r = cfg.rank
+        return [("allreduce", 4 * n_small), ("allreduce", 4 * r * sum(a for a, _ in matrices)),
+                ("allreduce", 4 * r * sum(b for _, b in matrices))]
+    if name in ("int8", "int4"):
+        per = n * (1 if name == "int8" else 0.5) + 4 * n / cfg.block_size
+        return [("all_to_all", per), ("allgather", per / w)]
+    if name == "sign":
+        return [("all_to_all", n / 8 + 4 * w), ("allgather", n / 8 / w + 4)]
+    if name in ("topk", "randk"):
+        return [("allgather", 8 * math.ceil(cfg.density * n))]
+    raise ValueError(f"comm.auto_candidates: no cost model for {name!r}")
+
+
+def _encode_time(name: str, cfg, n: int) -> float:
+    """Seconds of local encode+decode work per step, measured with the kernels the compressor uses."""
+    x = torch.randn(n)
+    if name in ("none", "fp16"):
+        return 0.0 if name == "none" else _timed(lambda: x.half().float(), 3)
+    if name in ("int8", "int4"):
+        bits = 8 if name == "int8" else 4
+        def qdq():
+            q, s = quantize_blockwise(x, bits, cfg.block_size)
+            dequantize_blockwise(q, s, cfg.block_size)
+        return 2 * _timed(qdq, 3)   # worker and server side
+    if name == "sign":
+        return 2 * _timed(lambda: unpack_signs(pack_signs(x), n), 3)
+    if name in ("topk", "randk"):
+        k = math.ceil(cfg.density * n)
+        return _timed(lambda: topk_select(x, k), 3)
+    if name == "powersgd":
+        m = max(1, int(math.sqrt(n)))
+        mat = x[: m * m].view(m, m)
+        q = torch.randn(m, cfg.rank)
+        return _timed(lambda: (mat.T @ torch.linalg.qr(mat @ q).Q), 3)
+    return 0.0
+
+
+def choose_compressor(cfg, transport, module: torch.nn.Module) -> str:
+    """The candidate with the least predicted exchange time per step (ties go to the earlier candidate)."""
+    w = transport.world_size
+    shapes = [(p.shape, p.is_complex()) for p in module.parameters() if p.requires_grad]
+    n = sum(math.prod(s) * (2 if c else 1) for s, c in shapes)
+    matrices, n_small = [], 0
+    for shape, is_complex in shapes:
+        rows = shape[0] if len(shape) > 1 else 0
+        cols = math.prod(shape) * (2 if is_complex else 1) // rows if rows else 0
+        if rows and rows * cols >= cfg.min_compression_rate * cfg.rank * (rows + cols):
+            matrices.append((rows, cols))
+        else:
+            n_small += math.prod(shape) * (2 if is_complex else 1)
+    buckets = max(1, math.ceil(4 * n / (cfg.bucket_cap_mb * 2**20)))
+    alpha, beta = measure_link(transport)
+    encode = torch.tensor([_encode_time(c, cfg, n) for c in cfg.auto_candidates], dtype=torch.float64)
+    encode = transport.allgather(encode).max(0).values.tolist()
+    rows = []
+    for name, enc in zip(cfg.auto_candidates, encode):
+        ops = collectives(name, cfg, n, matrices, n_small, w)
+        comm = sum(_collective_time(k, b / buckets, w, alpha, beta) * buckets for k, b in ops)
+        sent = sum(b for _, b in ops)
+        rows.append((comm + enc, name, comm, enc, sent))
+    best = min(rows, key=lambda r: r[0])
+    lines = [f"  {name:9s} predicted {t * 1e3:8.2f} ms/step (comm {c * 1e3:8.2f}, encode {e * 1e3:6.2f}) "
+             f"payload {s / 1e6:7.3f} MB" for t, name, c, e, s in rows]
+    log.info("auto compressor: link alpha %.1f us, %.3f Gbit/s over %d ranks, %d floats in %d bucket(s)\n%s\n"
+             "  -> %s", alpha * 1e6, 8 / beta / 1e9, w, n, buckets, "\n".join(lines), best[1])
+    return best[1]

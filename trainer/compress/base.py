@@ -1,0 +1,100 @@
+"""The compressor interface: average one flat fp32 gradient bucket across ranks, possibly lossily.
+
+A compressor sees a DDP bucket as a flat float32 tensor plus `ParamView`s that say which parameter
+occupies which slice (complex parameters occupy 2x their numel as interleaved (real, imag) floats).
+It talks to the other ranks only through a `Transport`, so the same code runs over torch.distributed
+(gloo, NCCL) and over MPI (mpi4py). Every rank must issue the same collectives in the same order.
+
+State (error-feedback residuals, warm starts, EF21 estimates) is kept per parameter name and is
+transactional: `exchange` writes to a pending copy, and the trainer calls `commit()` after a step that
+was applied on every rank, or `rollback()` after a step skipped for a non-finite gradient, so a bad
+step never poisons the state. `local` state is this rank's own (residuals); `replicated` state is
+identical on every rank (e.g. PowerSGD's warm-start Q, EF21's global estimate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class ParamView:
+    name: str          # from model.named_parameters()
+    offset: int        # first float32 element of this parameter in the flat bucket
+    numel: int         # float32 elements (2 * numel for complex parameters)
+    shape: tuple       # the parameter's own shape (complex shape for complex parameters)
+    is_complex: bool
+
+    def slice(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat[self.offset:self.offset + self.numel]
+
+
+class Transport(Protocol):
+    """Blocking collectives over CPU or GPU tensors; sums, never averages."""
+    rank: int
+    world_size: int
+    name: str
+
+    def allreduce_(self, t: torch.Tensor) -> torch.Tensor: ...            # in-place sum, returns t
+    def allgather(self, t: torch.Tensor) -> torch.Tensor: ...             # (world, *t.shape)
+    def all_to_all(self, t: torch.Tensor) -> torch.Tensor: ...            # t (world, m): row j goes to rank j;
+                                                                          # returns (world, m), row j from rank j
+    def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor: ...
+
+
+class Compressor:
+    """Base class: subclasses implement `exchange` and keep state through `get`/`put`."""
+
+    name = "base"
+    # Which collectives one exchange of n fp32 elements uses, for the `auto` cost model:
+    # a list of (collective, payload bytes per rank) given n (see trainer/compress/auto.py).
+    error_feedback = False
+
+    def __init__(self, cfg, transport: Transport):
+        self.cfg = cfg
+        self.transport = transport
+        self.local: dict[str, torch.Tensor] = {}
+        self.replicated: dict[str, torch.Tensor] = {}
+        self._pending_local: dict[str, torch.Tensor] = {}
+        self._pending_replicated: dict[str, torch.Tensor] = {}
+
+    # ---- the work ----
+    def exchange(self, grad: torch.Tensor, views: list[ParamView]) -> tuple[torch.Tensor, int]:
+        """Return (the rank-average of `grad` as this compressor approximates it, identical on every
+        rank; bytes this rank passed into collectives). `grad` may be modified in place."""
+        raise NotImplementedError
+
+    # ---- transactional state ----
+    def get(self, key: str, local: bool = True) -> torch.Tensor | None:
+        pending, committed = ((self._pending_local, self.local) if local
+                              else (self._pending_replicated, self.replicated))
+        return pending.get(key, committed.get(key))
+
+    def put(self, key: str, value: torch.Tensor, local: bool = True) -> None:
+        (self._pending_local if local else self._pending_replicated)[key] = value
+
+    def commit(self) -> None:
+        self.local.update(self._pending_local)
+        self.replicated.update(self._pending_replicated)
+        self.rollback()
+
+    def rollback(self) -> None:
+        self._pending_local, self._pending_replicated = {}, {}
+
+    def state_dict(self) -> dict:
+        return {"local": dict(self.local), "replicated": dict(self.replicated)}
+
+    def load_state_dict(self, state: dict, same_world: bool) -> str | None:
+        """Restore state. With a different world size local residuals no longer belong to anyone:
+        they are dropped (the default; a subclass may re-partition instead). Returns what was reset,
+        for the log, or None."""
+        self.replicated = dict(state.get("replicated", {}))
+        self.rollback()
+        if same_world:
+            self.local = dict(state.get("local", {}))
+            return None
+        self.local = {}
+        return "local error-feedback state reset (world size changed)" if state.get("local") else None

@@ -1,0 +1,72 @@
+"""1-bit scaled-sign exchange with worker and server error feedback: the two phases of 1-bit Adam.
+
+Tang et al. 2021, "1-bit Adam: Communication Efficient Large-Scale Training with Adam's Convergence
+Speed", Algorithm 1's compressed allreduce, with the bucket split into W shards (one scale per shard):
+
+    worker i:  x = grad + e_w;  c_i = (||x||_1 / |x|) sign(x) per shard;  e_w = x - c_i
+    all_to_all: rank r receives every rank's sign bits (8 per byte) + scale of shard r
+    server r:  y = mean_j c_j + e_s;  c_s = (||y||_1 / |y|) sign(y);  e_s = y - c_s
+    allgather c_s bits + scale;  every rank decodes the same full vector
+
+The scale ||x||_1/|x| makes c the best multiple of sign(x) in l2 and a contraction:
+||x - c||^2 = ||x||^2 - ||x||_1^2 / |x| <= (1 - 1/|x|) ||x||^2. sign(0) = +1 (`pack_signs`: bit = x >= 0).
+Padding (up to 8 W - 1 elements to whole bytes) is masked out of the scales and the residuals.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import pack_signs, unpack_signs
+from trainer.compress.base import Compressor, ParamView
+from trainer.compress.quant import as_bytes, bucket_state, from_bytes, put_bucket_state, shard_length
+
+
+def _scaled_sign(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of x (rows, m) -> (c = scale * sign(x) on valid entries, 0 elsewhere; scale (rows, 1))."""
+    count = valid.sum(dim=1, keepdim=True).clamp(min=1)
+    scale = (x.abs() * valid).sum(dim=1, keepdim=True) / count
+    return torch.where(x >= 0, scale, -scale) * valid, scale
+
+
+class SignCompressor(Compressor):
+    """Scaled sign with worker + server error feedback (without it: plain scaled sign, biased)."""
+
+    name = "sign"
+    error_feedback = True
+
+    def _decode(self, msg: torch.Tensor, shard: int) -> torch.Tensor:
+        """(rows, shard/8 + 4) uint8 of sign bits + one float32 scale -> (rows, shard) of +-scale."""
+        rows, nb = msg.shape[0], shard // 8
+        scale = from_bytes(msg[:, nb:], torch.float32)                  # (rows, 1)
+        return unpack_signs(msg[:, :nb].reshape(-1), rows * shard).view(rows, shard) * scale
+
+    def exchange(self, grad: torch.Tensor, views: list[ParamView]) -> tuple[torch.Tensor, int]:
+        W, r, n, ef = self.transport.world_size, self.transport.rank, grad.numel(), self.cfg.error_feedback
+        shard = shard_length(n, W, 8)
+        valid = (torch.arange(W * shard, device=grad.device) < n).view(W, shard)
+
+        x = torch.zeros(W * shard, dtype=torch.float32, device=grad.device)
+        x[:n] = grad
+        if ef:
+            x[:n] += bucket_state(self, views, "/e", grad)
+        c, scale = _scaled_sign(x.view(W, shard), valid)
+        if ef:
+            put_bucket_state(self, views, "/e", x[:n] - c.reshape(-1)[:n])
+
+        # phase 1: row j = (sign bits, scale) of shard j, for rank j to average
+        to_servers = torch.cat([pack_signs(x).view(W, shard // 8), as_bytes(scale)], dim=1)
+        y = self._decode(self.transport.all_to_all(to_servers), shard).sum(0) / W * valid[r]
+        key = f"server{W}/" + "|".join(v.name for v in views)   # this rank's shard of this bucket layout
+        if ef:
+            e_s = self.get(key)
+            if e_s is not None and e_s.shape == y.shape:
+                y += e_s
+        c_s, scale_s = _scaled_sign(y.view(1, shard), valid[r:r + 1])
+        if ef:
+            self.put(key, y - c_s[0])
+
+        # phase 2: everyone gets every server's (bits, scale); padding decodes to +-scale and is cut off
+        from_server = torch.cat([pack_signs(y), as_bytes(scale_s[0])])
+        out = self._decode(self.transport.allgather(from_server), shard).reshape(-1)[:n]
+        return grad.copy_(out), to_servers.numel() + from_server.numel()

@@ -1,0 +1,119 @@
+"""Blocking collectives for compressors, over torch.distributed or over MPI (mpi4py).
+
+Both sum (never average) and keep tensors on their device; the MPI transport stages through host
+memory. Open MPI has no fp16 reduction, so fp16 allreduce over MPI gathers and sums in fp32 (with two
+ranks that is bit-identical to gloo's a + b).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class TorchTransport:
+    name = "torch"
+
+    def __init__(self, group=None):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+
+    def allreduce_(self, t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t, group=self.group)
+        return t
+
+    def allgather(self, t: torch.Tensor) -> torch.Tensor:
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(out, t.contiguous(), group=self.group)
+        return torch.stack(out)
+
+    def all_to_all(self, t: torch.Tensor) -> torch.Tensor:
+        assert t.shape[0] == self.world_size, f"all_to_all wants (world, m) rows, got {tuple(t.shape)}"
+        out = torch.empty_like(t)
+        dist.all_to_all_single(out, t.contiguous(), group=self.group)
+        return out
+
+    def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        dist.broadcast(t, src=src, group=self.group)
+        return t
+
+
+class MPITransport:
+    name = "mpi"
+
+    def __init__(self):
+        from mpi4py import MPI
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.world_size = self.comm.Get_size()
+        if dist.is_initialized() and (dist.get_rank(), dist.get_world_size()) != (self.rank, self.world_size):
+            raise ValueError(f"comm.transport = 'mpi': MPI rank {self.rank}/{self.world_size} differs from "
+                             f"torch.distributed rank {dist.get_rank()}/{dist.get_world_size()}; launch with mpirun")
+
+    @staticmethod
+    def _host(t: torch.Tensor):
+        return t.detach().cpu().contiguous()
+
+    def allreduce_(self, t: torch.Tensor) -> torch.Tensor:
+        if t.dtype == torch.float16:
+            summed = self.allgather(t).float().sum(0)
+            return t.copy_(summed)
+        h = self._host(t)
+        self.comm.Allreduce(self.MPI.IN_PLACE, h.numpy(), op=self.MPI.SUM)
+        return t.copy_(h)
+
+    def allgather(self, t: torch.Tensor) -> torch.Tensor:
+        h = self._host(t)
+        out = torch.empty((self.world_size, *h.shape), dtype=h.dtype)
+        self.comm.Allgather(h.view(torch.uint8).numpy(), out.view(torch.uint8).numpy())
+        return out.to(t.device)
+
+    def all_to_all(self, t: torch.Tensor) -> torch.Tensor:
+        assert t.shape[0] == self.world_size, f"all_to_all wants (world, m) rows, got {tuple(t.shape)}"
+        h = self._host(t)
+        out = torch.empty_like(h)
+        self.comm.Alltoall(h.view(torch.uint8).numpy(), out.view(torch.uint8).numpy())
+        return out.to(t.device)
+
+    def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        h = self._host(t)
+        self.comm.Bcast(h.view(torch.uint8).numpy(), root=src)
+        return t.copy_(h)
+
+
+def ring_allreduce_bytes(nbytes: int, world_size: int) -> int:
+    """Bytes one rank sends in a ring allreduce of `nbytes` (reduce-scatter + allgather)."""
+    return 2 * (world_size - 1) * nbytes // world_size
+
+
+class CountingTransport:
+    """Wraps a transport and counts the bytes this rank puts on the wire, by the usual algorithms:
+    ring allreduce 2(W-1)/W b, all_to_all (W-1)/W b, allgather (W-1) b (b = this rank's part), broadcast b
+    from the root. Counting wire bytes (not payload) makes collectives of different kinds comparable."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.rank, self.world_size, self.name = inner.rank, inner.world_size, inner.name
+        self.bytes_sent = 0
+
+    def allreduce_(self, t: torch.Tensor) -> torch.Tensor:
+        self.bytes_sent += ring_allreduce_bytes(t.numel() * t.element_size(), self.world_size)
+        return self.inner.allreduce_(t)
+
+    def allgather(self, t: torch.Tensor) -> torch.Tensor:
+        self.bytes_sent += (self.world_size - 1) * t.numel() * t.element_size()
+        return self.inner.allgather(t)
+
+    def all_to_all(self, t: torch.Tensor) -> torch.Tensor:
+        self.bytes_sent += (self.world_size - 1) * t.numel() * t.element_size() // self.world_size
+        return self.inner.all_to_all(t)
+
+    def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        self.bytes_sent += t.numel() * t.element_size() if self.rank == src else 0
+        return self.inner.broadcast_(t, src)
+
+
+def make_transport(name: str) -> CountingTransport:
+    return CountingTransport(MPITransport() if name == "mpi" else TorchTransport())
