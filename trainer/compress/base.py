@@ -98,3 +98,67 @@ class Compressor:
             return None
         self.local = {}
         return "local error-feedback state reset (world size changed)" if state.get("local") else None
+
+
+# ---- helpers the compressors share -------------------------------------------------------------------------
+_MASK64 = (1 << 64) - 1
+
+
+def bucket_state(comp: Compressor, views: list[ParamView], suffix: str, like: torch.Tensor,
+                 local: bool = True) -> torch.Tensor:
+    """Per-parameter state `name + suffix` laid out like the bucket `like` (zeros where absent), so state
+    survives DDP re-bucketing."""
+    out = torch.zeros_like(like)
+    for v in views:
+        t = comp.get(v.name + suffix, local)
+        if t is not None and t.numel() == v.numel:
+            v.slice(out).copy_(t)
+    return out
+
+
+def put_bucket_state(comp: Compressor, views: list[ParamView], suffix: str, flat: torch.Tensor,
+                     local: bool = True) -> None:
+    """Split a bucket-layout tensor back into per-parameter pending state (copies: `flat` may be reused)."""
+    for v in views:
+        comp.put(v.name + suffix, v.slice(flat).clone(), local)
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def mixed_seed(*values: int) -> int:
+    """A 64-bit seed from several ints (SplitMix64 chained), stable across processes and Python versions."""
+    h = 0
+    for v in values:
+        h = _splitmix64(h ^ (v & _MASK64))
+    return h
+
+
+def call_generator(comp: Compressor, device: torch.device) -> torch.Generator:
+    """A generator seeded from (run seed, rank, exchange-call counter): deterministic, different on every
+    rank and call, and resumable (the counter is replicated state, so it is checkpointed and rolled back)."""
+    calls = comp.get("rng_calls", local=False)
+    count = 0 if calls is None else int(calls)
+    comp.put("rng_calls", torch.tensor(count + 1, dtype=torch.int64), local=False)
+    g = torch.Generator(device=device)
+    g.manual_seed(mixed_seed(getattr(comp, "seed", 0), comp.transport.rank, count))
+    return g
+
+
+def shard_length(n: int, world: int, unit: int) -> int:
+    """Elements per shard when n is padded to `world` equal shards that are whole multiples of `unit`."""
+    return max(-(-n // (world * unit)), 1) * unit
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """Reinterpret a (rows, m) tensor as (rows, m * itemsize) uint8, to ship mixed dtypes in one collective."""
+    return t.contiguous().view(torch.uint8)
+
+
+def from_bytes(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of `as_bytes` for a column slice of a uint8 message (copied: a view needs aligned storage)."""
+    return t.clone(memory_format=torch.contiguous_format).view(dtype)

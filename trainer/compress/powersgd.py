@@ -27,8 +27,7 @@ import zlib
 
 import torch
 
-from trainer.compress.base import Compressor, ParamView
-from trainer.compress.quant import mixed_seed
+from trainer.compress.base import Compressor, ParamView, mixed_seed
 
 
 class PowerSGDCompressor(Compressor):

@@ -18,8 +18,7 @@ from __future__ import annotations
 import torch
 
 from kernels import pack_signs, unpack_signs
-from trainer.compress.base import Compressor, ParamView
-from trainer.compress.quant import as_bytes, bucket_state, from_bytes, put_bucket_state, shard_length
+from trainer.compress.base import Compressor, ParamView, as_bytes, bucket_state, from_bytes, put_bucket_state, shard_length
 
 
 def _scaled_sign(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

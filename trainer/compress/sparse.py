@@ -22,8 +22,7 @@ import math
 import torch
 
 from kernels import randk_select, scatter_dense, topk_select
-from trainer.compress.base import Compressor, ParamView
-from trainer.compress.quant import bucket_state, call_generator, from_bytes, put_bucket_state
+from trainer.compress.base import Compressor, ParamView, bucket_state, call_generator, from_bytes, put_bucket_state
 
 
 class TopKCompressor(Compressor):
