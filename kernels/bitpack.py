@@ -35,8 +35,11 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     nbytes = (n + 7) // 8
     padded = torch.zeros(nbytes * 8, dtype=torch.uint8, device=bits.device)
     padded[:n] = bits
-    # Bits are disjoint, so a uint8 sum of bit * 2^j is the bitwise OR and cannot overflow.
-    return (padded.view(nbytes, 8) * _bit_weights(bits.device)).sum(dim=1, dtype=torch.uint8)
+    cols = padded.view(nbytes, 8)
+    out = cols[:, 0].clone()
+    for j in range(1, 8):          # eight column ORs over n/8 bytes each, not a per-element loop
+        out |= cols[:, j] << j
+    return out
 
 
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:

@@ -17,11 +17,6 @@ def _num_blocks(n: int, block_size: int) -> int:
     return (n + block_size - 1) // block_size
 
 
-def _per_element(scales: torch.Tensor, n: int, block_size: int) -> torch.Tensor:
-    """Blockwise scales (nb,) -> one scale per element (n,), without a host sync."""
-    return scales.unsqueeze(1).expand(-1, block_size).reshape(-1)[:n]
-
-
 def quantize_blockwise(x: torch.Tensor, bits: int, block_size: int, stochastic: bool = True,
                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Float (n,) -> (q int8 (n,) in [-L, L], scales float32 (ceil(n/block_size),)).
@@ -40,19 +35,16 @@ def quantize_blockwise(x: torch.Tensor, bits: int, block_size: int, stochastic: 
     nb = _num_blocks(n, block_size)
     levels = 2 ** (bits - 1) - 1
 
-    xf = x.float()
-    absmax = torch.zeros(nb * block_size, dtype=torch.float32, device=x.device)
-    absmax[:n] = xf.abs()
-    scales = absmax.view(nb, block_size).amax(dim=1) / levels     # zero padding never raises absmax
-    s = _per_element(scales, n, block_size)
-    v = xf / torch.where(s > 0, s, torch.ones_like(s))             # zero blocks: x = 0, so v = 0
+    xb = torch.zeros(nb * block_size, dtype=torch.float32, device=x.device)
+    xb[:n] = x
+    xb = xb.view(nb, block_size)                                   # zero padding never raises absmax
+    scales = xb.abs().amax(dim=1) / levels
+    v = xb.div_(torch.where(scales > 0, scales, torch.ones_like(scales)).unsqueeze(1))   # zero blocks: v = 0
     if stochastic:
-        u = torch.rand(n, generator=generator, dtype=torch.float32, device=x.device)
-        q = torch.floor(v + u)
+        v.add_(torch.rand(v.shape, generator=generator, dtype=torch.float32, device=x.device)).floor_()
     else:
-        q = torch.round(v)
-    # |v| <= L up to float rounding of x / (absmax / L), so the clamp only trims that rounding.
-    return q.clamp_(-levels, levels).to(torch.int8), scales
+        v.round_()
+    return v.view(-1)[:n].clamp_(-levels, levels).to(torch.int8), scales
 
 
 def dequantize_blockwise(q: torch.Tensor, scales: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -64,7 +56,9 @@ def dequantize_blockwise(q: torch.Tensor, scales: torch.Tensor, block_size: int)
     if scales.shape != (nb,):
         raise ValueError(f"scales has shape {tuple(scales.shape)}, expected ({nb},) for n={n}, "
                          f"block_size={block_size}")
-    return q.float() * _per_element(scales.float(), n, block_size)
+    qb = torch.zeros(nb * block_size, dtype=torch.float32, device=q.device)
+    qb[:n] = q
+    return qb.view(nb, block_size).mul_(scales.float().unsqueeze(1)).view(-1)[:n]
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

@@ -256,3 +256,23 @@ def test_sparse_rejects_bad_arguments():
         scatter_dense(10, torch.zeros(3, dtype=torch.int32), torch.zeros(4))
     with pytest.raises(ValueError, match=r"\(10,\)"):
         scatter_dense(10, torch.zeros(3, dtype=torch.int32), torch.zeros(3), out=torch.zeros(9))
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "heavy_tail", "ties", "sparse"])
+def test_topk_prefilter_path_is_exact_on_large_inputs(kind):
+    """n above the sampling threshold: the sampled-threshold path must return exactly the k largest |x|."""
+    g = torch.Generator().manual_seed(1)
+    n, k = 300_001, 3_000
+    x = {"gaussian": torch.randn(n, generator=g),
+         "heavy_tail": torch.randn(n, generator=g) ** 5,
+         "ties": torch.randint(-3, 4, (n,), generator=g).float(),
+         "sparse": torch.zeros(n).index_fill_(0, torch.randperm(n, generator=g)[:k // 2], 1.0)}[kind]
+    values, idx = topk_select(x, k)
+    kth = x.abs().sort(descending=True).values[k - 1]
+    assert idx.numel() == k and torch.unique(idx).numel() == k
+    assert torch.equal(idx, idx.sort().values) and torch.equal(values, x[idx.long()])
+    assert (x[idx.long()].abs() >= kth).all()
+    assert (x.abs() > kth).sum() <= k            # nothing strictly larger was left out
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[idx.long()] = False
+    assert (x.abs()[mask] <= kth).all()
