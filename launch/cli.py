@@ -92,7 +92,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
                "epochs": f"{s['epochs']:.1f}", "steps": s["steps"], "train loss (rel L2)": f"{s['train_loss']:.4f}",
                "test relative L2": f"{s['test_rel_l2']:.4f}", "wall time": f"{s['wall_time_s']:.1f} s",
                "compressor": s["compressor"],
-               "grad bytes / step / rank": f"{s['grad_bytes_per_step'] / 1e6:.2f} MB"}
+               "grad bytes / step / rank": f"{s['grad_bytes_per_step'] / 1e6:.3f} MB",
+               "fp32 allreduce would send": f"{s['grad_bytes_per_step'] * s['compression_ratio'] / 1e6:.3f} MB",
+               "bytes saved": f"{1 - 1 / s['compression_ratio']:.1%} ({s['compression_ratio']:.1f}x less)",
+               "replicas identical": "yes" if s["replica_max_abs_diff"] == 0 else f"NO ({s['replica_max_abs_diff']:.2e})"}
     print_table([(k, str(v)) for k, v in summary.items()])
     (out / "summary.json").write_text(json.dumps({**s, "table": summary}, indent=2))
     print(f"wrote {out / 'summary.json'}; metrics in {out / 'fno' / 'metrics.csv'}, TensorBoard in {out / 'fno' / 'tb'}")

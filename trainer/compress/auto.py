@@ -33,11 +33,24 @@ def _timed(fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def measure_link(transport, small: int = 256, large: int = 1 << 20, repeats: int = 5) -> tuple[float, float]:
+def _timed_allreduce(transport, n: int, repeats: int) -> float:
+    """Fastest of `repeats` allreduces of n floats, each started right after a tiny one that lines the
+    ranks up, so arrival skew is not counted as link time."""
+    t, sync = torch.zeros(n), torch.zeros(1)
+    transport.allreduce_(t)   # warm-up (connection set-up, allocation)
+    best = math.inf
+    for _ in range(repeats):
+        transport.allreduce_(sync)
+        t0 = time.perf_counter()
+        transport.allreduce_(t)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_link(transport, small: int = 256, large: int = 1 << 20, repeats: int = 7) -> tuple[float, float]:
     """(alpha seconds, beta seconds/byte) from fp32 allreduces of `small` and `large` elements."""
     w = transport.world_size
-    a, b = torch.zeros(small), torch.zeros(large)
-    t = torch.tensor([_timed(lambda: transport.allreduce_(a), repeats), _timed(lambda: transport.allreduce_(b), repeats)],
+    t = torch.tensor([_timed_allreduce(transport, small, repeats), _timed_allreduce(transport, large, repeats)],
                      dtype=torch.float64)
     # every rank must choose the same compressor: decide on the slowest rank's numbers
     t = transport.allgather(t).max(0).values
@@ -47,13 +60,14 @@ def measure_link(transport, small: int = 256, large: int = 1 << 20, repeats: int
     return alpha, beta
 
 
+def _wire_bytes(kind: str, nbytes: float, w: int) -> float:
+    """Bytes one rank sends (the same model as trainer/compress/transport.py's CountingTransport)."""
+    return {"allreduce": 2 * (w - 1) / w, "all_to_all": (w - 1) / w, "allgather": w - 1}[kind] * nbytes
+
+
 def _collective_time(kind: str, nbytes: float, w: int, alpha: float, beta: float) -> float:
-    if kind == "allreduce":
-        return 2 * (w - 1) * alpha + 2 * (w - 1) / w * nbytes * beta
-    if kind == "all_to_all":
-        return (w - 1) * alpha + (w - 1) / w * nbytes * beta
-    assert kind == "allgather", kind
-    return (w - 1) * alpha + (w - 1) * nbytes * beta
+    messages = {"allreduce": 2 * (w - 1), "all_to_all": w - 1, "allgather": w - 1}[kind]
+    return messages * alpha + _wire_bytes(kind, nbytes, w) * beta
 
 
 def collectives(name: str, cfg, n: int, matrices: list[tuple[int, int]], n_small: int, w: int) -> list[tuple[str, float]]:
@@ -121,11 +135,11 @@ def choose_compressor(cfg, transport, module: torch.nn.Module) -> str:
     for name, enc in zip(cfg.auto_candidates, encode):
         ops = collectives(name, cfg, n, matrices, n_small, w)
         comm = sum(_collective_time(k, b / buckets, w, alpha, beta) * buckets for k, b in ops)
-        sent = sum(b for _, b in ops)
+        sent = sum(_wire_bytes(k, b, w) for k, b in ops)
         rows.append((comm + enc, name, comm, enc, sent))
     best = min(rows, key=lambda r: r[0])
     lines = [f"  {name:9s} predicted {t * 1e3:8.2f} ms/step (comm {c * 1e3:8.2f}, encode {e * 1e3:6.2f}) "
-             f"payload {s / 1e6:7.3f} MB" for t, name, c, e, s in rows]
+             f"sends {s / 1e6:7.3f} MB" for t, name, c, e, s in rows]
     log.info("auto compressor: link alpha %.1f us, %.3f Gbit/s over %d ranks, %d floats in %d bucket(s)\n%s\n"
              "  -> %s", alpha * 1e6, 8 / beta / 1e9, w, n, buckets, "\n".join(lines), best[1])
     return best[1]
