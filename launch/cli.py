@@ -54,11 +54,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def print_table(rows: list[tuple[str, str]]) -> None:
-    width = max(len(k) for k, _ in rows)
-    line = "+" + "-" * (width + 2) + "+" + "-" * (max(len(v) for _, v in rows) + 2) + "+"
+    kw, vw = max(len(k) for k, _ in rows), max(len(v) for _, v in rows)
+    line = f"+{'-' * (kw + 2)}+{'-' * (vw + 2)}+"
     print(line)
     for k, v in rows:
-        print(f"| {k:<{width}} | {v:>{len(line) - width - 6}} |")
+        print(f"| {k:<{kw}} | {v:>{vw}} |")
     print(line)
 
 
