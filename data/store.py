@@ -18,6 +18,7 @@ import math
 
 import numpy as np
 import zarr
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
@@ -25,6 +26,7 @@ FORMAT_VERSION = 1
 ARRAY_NAMES = ("inputs", "targets")
 REQUIRED_ATTRS = ("fieldtrain_version", "generator", "params", "grid", "num_samples", "normalization")
 CODECS = ("blosc-lz4", "zstd", "none")
+PROGRESS_PREFIX = "progress"   # <url>/progress/<chunk>.json: a written chunk's marker and statistics
 
 
 def open_zarr_store(url: str, storage_options: dict | None = None, read_only: bool = True) -> zarr.abc.store.Store:
@@ -199,7 +201,7 @@ class FieldDatasetWriter:
 
     def __init__(self, url: str, num_samples: int, input_shape: tuple, target_shape: tuple, chunk_size: int,
                  generator: str, params: dict, grid_bounds, storage_options: dict | None = None,
-                 codec: str = "blosc-lz4", overwrite: bool = False):
+                 codec: str = "blosc-lz4", overwrite: bool = False, resume: bool = False):
         input_shape, target_shape = tuple(int(d) for d in input_shape), tuple(int(d) for d in target_shape)
         if num_samples < 1 or chunk_size < 1:
             raise ValueError(f"{url}: num_samples ({num_samples}) and chunk_size ({chunk_size}) must be >= 1")
@@ -224,15 +226,21 @@ class FieldDatasetWriter:
             empty = sync(store.is_empty(""))
         except FileNotFoundError:
             empty = True
-        if not empty and not overwrite:
-            raise ValueError(f"{url}: store already exists and is not empty; pass overwrite=True to replace it")
 
         self.url, self.num_samples, self.chunk_size = url, int(num_samples), int(chunk_size)
         self.num_chunks = math.ceil(self.num_samples / self.chunk_size)
         self.input_shape, self.target_shape = input_shape, target_shape
+        self._store = store
+        self._finished = False
         attrs = {"fieldtrain_version": FORMAT_VERSION, "generator": generator, "params": params,
                  "grid": {"shape": list(input_shape[1:]), "bounds": bounds.tolist()},
                  "num_samples": self.num_samples}
+        if not empty and resume and not overwrite:
+            self._resume(attrs)
+            return
+        if not empty and not overwrite:
+            raise ValueError(f"{url}: store already exists and is not empty; pass overwrite=True to replace it "
+                             "(or resume=True to continue an interrupted generation)")
         self._group = zarr.open_group(store, mode="w", zarr_format=3, attributes=attrs)
         self._arrays = {
             name: self._group.create_array(
@@ -242,8 +250,50 @@ class FieldDatasetWriter:
                 config={"write_empty_chunks": True})
             for name, shape in (("inputs", input_shape), ("targets", target_shape))
         }
-        self._stats: dict[int, dict[str, tuple]] = {}
-        self._finished = False
+
+    def _resume(self, attrs: dict) -> None:
+        """Continue an unfinished dataset written with the same generator, parameters and layout."""
+        try:
+            self._group = zarr.open_group(self._store, mode="r+", zarr_format=3)
+        except Exception as e:
+            raise ValueError(f"{self.url}: cannot resume, not a dataset group ({type(e).__name__}: {e})") from None
+        old = dict(self._group.attrs)
+        if "normalization" in old:
+            raise ValueError(f"{self.url}: dataset is already complete; nothing to resume")
+        differ = [k for k in attrs if old.get(k) != attrs[k]]
+        if differ:
+            raise ValueError(f"{self.url}: cannot resume, existing dataset differs in {differ}: "
+                             f"{ {k: old.get(k) for k in differ} } vs requested { {k: attrs[k] for k in differ} }")
+        self._arrays = {name: self._group[name] for name in ARRAY_NAMES}
+        for name, shape in (("inputs", self.input_shape), ("targets", self.target_shape)):
+            arr = self._arrays[name]
+            if arr.shape != (self.num_samples, *shape) or arr.chunks[0] != self.chunk_size:
+                raise ValueError(f"{self.url}: cannot resume, array {name!r} has shape {arr.shape} chunks "
+                                 f"{arr.chunks}; requested {(self.num_samples, *shape)} in chunks of {self.chunk_size}")
+
+    @classmethod
+    def attach(cls, url: str, storage_options: dict | None = None) -> "FieldDatasetWriter":
+        """Open an unfinished dataset to write chunks into (e.g. from a generation task on another node)."""
+        store = open_zarr_store(url, storage_options, read_only=False)
+        group = zarr.open_group(store, mode="r+", zarr_format=3)
+        attrs = dict(group.attrs)
+        self = cls.__new__(cls)
+        self.url, self._store, self._group, self._finished = url, store, group, False
+        self._arrays = {name: group[name] for name in ARRAY_NAMES}
+        self.num_samples, self.chunk_size = int(attrs["num_samples"]), int(self._arrays["inputs"].chunks[0])
+        self.num_chunks = math.ceil(self.num_samples / self.chunk_size)
+        self.input_shape = tuple(self._arrays["inputs"].shape[1:])
+        self.target_shape = tuple(self._arrays["targets"].shape[1:])
+        return self
+
+    def completed_chunks(self) -> dict[int, dict]:
+        """Chunks whose completion marker exists, with the per-channel statistics the marker carries."""
+        async def _read() -> dict[int, dict]:
+            keys = [k async for k in self._store.list_prefix(f"{PROGRESS_PREFIX}/")]
+            bufs = await asyncio.gather(*(self._store.get(k, prototype=default_buffer_prototype()) for k in keys))
+            return {int(k.rsplit("/", 1)[1].split(".")[0]): json.loads(b.to_bytes()) for k, b in zip(keys, bufs)
+                    if b is not None}
+        return sync(_read())
 
     def write_chunk(self, chunk: int, inputs: np.ndarray, targets: np.ndarray) -> None:
         """Write chunk `chunk` (rows chunk*chunk_size ...) and record its per-channel statistics."""
@@ -263,20 +313,27 @@ class FieldDatasetWriter:
                 raise ValueError(f"{self.url}: chunk {chunk} of {name!r} contains non-finite values")
             x = x.astype(np.float32, copy=False)
             self._arrays[name][start:stop] = x
-            stats[name] = _channel_stats(x)
-        self._stats[chunk] = stats
+            count, mean, m2 = _channel_stats(x)
+            stats[name] = {"count": count, "mean": mean.tolist(), "m2": m2.tolist()}
+        # The marker is written after the chunk's data: a chunk with a marker is complete.
+        marker = json.dumps(stats).encode()
+        sync(self._store.set(f"{PROGRESS_PREFIX}/{chunk}.json", default_buffer_prototype().buffer.from_bytes(marker)))
 
     def finish(self) -> None:
         """Check every chunk was written, then store per-channel mean/std (population, ddof=0)."""
-        missing = sorted(set(range(self.num_chunks)) - set(self._stats))
+        done = self.completed_chunks()
+        missing = sorted(set(range(self.num_chunks)) - set(done))
         if missing:
             shown = missing[:10] + (["..."] if len(missing) > 10 else [])
             raise ValueError(f"{self.url}: cannot finish, {len(missing)} chunk(s) never written: {shown}")
         norm = {}
         for name in ARRAY_NAMES:
-            mean, std = _combine_stats([self._stats[c][name] for c in range(self.num_chunks)])
+            parts = [(done[c][name]["count"], np.array(done[c][name]["mean"]), np.array(done[c][name]["m2"]))
+                     for c in range(self.num_chunks)]
+            mean, std = _combine_stats(parts)
             norm[name] = {"mean": mean.tolist(), "std": std.tolist()}
         self._group.attrs.update({"normalization": norm})
+        sync(self._store.delete_dir(PROGRESS_PREFIX))
         self._finished = True
 
 

@@ -28,3 +28,23 @@ def fieldtrain(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint on loopback (moto's server, as s3fs's own tests use), with one bucket."""
+    pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+
+    from launch.local import free_port
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    creds = {"key": "fieldtrain-test-key", "secret": "fieldtrain-test-SECRET-do-not-log"}
+    endpoint = f"http://127.0.0.1:{port}"
+    import s3fs
+    fs = s3fs.S3FileSystem(**creds, client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+    fs.mkdir("fieldtrain-test")
+    yield {"endpoint": endpoint, "bucket": "fieldtrain-test", **creds,
+           "storage_options": {**creds, "client_kwargs": {"endpoint_url": endpoint}}}
+    server.stop()

@@ -162,12 +162,30 @@ class Config:
     comm: CommConfig = field(default_factory=CommConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def to_dict(self, redact: bool = True) -> dict:
+        """The config as plain data; credentials in storage options are replaced by "<redacted>", so a run
+        directory, log or checkpoint never holds them."""
+        d = dataclasses.asdict(self)
+        if redact:
+            d["data"]["storage_options"] = redact_secrets(d["data"]["storage_options"])
+        return d
 
     @property
     def run_dir(self) -> Path:
         return Path(self.run.out_dir) / self.run.name
+
+
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session", "auth")
+
+
+def redact_secrets(options: Any) -> Any:
+    """Copy of fsspec storage options with every credential-like value replaced (keys matched by name)."""
+    if isinstance(options, dict):
+        return {k: "<redacted>" if any(w in str(k).lower() for w in _SECRET_WORDS) and not isinstance(v, dict)
+                else redact_secrets(v) for k, v in options.items()}
+    if isinstance(options, list):
+        return [redact_secrets(v) for v in options]
+    return options
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
