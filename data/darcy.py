@@ -153,3 +153,42 @@ def write_darcy_dataset(url: str, n: int, res: int, seed: int, chunk_size: int =
                     writer.write_chunk(*fut.result())
                     bar.update()
     writer.finish()
+
+
+# Per-chunk interface of the dataset fan-out (same as data/burgers.py and data/navier_stokes.py).
+DEFAULTS = {"fine_factor": 4, "alpha": 2.0, "tau": 3.0}
+
+
+def _parameters(res: int, params: dict) -> dict:
+    """Defaults filled in, types normalised, values checked; derived entries passed back in must agree."""
+    derived = {"fine_resolution", "coefficient_values", "forcing", "boundary", "discretisation"}
+    unknown = sorted(set(params) - set(DEFAULTS) - derived)
+    if unknown:
+        raise ValueError(f"darcy: unknown parameter(s) {unknown}; allowed: {sorted(DEFAULTS)}")
+    p = {**DEFAULTS, **{k: v for k, v in params.items() if k in DEFAULTS}}
+    if isinstance(p["fine_factor"], bool) or int(p["fine_factor"]) != p["fine_factor"]:
+        raise ValueError(f"darcy: fine_factor must be an integer, got {p['fine_factor']!r}")
+    p = {"fine_factor": int(p["fine_factor"]), "alpha": float(p["alpha"]), "tau": float(p["tau"])}
+    if res < 3 or p["fine_factor"] < 1:
+        raise ValueError(f"darcy: need res >= 3 and fine_factor >= 1, got res={res}, fine_factor={p['fine_factor']}")
+    p.update({"fine_resolution": fine_resolution(res, p["fine_factor"]),
+              "coefficient_values": {"positive": A_POSITIVE, "negative": A_NEGATIVE}, "forcing": FORCING,
+              "boundary": "u = 0 (Dirichlet)", "discretisation": "5-point FD, arithmetic-mean half-point a"})
+    stale = sorted(name for name in derived & set(params) if params[name] != p[name])
+    if stale:
+        raise ValueError(f"darcy: derived parameter(s) {stale} disagree with the values computed from the others")
+    return p
+
+
+def describe(res: int, **params) -> dict:
+    """Sample shapes, grid bounds and the full parameter dict (defaults filled in) of a Darcy dataset."""
+    return {"input_shape": (1, res, res), "target_shape": (1, res, res), "grid_bounds": [[0.0, 1.0], [0.0, 1.0]],
+            "params": _parameters(res, params)}
+
+
+def chunk_arrays(chunk: int, count: int, res: int, seed: int, **params) -> tuple[np.ndarray, np.ndarray]:
+    """Chunk `chunk` of a dataset, as write_darcy_dataset writes it: generate_darcy(count, res, [seed, chunk], ...)."""
+    if chunk < 0:
+        raise ValueError(f"darcy: chunk must be >= 0, got {chunk}")
+    p = _parameters(res, params)
+    return generate_darcy(count, res, [seed, chunk], p["fine_factor"], p["alpha"], p["tau"])

@@ -20,7 +20,8 @@ log = logging.getLogger("fieldtrain")
 
 
 def _setup_logging() -> None:
-    rank = int(os.environ.get("RANK", "0"))
+    from launch.rendezvous import env_rank
+    rank = env_rank()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s rank{rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
@@ -102,21 +103,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_arg(text: str, flag: str) -> dict | None:
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag} must be JSON, e.g. '{{\"anon\": false}}' ({e})") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    from data.darcy import write_darcy_dataset
-    storage_options = json.loads(args.storage_options) if args.storage_options else None
-    write_darcy_dataset(args.out, args.n, args.res, seed=args.seed, chunk_size=args.chunk_size,
-                        fine_factor=args.fine_factor, storage_options=storage_options, workers=args.workers, overwrite=args.overwrite,
-                        progress=True)
-    print(f"wrote {args.n} samples to {args.out}")
+    import tomllib
+    from data.generate import generate_dataset
+    params = {}
+    for item in args.param:
+        key, _, value = item.partition("=")
+        try:
+            params[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            params[key] = value
+    report = generate_dataset(args.problem, args.out, args.n, args.res, seed=args.seed, chunk_size=args.chunk_size,
+                              params=params, storage_options=_json_arg(args.storage_options, "--storage-options"),
+                              codec=args.codec, overwrite=args.overwrite, ray_address=args.ray_address,
+                              task_cpus=args.task_cpus)
+    print(f"{args.out}: {report['chunks']} chunks, {report['written']} written now, {report['skipped']} already "
+          f"complete ({report['seconds']:.1f} s)")
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     import numpy as np
     from data.store import FieldDataset
-    storage_options = json.loads(args.storage_options) if args.storage_options else None
-    ds = FieldDataset(args.url, storage_options)
+    ds = FieldDataset(args.url, _json_arg(args.storage_options, "--storage-options"))
     print(f"{ds.url}: {ds.num_samples} samples in {ds.num_chunks} chunks of {ds.chunk_size}")
     for name, arr in (("inputs", ds.inputs), ("targets", ds.targets)):
         print(f"  {name}: shape {arr.shape} dtype {arr.dtype} chunks {arr.chunks} codecs {arr.compressors}")
@@ -151,16 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     data = sub.add_parser("data", help="dataset generation and inspection").add_subparsers(dest="data_command", required=True)
-    g = data.add_parser("generate", help="generate a PDE dataset into a Zarr store")
-    g.add_argument("problem", choices=["darcy"])
-    g.add_argument("--n", type=int, required=True)
-    g.add_argument("--res", type=int, required=True)
-    g.add_argument("--out", required=True)
+    g = data.add_parser("generate", help="generate a PDE dataset into a Zarr store, one Ray task per chunk")
+    g.add_argument("problem", choices=["darcy", "burgers", "navier_stokes"])
+    g.add_argument("--n", type=int, required=True, help="number of samples")
+    g.add_argument("--res", type=int, required=True, help="grid points per dimension")
+    g.add_argument("--out", required=True, help="store URL: a path, file://, s3://, memory://")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--chunk-size", type=int, default=64)
-    g.add_argument("--fine-factor", type=int, default=4, help="solve on a grid this many times finer, then subsample")
-    g.add_argument("--workers", type=int, default=1)
+    g.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="generator parameter, e.g. fine_factor=2 (darcy), nu=0.01 (burgers), dt=1e-3 (navier_stokes)")
+    g.add_argument("--codec", default="blosc-lz4", choices=["blosc-lz4", "zstd", "none"])
     g.add_argument("--overwrite", action="store_true")
+    g.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
+    g.add_argument("--task-cpus", type=float, default=0.5, help="CPUs per generation task")
     g.add_argument("--storage-options", default="", help="JSON, e.g. '{\"anon\": false}'")
     g.set_defaults(func=cmd_generate)
     i = data.add_parser("inspect", help="print arrays, chunks, codecs, attributes and statistics")
