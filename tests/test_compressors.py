@@ -9,17 +9,19 @@ from thread_transport import ThreadGroup, run_ranks
 
 from trainer.compress import COMPRESSORS
 from trainer.compress.base import ParamView
-from trainer.compress.quant import bucket_state
+from trainer.compress.base import bucket_state
 from trainer.config import CommConfig
 
 # A bucket like an FNO's: a linear weight (compressed by PowerSGD), its bias, a complex spectral weight
 # and a conv weight small enough to go uncompressed.
-SPEC = [("lin.weight", (24, 40), False), ("lin.bias", (24,), False),
+SPEC = [("lin.weight", (24, 40), False), ("lin.bias", (24,), False), ("odd.weight", (9, 35), False),
         ("spec.weight", (12, 12, 6, 4), True), ("conv.weight", (16, 12, 1, 1), False)]
 
 VARIANTS = {
-    "none": ("none", {}), "fp16": ("fp16", {}), "powersgd": ("powersgd", {}),
-    "powersgd_complex": ("powersgd", {"powersgd_complex": "complex"}), "topk": ("topk", {}),
+    "none": ("none", {}), "fp16": ("fp16", {}), "powersgd": ("powersgd", {"powersgd_complex": "real_view"}),
+    "powersgd_complex": ("powersgd", {"powersgd_complex": "complex"}),
+    "powersgd_r1": ("powersgd", {"rank": 1}),   # odd-sized P/Q ahead of complex ones in one flat buffer
+    "topk": ("topk", {}),
     "randk": ("randk", {}), "randk_unbiased": ("randk", {"randk_unbiased": True}),
     "int8": ("int8", {}), "int4": ("int4", {}), "sign": ("sign", {}),
 }

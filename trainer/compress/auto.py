@@ -78,7 +78,7 @@ def collectives(name: str, cfg, n: int, matrices: list[tuple[int, int]], n_small
         return [("allreduce", 2 * n)]
     if name == "powersgd":
         r = cfg.rank
-        return [("allreduce", 4 * n_small), ("allreduce", 4 * r * sum(a for a, _ in matrices)),
+        return [("allreduce", 4 * n_small + 4 * r * sum(a for a, _ in matrices)),
                 ("allreduce", 4 * r * sum(b for _, b in matrices))]
     if name in ("int8", "int4"):
         per = n * (1 if name == "int8" else 0.5) + 4 * n / cfg.block_size

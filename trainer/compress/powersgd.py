@@ -64,7 +64,8 @@ class PowerSGDCompressor(Compressor):
         flat = self.transport.allreduce_(torch.cat([t.reshape(-1) for t in real]))
         parts = flat.split([t.numel() for t in real])
         out = [p.view(t.shape) for p, t in zip(parts, real)]
-        out = [torch.view_as_complex(o) if m.is_complex() else o for o, m in zip(out, mats)]
+        # a complex view needs an even storage offset: copy the (small) complex parts out
+        out = [torch.view_as_complex(o.clone()) if m.is_complex() else o for o, m in zip(out, mats)]
         return out, flat.numel() * flat.element_size()
 
     def exchange(self, grad: torch.Tensor, views: list[ParamView]) -> tuple[torch.Tensor, int]:
@@ -73,13 +74,12 @@ class PowerSGDCompressor(Compressor):
         dense = [v for v, s in zip(views, shapes) if s is None]
         low_rank = [(v, s) for v, s in zip(views, shapes) if s is not None]
 
-        if dense:
-            flat = torch.cat([v.slice(grad) for v in dense])
-            self.transport.allreduce_(flat).div_(W)
-            sent += flat.numel() * flat.element_size()
-            for v, part in zip(dense, flat.split([v.numel for v in dense])):
-                v.slice(grad).copy_(part)
+        dense_flat = torch.cat([v.slice(grad) for v in dense]) if dense else grad.new_zeros(0)
         if not low_rank:
+            self.transport.allreduce_(dense_flat).div_(W)
+            sent += dense_flat.numel() * dense_flat.element_size()
+            for v, part in zip(dense, dense_flat.split([v.numel for v in dense])):
+                v.slice(grad).copy_(part)
             return grad, sent
 
         xs, Ms, Qs = [], [], []
@@ -93,8 +93,12 @@ class PowerSGDCompressor(Compressor):
             Ms.append(torch.view_as_complex(x.view(-1, 2)).view(n, m) if cplx else x.view(n, m))
             Qs.append(self._warm_q(v, m, min(self.cfg.rank, n, m), cplx, grad.device))
 
-        Ps, nbytes = self._allreduce([M @ Q for M, Q in zip(Ms, Qs)])                     # (n, r) each
+        # The uncompressed tensors ride along with the P's: two allreduces per bucket, not three.
+        summed, nbytes = self._allreduce([dense_flat] + [M @ Q for M, Q in zip(Ms, Qs)])  # (n, r) each
         sent += nbytes
+        dense_sum, Ps = summed[0].div_(W), summed[1:]
+        for v, part in zip(dense, dense_sum.split([v.numel for v in dense])):
+            v.slice(grad).copy_(part)
         Ps = [torch.linalg.qr(P).Q for P in Ps]
         Qs, nbytes = self._allreduce([M.mH @ P for M, P in zip(Ms, Ps)])                  # (m, r) each
         sent += nbytes
