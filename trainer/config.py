@@ -44,9 +44,16 @@ class DataConfig:
     shuffle: bool = True
     drop_last: bool = True         # equal samples per rank: drop the stream's tail (True) or pad it (False)
     window_chunks: int = 4         # shuffle window of the loader, in chunks
-    prefetch: int = 4              # batches read ahead by the background thread
+    prefetch: int = 4              # batches read ahead (the background thread, or Ray's iterator)
+    loader: str = "direct"         # "direct": a thread per rank reads its chunks; "ray": Ray Data tasks
+    ray_address: str = ""          # loader = "ray": an existing cluster ("auto", "ray://..."); empty: start one
+    chunks_per_block: int = 16     # loader = "ray": chunks per read task (size blocks to >= ~10 MB)
+    read_cpus: float = 0.25        # loader = "ray": CPUs per read task (fractional, or Ray Data deadlocks on few cores)
 
     def __post_init__(self):
+        _choice("data.loader", self.loader, ("direct", "ray"))
+        _positive("data.chunks_per_block", self.chunks_per_block)
+        _positive("data.read_cpus", self.read_cpus)
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"config key 'data.test_fraction' = {self.test_fraction!r}; must be in (0, 1)")
         for k in ("batch_size", "window_chunks", "prefetch"):

@@ -128,7 +128,14 @@ class Trainer:
         plan = ChunkShardPlan(self.train_stop, ds.chunk_size, self.world_size, self.rank, seed=cfg.run.seed,
                               shuffle=cfg.data.shuffle, drop_last=cfg.data.drop_last,
                               window_chunks=cfg.data.window_chunks)
-        self.loader = ShardedLoader(ds, plan, cfg.data.batch_size, prefetch=cfg.data.prefetch)
+        if cfg.data.loader == "ray":
+            from data.ray_loader import RayShardedLoader
+            self.loader = RayShardedLoader(ds, plan, cfg.data.batch_size, storage_options=cfg.data.storage_options,
+                                           prefetch_batches=cfg.data.prefetch,
+                                           chunks_per_block=cfg.data.chunks_per_block, read_cpus=cfg.data.read_cpus,
+                                           ray_address=cfg.data.ray_address or None, timeout_s=cfg.dist.timeout_s)
+        else:
+            self.loader = ShardedLoader(ds, plan, cfg.data.batch_size, prefetch=cfg.data.prefetch)
         self.target_norm = self.loader.target_normalizer.to(device)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * len(self.loader)
         self.scheduler = self._build_scheduler()
