@@ -1,0 +1,582 @@
+"""Benchmark compressed gradient exchange on emulated slow links (needs root; see bench/README.md).
+
+For each bandwidth: build W network namespaces (bench/netns.py), then run every row (a compressor plus
+options) as W `fieldtrain train` ranks at once, one per namespace, after a `skip` row (no exchange: the
+compute-only floor). Rows are compared with the floor and with fp32 (`none`) at the same bandwidth.
+`--codec-only` times the compressors' local encode+decode against memcpy, no namespaces needed.
+
+    sudo .venv/bin/python bench/comm.py --quick
+    sudo .venv/bin/python bench/comm.py --nodes 4 --bandwidths 1gbit,100mbit --compressors none,fp16
+    .venv/bin/python bench/comm.py --codec-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # `python bench/comm.py` from anywhere
+
+from bench import netns
+
+CONFIG = ROOT / "configs" / "darcy_fno.toml"
+DATA = ROOT / "bench" / "results" / "data" / "darcy-n512-res64.zarr"
+# The benchmark's model: FNO-2D, width 32, 12 modes, 64x64 grid, batch 16 per rank, Adam (from the config).
+MODEL = ["model.width=32", "model.modes=[12,12]", "model.padding=0", "data.batch_size=16"]
+WARMUP_STEPS = 5                 # left out of the median step time
+FLOOR = "skip"
+FP32 = "none"
+DEFAULT_ROWS = ["none", "fp16", "torch_fp16", "torch_powersgd:rank=1,real", "torch_powersgd:rank=4,real",
+                "torch_powersgd:rank=4", "powersgd:rank=1", "powersgd:rank=4", "topk:density=0.01",
+                "randk:density=0.01", "int8", "int4", "sign", "auto"]
+QUICK = {"nodes": 4, "bandwidths": "100mbit", "steps": 30, "eval_every": 5, "best": "powersgd:rank=4"}
+HARMLESS = "hostname of the client socket cannot be retrieved"
+
+
+# ---- rows ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Row:
+    """One benchmark row: `spec` as given ("torch_powersgd:rank=1,real") and the `--set`s it means."""
+    spec: str
+    compressor: str
+    overrides: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        """Filesystem-safe label, e.g. torch_powersgd-rank-1-real."""
+        return re.sub(r"[^A-Za-z0-9_.]+", "-", self.spec).strip("-")
+
+
+def parse_row(spec: str) -> Row:
+    """NAME[:OPT,...]; OPT is key=value (a comm.* key unless it has a section, e.g. optim.lr=1e-3),
+    or `real`/`complex` for model.spectral_weights."""
+    name, _, opts = spec.strip().partition(":")
+    if not name:
+        raise ValueError(f"row {spec!r}: expected NAME[:key=value,...], e.g. powersgd:rank=4")
+    sets = [f"comm.compressor={name}"]
+    for opt in filter(None, (o.strip() for o in opts.split(","))):
+        if opt in ("real", "complex"):
+            sets.append(f"model.spectral_weights={opt}")
+        elif "=" in opt:
+            key, value = opt.split("=", 1)
+            sets.append(f"{key if '.' in key else 'comm.' + key}={value}")
+        else:
+            raise ValueError(f"row {spec!r}: option {opt!r} is neither key=value nor real/complex")
+    return Row(spec.strip(), name, tuple(sets))
+
+
+def check_rows(rows: list[Row]) -> None:
+    """Validate every row against the trainer's config (unknown compressor or key -> ValueError)."""
+    from trainer.config import load_config
+    names = [r.name for r in rows]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"rows given twice: {', '.join(dup)} (the `skip` floor row is always run)")
+    for row in rows:
+        try:
+            load_config(CONFIG, [*MODEL, *row.overrides])
+        except ValueError as e:
+            raise ValueError(f"row {row.spec!r}: {e}") from None
+
+
+def choose_rows(args: argparse.Namespace) -> list[Row]:
+    from trainer.compress import COMPRESSORS
+    if args.quick:
+        specs = [FP32, "torch_powersgd:rank=4,real", args.best or QUICK["best"]]
+    elif args.compressors:
+        specs = _split_specs(args.compressors)
+    else:   # the default list, less what is not registered (yet)
+        specs = [s for s in DEFAULT_ROWS if s.partition(":")[0] in COMPRESSORS]
+        left_out = [s for s in DEFAULT_ROWS if s not in specs]
+        if left_out:
+            print(f"note: not registered in trainer/compress, left out: {', '.join(left_out)}")
+    rows = [parse_row(s) for s in specs]
+    if FP32 not in [r.spec for r in rows]:
+        rows.insert(0, parse_row(FP32))   # the reference for time-to-accuracy and overhead removed
+    rows.insert(0, parse_row(FLOOR))
+    check_rows(rows)
+    return rows
+
+
+def _split_specs(text: str) -> list[str]:
+    """Rows are separated by spaces or by commas that start a new NAME (options also use commas):
+    "none,fp16,torch_powersgd:rank=1,real" -> none / fp16 / torch_powersgd:rank=1,real."""
+    specs: list[str] = []
+    for part in re.split(r"[\s]+", text.strip()):
+        for piece in filter(None, part.split(",")):
+            is_option = ":" not in piece and ("=" in piece or piece in ("real", "complex"))
+            if specs and is_option and ":" in specs[-1]:
+                specs[-1] += "," + piece
+            elif specs and is_option and ":" not in specs[-1]:
+                raise ValueError(f"--compressors: option {piece!r} follows {specs[-1]!r}, which has no ':'; "
+                                 f"write e.g. {specs[-1]}:{piece}")
+            else:
+                specs.append(piece)
+    if not specs:
+        raise ValueError("--compressors is empty")
+    return specs
+
+
+# ---- one row: W ranks in W namespaces ----------------------------------------------------------------------
+def rank_command(topo: netns.Topology, i: int, row: Row, run_root: Path, port: int, steps: int,
+                 eval_every: int) -> list[str]:
+    env = {"RANK": i, "WORLD_SIZE": topo.nodes, "LOCAL_RANK": 0, "LOCAL_WORLD_SIZE": 1,
+           "MASTER_ADDR": topo.address(0), "MASTER_PORT": port, "GLOO_SOCKET_IFNAME": netns.NODE_IFACE,
+           "OMP_NUM_THREADS": 1}
+    sets = [*MODEL, f"data.path={DATA}", f"run.out_dir={run_root}", f"run.name={row.name}",
+            f"train.max_steps={steps}", "train.log_every=1", f"train.eval_every={eval_every}",
+            "train.progress=false", *row.overrides]
+    argv = [sys.executable, "-m", "launch.cli", "train", str(CONFIG)]
+    for s in sets:
+        argv += ["--set", s]
+    return topo.exec_command(i, argv, {k: str(v) for k, v in env.items()})
+
+
+@dataclass
+class Outcome:
+    status: str            # ok | failed | timeout
+    error: str = ""
+    wall_s: float = 0.0
+
+
+def _tail(path: Path, lines: int = 12) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join([line for line in text if HARMLESS not in line][-lines:])
+
+
+def run_row(topo: netns.Topology, row: Row, run_root: Path, port: int, steps: int, eval_every: int,
+            timeout_s: float) -> Outcome:
+    """Start all ranks of `row`, wait for them (at most `timeout_s`), and kill whatever is left."""
+    run_dir = run_root / row.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logs = [run_dir / f"rank{i}.log" for i in range(topo.nodes)]
+    procs: list[subprocess.Popen] = []
+    t0 = time.perf_counter()
+    try:
+        for i, log in enumerate(logs):
+            cmd = rank_command(topo, i, row, run_root, port, steps, eval_every)
+            with log.open("w") as f:
+                f.write("$ " + " ".join(cmd) + "\n")
+                f.flush()
+                # Own session: a Ctrl-C on the terminal reaches us, not the ranks; we stop them below.
+                procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                              stdin=subprocess.DEVNULL, start_new_session=True))
+        first_failure = None
+        while any(p.poll() is None for p in procs):
+            now = time.perf_counter()
+            if now - t0 > timeout_s:
+                return Outcome("timeout", f"{_tail(logs[0])}\nkilled after {timeout_s:.0f} s", now - t0)
+            if first_failure is None and any(p.poll() not in (None, 0) for p in procs):
+                first_failure = now
+            if first_failure is not None and now - first_failure > 15:   # the others wait on it
+                break
+            time.sleep(0.2)
+        wall = time.perf_counter() - t0
+        bad = [i for i, p in enumerate(procs) if p.poll() != 0]
+        if bad:
+            i = next((i for i in bad if procs[i].returncode not in (None, 0)), bad[0])
+            return Outcome("failed", f"rank {i} exit {procs[i].returncode}:\n{_tail(logs[i])}", wall)
+        if not (run_dir / "summary.json").exists():
+            return Outcome("failed", f"no summary.json:\n{_tail(logs[0])}", wall)
+        return Outcome("ok", "", wall)
+    finally:
+        _stop(procs)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    live = [p for p in procs if p.poll() is None]
+    for p in live:
+        _signal_group(p, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    for p in live:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal_group(p, signal.SIGKILL)
+            p.wait()
+
+
+def _signal_group(p: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(p.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+# ---- results ----------------------------------------------------------------------------------------------
+def read_metrics(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """metrics.csv -> ([(step, step_time_s)] train rows, [(step, test_rel_l2)] eval rows)."""
+    train, evals = [], []
+    with path.open(newline="") as f:
+        for r in csv.DictReader(f):
+            if r.get("test_rel_l2"):
+                evals.append((int(r["step"]), float(r["test_rel_l2"])))
+            elif r.get("step_time_s"):
+                train.append((int(r["step"]), float(r["step_time_s"])))
+    return train, evals
+
+
+def median_step_time(train: list[tuple[int, float]], skip: int = WARMUP_STEPS) -> float | None:
+    times = [t for step, t in train if step > skip]
+    return statistics.median(times) if times else None
+
+
+def time_to_target(train: list[tuple[int, float]], evals: list[tuple[int, float]], target: float) -> float | None:
+    """Cumulative step time up to the first eval at or below `target` (evaluation time excluded); None if never.
+
+    Step 1 also waits for the slowest rank to finish starting up (seconds, and random), so it counts at
+    the median step time instead.
+    """
+    times = dict(train)
+    if 1 in times and (median := median_step_time(train)) is not None:
+        times[1] = median
+    for step, l2 in sorted(evals):
+        if l2 <= target:
+            return sum(t for s, t in times.items() if s <= step)
+    return None
+
+
+def summarize(row: Row, outcome: Outcome, run_dir: Path, bandwidth: str, nodes: int) -> dict:
+    """One JSON record for `row` (the comparisons with floor/fp32 are added by `compare`)."""
+    rec = {"row": row.spec, "compressor": row.compressor, "options": list(row.overrides[1:]),
+           "bandwidth": bandwidth, "nodes": nodes, "status": outcome.status, "error": outcome.error,
+           "row_wall_s": round(outcome.wall_s, 1), "run_dir": str(run_dir)}
+    if outcome.status != "ok":
+        return rec
+    summary = json.loads((run_dir / "summary.json").read_text())
+    train, evals = read_metrics(run_dir / "metrics.csv")
+    rec.update(median_step_s=median_step_time(train), steps=summary.get("steps"),
+               bytes_per_step=summary.get("grad_bytes_per_step"),
+               compression_ratio=summary.get("compression_ratio"),
+               test_rel_l2=summary.get("test_rel_l2"), replica_max_abs_diff=summary.get("replica_max_abs_diff"),
+               train_wall_s=summary.get("wall_time_s"), _train=train, _evals=evals)
+    return rec
+
+
+def compare(records: list[dict]) -> None:
+    """Add floor, ratio to floor, time to fp32's final test L2 and overhead removed (one bandwidth's records)."""
+    def pick(spec):
+        return next((r for r in records if r["row"] == spec and r["status"] == "ok"), None)
+    floor, fp32 = pick(FLOOR), pick(FP32)
+    t_floor = floor and floor["median_step_s"]
+    t_fp32 = fp32 and fp32["median_step_s"]
+    for r in records:
+        train, evals = r.pop("_train", None), r.pop("_evals", None)
+        if r["status"] != "ok":
+            continue
+        t = r["median_step_s"]
+        r["floor_step_s"] = t_floor
+        r["ratio_to_floor"] = t / t_floor if t and t_floor else None
+        if fp32 and fp32["test_rel_l2"] is not None and evals is not None:
+            reached = time_to_target(train, evals, fp32["test_rel_l2"])
+            r["time_to_fp32_l2_s"] = reached if reached is not None else "never"
+        gap = (t_fp32 - t_floor) if t_fp32 and t_floor else None
+        r["overhead_removed"] = (t_fp32 - t) / gap if gap and t and gap > 0 else None
+
+
+COLUMNS = ["row", "bandwidth", "nodes", "status", "median_step_s", "floor_step_s", "ratio_to_floor",
+           "bytes_per_step", "compression_ratio", "test_rel_l2", "replica_max_abs_diff", "time_to_fp32_l2_s",
+           "overhead_removed", "steps", "row_wall_s", "options", "error", "run_dir"]
+
+
+def write_results(out: Path, stem: str, records: list[dict], columns: list[str]) -> None:
+    """Append to <stem>.jsonl and rewrite <stem>.csv with every record so far."""
+    with (out / f"{stem}.jsonl").open("a") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    every = [json.loads(line) for line in (out / f"{stem}.jsonl").read_text().splitlines()]
+    with (out / f"{stem}.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for r in every:
+            w.writerow({k: (" ".join(v) if isinstance(v, list) else v) for k, v in r.items()})
+
+
+def _fmt(v, spec: str = "") -> str:
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, str):
+        return v
+    return format(v, spec)
+
+
+def print_table(headers: list[str], lines: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    print("  ".join("-" * w for w in widths))
+    for line in lines:
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths)))
+
+
+def print_comm_table(records: list[dict]) -> None:
+    headers = ["row", "bw", "W", "step s", "floor s", "x floor", "MB/step", "compr", "test L2",
+               "replica diff", "t->fp32 L2", "overhead rm"]
+    lines, failures = [], []
+    for r in records:
+        if r["status"] != "ok":
+            lines.append([r["row"], r["bandwidth"], str(r["nodes"]), r["status"].upper()] + ["-"] * (len(headers) - 4))
+            failures.append(f"{r['row']} @ {r['bandwidth']}: {(r['error'].splitlines() or [''])[-1]}")
+            continue
+        floor = r["row"] == FLOOR
+        t2 = r.get("time_to_fp32_l2_s")
+        lines.append([
+            r["row"] + (" (floor)" if floor else ""), r["bandwidth"], str(r["nodes"]),
+            _fmt(r["median_step_s"], ".3f"), _fmt(r.get("floor_step_s"), ".3f"),
+            _fmt(r.get("ratio_to_floor"), ".2f") + ("x" if r.get("ratio_to_floor") else ""),
+            "-" if floor else _fmt(r["bytes_per_step"] / 1e6, ".3f"),
+            "-" if floor else _fmt(r["compression_ratio"], ".1f"),
+            _fmt(r["test_rel_l2"], ".4f"), _fmt(r["replica_max_abs_diff"], ".1e"),
+            "-" if floor else (t2 if isinstance(t2, str) else _fmt(t2, ".1f") + (" s" if t2 is not None else "")),
+            "-" if floor else (_fmt(100 * r["overhead_removed"], ".0f") + "%" if r.get("overhead_removed") is not None
+                               else "-"),
+        ])
+    print_table(headers, lines)
+    for f in failures:
+        print(f"  {f}  (log tail in the JSON 'error' field)")
+
+
+# ---- data -------------------------------------------------------------------------------------------------
+def ensure_data() -> None:
+    """Generate the benchmark's Darcy store once (512 samples, 64x64) and reuse it afterwards."""
+    if DATA.exists():
+        return
+    tmp = DATA.with_name(DATA.name + ".tmp")
+    print(f"generating {DATA} (once) ...", flush=True)
+    cmd = [sys.executable, "-m", "launch.cli", "data", "generate", "darcy", "--n", "512", "--res", "64",
+           "--param", "fine_factor=2", "--chunk-size", "32", "--task-cpus", "1", "--overwrite", "--out", str(tmp)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"data generation failed:\n{proc.stderr[-2000:]}")
+    tmp.rename(DATA)
+
+
+# ---- codec-only: local encode+decode throughput vs memcpy -------------------------------------------------
+def _median_time(fn: Callable[[], object], min_time: float = 0.5, min_reps: int = 5) -> float:
+    fn()   # warm-up (allocations, lazy init)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _gradient_shapes() -> list[tuple[int, ...]]:
+    """The benchmark FNO's parameter shapes in float32 terms (complex weights as (..., 2))."""
+    import torch
+
+    from trainer.fno import FNO
+    model = FNO(1, 1, (12, 12), width=32, padding=0)
+    return [tuple(torch.view_as_real(p).shape) if p.is_complex() else tuple(p.shape) for p in model.parameters()]
+
+
+def codec_benchmark(threads: int = 1) -> list[dict]:
+    """Time each codec's local encode+decode on the model's flat gradient; GB/s of fp32 input."""
+    import torch
+
+    import kernels
+    torch.set_num_threads(threads)
+    shapes = _gradient_shapes()
+    n = sum(math.prod(s) for s in shapes)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, generator=gen)
+    dst = torch.empty_like(x)
+    k = math.ceil(0.01 * n)
+    block = 256
+
+    def int_codec(bits: int) -> Callable[[], tuple[torch.Tensor, int]]:
+        def run():
+            q, s = kernels.quantize_blockwise(x, bits, block, generator=gen)
+            wire = q.numel() + 4 * s.numel()
+            if bits == 4:
+                packed = kernels.pack_int4(q)
+                q, wire = kernels.unpack_int4(packed, n), packed.numel() + 4 * s.numel()
+            return kernels.dequantize_blockwise(q, s, block), wire
+        return run
+
+    def sign():
+        packed, scale = kernels.pack_signs(x), x.abs().mean()
+        return kernels.unpack_signs(packed, n).mul_(scale), packed.numel() + 4
+
+    def topk():
+        v, i = kernels.topk_select(x, k)
+        return kernels.scatter_dense(n, i, v), 8 * k
+
+    def randk():
+        v, i = kernels.randk_select(x, k, gen)
+        return kernels.scatter_dense(n, i, v), 8 * k
+
+    def powersgd(rank: int) -> Callable[[], tuple[torch.Tensor, int]]:
+        mats, offset = [], 0
+        for s in shapes:   # (n, m) views of the flat gradient, as PowerSGD reshapes each parameter
+            size = math.prod(s)
+            rows, cols = (s[0], size // s[0]) if len(s) > 1 else (size, 1)
+            compress = len(s) > 1 and rows * cols >= 2.0 * rank * (rows + cols)
+            q = torch.randn(cols, rank, generator=gen) if compress else None
+            mats.append((offset, rows, cols, q))
+            offset += size
+
+        def run():
+            out, wire = torch.empty_like(x), 0
+            for off, rows, cols, q in mats:
+                m = x[off:off + rows * cols].view(rows, cols)
+                o = out[off:off + rows * cols].view(rows, cols)
+                if q is None:
+                    o.copy_(m)
+                    wire += 4 * rows * cols
+                    continue
+                p = torch.linalg.qr(m @ q).Q          # encode: P = orth(M Q), Q = M^T P
+                q_new = m.T @ p
+                torch.matmul(p, q_new.T, out=o)       # decode: M ~ P Q^T
+                wire += 4 * rank * (rows + cols)
+            return out, wire
+        return run
+
+    codecs: dict[str, Callable[[], tuple[torch.Tensor, int]]] = {
+        "fp16": lambda: (x.to(torch.float16).to(torch.float32), 2 * n),
+        "int8": int_codec(8), "int4": int_codec(4), "sign": sign,
+        "topk(1%)": topk, "randk(1%)": randk, "powersgd(r=1)": powersgd(1), "powersgd(r=4)": powersgd(4),
+    }
+    t_copy = _median_time(lambda: dst.copy_(x))
+    copy_gbps = 4 * n / t_copy / 1e9
+    records = [{"codec": "memcpy", "input_bytes": 4 * n, "wire_bytes": 4 * n, "median_s": t_copy,
+                "gb_per_s": copy_gbps, "vs_memcpy": 1.0, "threads": threads}]
+    for name, fn in codecs.items():
+        wire = fn()[1]
+        t = _median_time(fn)
+        records.append({"codec": name, "input_bytes": 4 * n, "wire_bytes": wire, "median_s": t,
+                        "gb_per_s": 4 * n / t / 1e9, "vs_memcpy": t_copy / t, "threads": threads})
+    return records
+
+
+def run_codec(out: Path) -> None:
+    print("codec-only: local encode+decode on the FNO's gradient, 1 thread ...", flush=True)
+    records = codec_benchmark()
+    (out / "codec.json").write_text(json.dumps(records, indent=2))
+    cols = ["codec", "input_bytes", "wire_bytes", "median_s", "gb_per_s", "vs_memcpy", "threads"]
+    with (out / "codec.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(records)
+    print_table(["codec", "MB in", "MB wire", "ms", "GB/s", "vs memcpy"],
+                [[r["codec"], f"{r['input_bytes'] / 1e6:.2f}", f"{r['wire_bytes'] / 1e6:.3f}",
+                  f"{1e3 * r['median_s']:.2f}", f"{r['gb_per_s']:.2f}", f"{r['vs_memcpy']:.3f}"] for r in records])
+
+
+# ---- main -------------------------------------------------------------------------------------------------
+def run_network(args: argparse.Namespace, rows: list[Row], bandwidths: list[tuple[str, int | None]],
+                out: Path) -> list[dict]:
+    everything = []
+    timeout = args.row_timeout or 120 + 10 * args.steps
+    for label, rate in bandwidths:
+        topo = netns.Topology(args.nodes, rate)
+        run_root = out / "runs" / f"{label}-{args.nodes}n"
+        records = []
+        print(f"\n== {label}, {args.nodes} nodes: {len(rows)} rows x {args.steps} steps "
+              f"(namespaces {topo.prefix}-*) ==", flush=True)
+        with netns.Network(topo):
+            for j, row in enumerate(rows):
+                print(f"  {row.spec} ...", end=" ", flush=True)
+                outcome = run_row(topo, row, run_root, 29500 + j, args.steps, args.eval_every, timeout)
+                records.append(summarize(row, outcome, run_root / row.name, label, args.nodes))
+                print(f"{outcome.status} ({outcome.wall_s:.0f} s)", flush=True)
+        compare(records)
+        write_results(out, "results", records, COLUMNS)
+        everything += records
+    return everything
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--nodes", type=int, default=None, help="ranks, one per namespace, 2..8 (default 4)")
+    p.add_argument("--bandwidths", default=None, help="comma-separated tc rates or 'unshaped' "
+                                                      "(default 10gbit,1gbit,100mbit)")
+    p.add_argument("--compressors", default=None,
+                   help="rows: NAME[:key=value,...,real|complex], e.g. 'none,fp16,torch_powersgd:rank=1,real' "
+                        "(default: every registered compressor); fp32 'none' is always added")
+    p.add_argument("--steps", type=int, default=None, help="training steps per row (default 100)")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between test evaluations (default 10)")
+    p.add_argument("--row-timeout", type=float, default=0, help="seconds before a row's ranks are killed "
+                                                                "(default 120 + 10 * steps)")
+    p.add_argument("--quick", action="store_true", help="100mbit, 4 nodes: floor, fp32, torch PowerSGD r4, --best")
+    p.add_argument("--best", default=None, help="--quick's row for our compressor (default powersgd:rank=4)")
+    p.add_argument("--codec-only", action="store_true", help="only the local encode/decode timing (no root)")
+    p.add_argument("--out", default=None, help="results folder (default bench/results/comm-<timestamp>)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    q = args.quick
+    args.nodes = args.nodes or (QUICK["nodes"] if q else 4)
+    args.steps = args.steps or (QUICK["steps"] if q else 100)
+    args.eval_every = args.eval_every or (QUICK["eval_every"] if q else 10)
+    bandwidth_text = args.bandwidths or (QUICK["bandwidths"] if q else "10gbit,1gbit,100mbit")
+    out = Path(args.out or ROOT / "bench" / "results" / f"comm-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        if args.best and not q:
+            raise ValueError("--best only applies to --quick")
+        if args.quick and args.codec_only:
+            raise ValueError("--quick and --codec-only exclude each other")
+        if not 2 <= args.nodes <= netns.MAX_NODES:
+            raise ValueError(f"--nodes {args.nodes}: must be in 2..{netns.MAX_NODES}")
+        if args.steps <= WARMUP_STEPS:
+            raise ValueError(f"--steps {args.steps}: must exceed the {WARMUP_STEPS} warm-up steps")
+        if args.eval_every < 1:
+            raise ValueError(f"--eval-every {args.eval_every}: must be >= 1")
+        bandwidths = [(b.strip(), netns.parse_rate(b)) for b in bandwidth_text.split(",") if b.strip()]
+        rows = [] if args.codec_only else choose_rows(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not args.codec_only:
+        try:
+            netns.check_available()
+        except netns.NetnsUnavailable as e:
+            print(f"error: {e}\n(`--codec-only` needs neither)", file=sys.stderr)
+            return 2
+    out.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()[0]
+    (out / "meta.json").write_text(json.dumps({**vars(args), "rows": [r.spec for r in rows], "cpus": os.cpu_count(),
+                                               "load_avg_1min_at_start": load,
+                                               "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
+    if load > 0.5:   # timings are only comparable on an otherwise idle machine
+        print(f"note: load average {load:.1f} at start; other work on this machine skews the timings")
+    netns.exit_on_signals()
+    t0 = time.perf_counter()
+    try:
+        if not args.codec_only:
+            ensure_data()
+            records = run_network(args, rows, bandwidths, out)
+            print()
+            print_comm_table(records)
+        if not args.quick:
+            print()
+            run_codec(out)
+    except (KeyboardInterrupt, SystemExit) as e:
+        print(f"\ninterrupted; namespaces removed, partial results in {out}", file=sys.stderr)
+        return e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 130
+    print(f"\nresults in {out} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
