@@ -235,9 +235,9 @@ def test_group_emptied_by_the_plans_cut(cluster, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="a second Ray driver cannot reach the GCS that rank 0 started in this sandbox (gRPC "Failed "
-                         "to connect to GCS" on both the host and the loopback address, 2026-11-23); it passed earlier "
-                         "the same day. Open in issue 4.")
+@pytest.mark.skip(reason="a second Ray driver cannot reach the GCS that rank 0 started in this sandbox (gRPC "
+                         "'Failed to connect to GCS' on both the host and the loopback address, 2026-11-23); it "
+                         "passed earlier the same day. Open in issue 4.")
 def test_torchrun_ranks_without_address(dataset, tmp_path):
     """Two torchrun-like ranks, separate Ray drivers: with no address rank 0 starts a loopback cluster and hands
     its address over torch.distributed (gloo); rank 1 finds rank 0's splits through the named board."""
