@@ -232,6 +232,14 @@ class _Reader(threading.Thread):
                 logger.warning("ShardedLoader: reader thread %s still busy after %.0f s", self.name, timeout)
 
 
+def epoch_batches(plan: ChunkShardPlan, batch_size: int, drop_last_batch: bool) -> tuple[int, int]:
+    """(batches in a full epoch, samples they cover) for one rank of `plan`; shared by both loaders."""
+    per_rank = plan.samples_per_rank
+    if drop_last_batch:
+        return per_rank // batch_size, (per_rank // batch_size) * batch_size
+    return math.ceil(per_rank / batch_size), per_rank
+
+
 class ShardedLoader:
     """Iterates (x, y) float32 torch batches of one rank's shard, normalised with the store's stats.
 
@@ -279,12 +287,10 @@ class ShardedLoader:
 
     def __len__(self) -> int:
         """Batches in a full epoch."""
-        per_rank = self.plan.samples_per_rank
-        return per_rank // self.batch_size if self.drop_last_batch else math.ceil(per_rank / self.batch_size)
+        return epoch_batches(self.plan, self.batch_size, self.drop_last_batch)[0]
 
     def _epoch_end(self) -> int:
-        per_rank = self.plan.samples_per_rank
-        return (per_rank // self.batch_size) * self.batch_size if self.drop_last_batch else per_rank
+        return epoch_batches(self.plan, self.batch_size, self.drop_last_batch)[1]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch from the plan's cursor (a cursor in the dropped tail starts the next epoch)."""

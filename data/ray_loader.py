@@ -419,12 +419,12 @@ class RayShardedLoader:
 
     def __len__(self) -> int:
         """Batches in a full epoch."""
-        per_rank = self.plan.samples_per_rank
-        return per_rank // self.batch_size if self.drop_last_batch else math.ceil(per_rank / self.batch_size)
+        from data.loader import epoch_batches   # lazily: read workers import this module but not torch
+        return epoch_batches(self.plan, self.batch_size, self.drop_last_batch)[0]
 
     def _epoch_end(self) -> int:
-        per_rank = self.plan.samples_per_rank
-        return (per_rank // self.batch_size) * self.batch_size if self.drop_last_batch else per_rank
+        from data.loader import epoch_batches
+        return epoch_batches(self.plan, self.batch_size, self.drop_last_batch)[1]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch from the plan's cursor (a cursor in the dropped tail starts the next epoch)."""
