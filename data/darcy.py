@@ -10,18 +10,13 @@ and subsampled.
 
 from __future__ import annotations
 
-import math
-import multiprocessing
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
 import scipy.fft
 import scipy.sparse
 import scipy.sparse.linalg
-from tqdm import tqdm
 
-from data.store import FieldDatasetWriter
 
 A_POSITIVE = 12.0  # coefficient where GRF >= 0
 A_NEGATIVE = 3.0  # coefficient where GRF < 0
@@ -116,43 +111,22 @@ def generate_darcy(n: int, res: int, seed: int | Sequence[int], fine_factor: int
     return a_fine[sub].astype(np.float32), u_fine[sub].astype(np.float32)
 
 
-def _generate_chunk(chunk: int, count: int, res: int, seed: int, fine_factor: int, alpha: float,
-                    tau: float) -> tuple[int, np.ndarray, np.ndarray]:
-    a, u = generate_darcy(count, res, [seed, chunk], fine_factor, alpha, tau)
-    return chunk, a, u
-
-
 def write_darcy_dataset(url: str, n: int, res: int, seed: int, chunk_size: int = 64, fine_factor: int = 4,
                         storage_options: dict | None = None, workers: int = 1, overwrite: bool = False,
                         progress: bool = False, alpha: float = 2.0, tau: float = 3.0) -> None:
-    """Generate n Darcy samples chunk by chunk and write them as a dataset group at `url`.
-
-    Chunk i is drawn from np.random.default_rng([seed, i]) alone, so any chunk can be regenerated
-    on its own and the dataset does not depend on `workers` (processes generating chunks in parallel;
-    the parent writes).
-    """
+    """Generate n Darcy samples into a dataset group at `url`: `data.generate.generate_dataset` for Darcy,
+    in this process (workers = 1) or one Ray task per chunk (workers > 1). Chunk i is drawn from
+    np.random.default_rng([seed, i]) alone, so the dataset does not depend on `workers`."""
     if workers < 1:
         raise ValueError(f"write_darcy_dataset: workers must be >= 1, got {workers}")
-    params = {"alpha": alpha, "tau": tau, "seed": seed, "resolution": res, "fine_factor": fine_factor,
-              "fine_resolution": fine_resolution(res, fine_factor),
-              "coefficient_values": {"positive": A_POSITIVE, "negative": A_NEGATIVE}, "forcing": FORCING,
-              "boundary": "u = 0 (Dirichlet)", "discretisation": "5-point FD, arithmetic-mean half-point a"}
-    writer = FieldDatasetWriter(url, n, (1, res, res), (1, res, res), chunk_size, "darcy", params,
-                                [[0.0, 1.0], [0.0, 1.0]], storage_options=storage_options, overwrite=overwrite)
-    jobs = [(c, min(chunk_size, n - c * chunk_size), res, seed, fine_factor, alpha, tau)
-            for c in range(math.ceil(n / chunk_size))]
-    with tqdm(total=len(jobs), disable=not progress, unit="chunk", desc=f"darcy -> {url}") as bar:
-        if workers == 1:
-            for job in jobs:
-                writer.write_chunk(*_generate_chunk(*job))
-                bar.update()
-        else:
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
-                for fut in as_completed([pool.submit(_generate_chunk, *job) for job in jobs]):
-                    writer.write_chunk(*fut.result())
-                    bar.update()
-    writer.finish()
+    from data.generate import generate_dataset
+    from data.store import store_is_empty
+    if not overwrite and not store_is_empty(url, storage_options):
+        raise ValueError(f"{url}: store already exists and is not empty; pass overwrite=True to replace it "
+                         "(`fieldtrain data generate` resumes an interrupted generation instead)")
+    generate_dataset("darcy", url, n, res, seed=seed, chunk_size=chunk_size,
+                     params={"fine_factor": fine_factor, "alpha": alpha, "tau": tau},
+                     storage_options=storage_options, overwrite=overwrite, progress=progress, use_ray=workers > 1)
 
 
 # Per-chunk interface of the dataset fan-out (same as data/burgers.py and data/navier_stokes.py).

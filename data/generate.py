@@ -43,10 +43,11 @@ def _write_chunk(problem: str, url: str, storage_options: dict | None, chunk: in
 def generate_dataset(problem: str, url: str, n: int, res: int, seed: int = 0, chunk_size: int = 64,
                      params: dict | None = None, storage_options: dict | None = None, codec: str = "blosc-lz4",
                      overwrite: bool = False, ray_address: str | None = None, task_cpus: float = 0.5,
-                     progress: bool = True, max_chunks: int | None = None) -> dict:
+                     progress: bool = True, max_chunks: int | None = None, use_ray: bool | None = None) -> dict:
     """Generate (or finish generating) `n` samples of `problem` at resolution `res` into `url`.
 
     `max_chunks` stops after writing that many chunks (an interrupted run, for tests and staged jobs).
+    `use_ray=False` generates in this process (default: Ray, except for memory:// stores).
     Returns {"chunks": total, "written": this call, "skipped": already complete, "seconds": wall time}.
     """
     module = generator_module(problem)
@@ -76,7 +77,9 @@ def generate_dataset(problem: str, url: str, n: int, res: int, seed: int = 0, ch
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=writer.num_chunks, initial=len(done), desc=f"{problem} -> {url}", unit="chunk")
-    if url.startswith("memory://") or not todo:
+    if use_ray is None:
+        use_ray = not url.startswith("memory://")
+    if not use_ray or not todo:
         for c in todo:
             _write_chunk(problem, url, storage_options, c, counts[c], res, seed, gen_params)
             if bar is not None:

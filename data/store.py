@@ -40,6 +40,15 @@ def open_zarr_store(url: str, storage_options: dict | None = None, read_only: bo
     return FsspecStore.from_url(url, storage_options=options, read_only=read_only)
 
 
+def store_is_empty(url: str, storage_options: dict | None = None, store=None) -> bool:
+    """True when nothing is stored at `url` yet (a missing directory counts as empty)."""
+    store = store or open_zarr_store(url, storage_options, read_only=False)
+    try:
+        return sync(store.is_empty(""))
+    except FileNotFoundError:
+        return True
+
+
 def _compressors(codec: str):
     if codec == "blosc-lz4":
         return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
@@ -222,10 +231,7 @@ class FieldDatasetWriter:
         compressors = _compressors(codec)
 
         store = open_zarr_store(url, storage_options, read_only=False)
-        try:
-            empty = sync(store.is_empty(""))
-        except FileNotFoundError:
-            empty = True
+        empty = store_is_empty(url, storage_options, store)
 
         self.url, self.num_samples, self.chunk_size = url, int(num_samples), int(chunk_size)
         self.num_chunks = math.ceil(self.num_samples / self.chunk_size)

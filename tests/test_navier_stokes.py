@@ -153,5 +153,5 @@ def test_darcy_chunk_arrays_is_what_write_darcy_dataset_writes(tmp_path):
         a, u = darcy.chunk_arrays(c, min(3, 7 - 3 * c), 9, 3, fine_factor=2, alpha=2, tau=3)
         assert np.array_equal(ds.read_chunk(c)[0], a) and np.array_equal(ds.read_chunk(c)[1], u)
     p = darcy.describe(9, fine_factor=2)["params"]
-    assert p == {k: v for k, v in ds.attrs["params"].items() if k not in ("seed", "resolution")}
+    assert p == {k: v for k, v in ds.attrs["params"].items() if k not in ("n", "res", "seed", "chunk_size")}
     assert darcy.describe(33)["params"]["fine_resolution"] == 129
