@@ -231,10 +231,13 @@ class _PostedGroups(Datasource):
         ]
 
 
-def _start_local_cluster() -> str:
+def _start_local_cluster() -> tuple[str, str | None]:
+    """Start a one-node cluster on loopback; returns its address and the auth mode other drivers need."""
     # Ray starts workers at niceness 15; read tasks are on the training step's critical path, so not here.
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, _system_config={"worker_niceness": 0})
-    return ray.get_runtime_context().gcs_address
+    # Ray >= 2.5x turns token auth on for a new local cluster (token in ~/.ray/auth_token) but a driver
+    # joining it only uses the token when RAY_AUTH_MODE says so; otherwise it fails with "Failed to connect".
+    return ray.get_runtime_context().gcs_address, os.environ.get("RAY_AUTH_MODE")
 
 
 def _connect(address: str | None, rank: int, world_size: int) -> bool:
@@ -253,7 +256,7 @@ def _connect(address: str | None, rank: int, world_size: int) -> bool:
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError(f"RayShardedLoader: world_size={world_size} needs a shared Ray cluster: pass ray_address, "
                          "set RAY_ADDRESS, or initialise torch.distributed so rank 0 can start one")
-    box: list[str | None] = [None]
+    box: list[tuple[str, str | None] | None] = [None]
     if rank == 0:
         try:
             box[0] = _start_local_cluster()
@@ -263,7 +266,12 @@ def _connect(address: str | None, rank: int, world_size: int) -> bool:
         dist.broadcast_object_list(box, src=0)
         if box[0] is None:
             raise ValueError("RayShardedLoader: rank 0 failed to start a Ray cluster")
-        ray.init(address=box[0])
+        address, auth_mode = box[0]
+        if auth_mode is not None and "RAY_AUTH_MODE" not in os.environ:
+            os.environ["RAY_AUTH_MODE"] = auth_mode
+            # Ray caches its config at import; re-read the environment as ray.init does for a new cluster.
+            ray._raylet.Config.initialize("")
+        ray.init(address=address)
     return True
 
 

@@ -235,9 +235,6 @@ def test_group_emptied_by_the_plans_cut(cluster, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="a second Ray driver cannot reach the GCS that rank 0 started in this sandbox (gRPC "
-                         "'Failed to connect to GCS' on both the host and the loopback address, 2026-11-23); it "
-                         "passed earlier the same day. Open in issue 4.")
 def test_torchrun_ranks_without_address(dataset, tmp_path):
     """Two torchrun-like ranks, separate Ray drivers: with no address rank 0 starts a loopback cluster and hands
     its address over torch.distributed (gloo); rank 1 finds rank 0's splits through the named board."""
@@ -260,7 +257,11 @@ print(json.dumps(idx))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     procs = [subprocess.Popen([sys.executable, "-c", script, str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env={**env, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}) for r in range(2)]
-    outs = [p.communicate(timeout=150) for p in procs]
+    try:
+        outs = [p.communicate(timeout=150) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     r0, r1 = ([i for batch in json.loads(out.strip().splitlines()[-1]) for i in batch] for out, _ in outs)

@@ -128,8 +128,6 @@ def test_a_crash_mid_checkpoint_leaves_the_previous_one_usable(small_darcy, tmp_
     assert not list(manager.directory.glob("*.tmp"))
 
 
-@pytest.mark.skip(reason="needs the multi-driver Ray connection that fails in this sandbox (see "
-                         "tests/test_ray_loader.py::test_torchrun_ranks_without_address); open in issue 4")
 def test_two_rank_training_through_the_ray_data_loader(small_darcy, tmp_path):
     r = fieldtrain("train", CONFIG, "--nproc", "2",
                    *sets(f"data.path={small_darcy}", f"run.out_dir={tmp_path}", "run.name=ray", "data.loader=ray",
