@@ -63,7 +63,7 @@ def _rank_world() -> tuple[int, int]:
 class MetricsLogger:
     """CSV and TensorBoard scalars, rank 0 only."""
 
-    COLUMNS = ("step", "epoch", "train_loss", "test_rel_l2", "lr", "step_time_s", "bytes_per_step",
+    COLUMNS = ("step", "epoch", "train_loss", "test_rel_l2", "lr", "step_time_s", "data_wait_s", "bytes_per_step",
                "compression_ratio", "skipped_steps")
 
     def __init__(self, run_dir: Path, enabled: bool):
@@ -271,14 +271,17 @@ class Trainer:
                         dynamic_ncols=True, leave=True)
         t_start, test_l2, train_loss, bytes_per_step, ratio = time.perf_counter(), float("nan"), float("nan"), 0, 1.0
         window: list[float] = []
+        waited = stepped = 0.0   # seconds blocked on the loader / inside train_step, this call
         self.model.train()
         stopped = False
         while self.state.step < self.total_steps and not stopped:
             epoch_at_start = self.loader.state_dict()["epoch"]
+            t_ready = time.perf_counter()
             for x, y in self.loader:
                 t0 = time.perf_counter()
                 loss = self.train_step(x, y)
-                step_time = time.perf_counter() - t0
+                data_wait, step_time = t0 - t_ready, time.perf_counter() - t0
+                waited, stepped = waited + data_wait, stepped + step_time
                 self.state.step += 1
                 self.state.samples_seen += len(x) * self.world_size
                 window.append(loss)
@@ -295,7 +298,7 @@ class Trainer:
                     window.clear()
                     self.metrics.log(step, epoch=epoch_at_start, train_loss=train_loss,
                                      skipped_steps=self.state.skipped_steps,
-                                     lr=self.scheduler.get_last_lr()[0], step_time_s=step_time,
+                                     lr=self.scheduler.get_last_lr()[0], step_time_s=step_time, data_wait_s=data_wait,
                                      bytes_per_step=bytes_per_step, compression_ratio=ratio)
                 if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or \
                         (not cfg.train.eval_every and end_of_epoch) or step == self.total_steps:
@@ -307,6 +310,7 @@ class Trainer:
                 if (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or step == self.total_steps \
                         or step == until_step or preempted:
                     self.checkpoints.save(step, self.stateful())
+                t_ready = time.perf_counter()   # logging, evaluation and checkpoints are not data wait
                 if step >= self.total_steps or step == until_step or preempted:
                     stopped = step != self.total_steps
                     break
@@ -324,6 +328,7 @@ class Trainer:
             "world_size": self.world_size, "train_samples": self.train_stop,
             "test_samples": self.dataset.num_samples - self.train_stop, "train_loss": train_loss,
             "test_rel_l2": test_l2, "wall_time_s": time.perf_counter() - t_start,
+            "data_wait_share": waited / max(waited + stepped, 1e-12),
             "grad_bytes_per_step": bytes_per_step, "compression_ratio": ratio, "skipped_steps": self.state.skipped_steps,
             "compressor": getattr(getattr(self.exchange, "compressor", None), "name", cfg.comm.compressor),
         }
