@@ -29,12 +29,18 @@ Semantics of ``ChunkShardPlan(num_samples=n, chunk_size=C, world_size=W, ...)``:
 
 Progress is ``(epoch, cursor)``: ``cursor`` samples of the rank's epoch order have been
 consumed. Resuming with the same world size is exact. Resuming with a different world
-size keeps the epoch (whose global stream is unchanged) and maps the position: the
-``cursor * W_old`` samples consumed globally become the new cursor
-``floor(cursor * W_old / W_new)``, rolling to the next epoch when that reaches the new
-``L``. The sample *count* is exact when ``W_new`` divides it; which samples are
-repeated or skipped in that epoch is not (ranks consumed interleaved parts of the
-stream), so change world sizes at epoch boundaries when exact coverage matters.
+size (elastic training) keeps the epoch (whose global stream is unchanged) and maps the
+position: the ``P = cursor * W_old`` positions consumed globally become the new cursor
+``c' = floor(P / W_new)``, rolling to the next epoch when that reaches the new ``L'``.
+For the rest of that epoch the plan is *resharded*: the samples no old rank consumed
+(old rank 0's remainder, then old rank 1's, ...) are cut into ``W_new`` consecutive runs
+of ``L' - c'`` samples, one per new rank, placed at positions ``[c', L')`` of its order.
+No sample of the epoch is repeated or skipped when ``W_new`` divides ``P`` and
+``W_old * L == W_new * L'`` (e.g. 2 -> 4 or 2 -> 1 ranks with an even split); otherwise
+the few samples that do not fit are dropped, or the first ones repeated, and that is
+logged. Each change is remembered in ``reshards`` (``"W:cursor,..."``, saved with the
+state) until the epoch ends, so a resharded epoch resumes exactly and may be resharded
+again; the following epochs are the plain plan of the new world size.
 """
 
 from __future__ import annotations
@@ -103,6 +109,8 @@ class ChunkShardPlan:
         self._chunk_len = np.minimum((self.chunk_ids + 1) * self.chunk_size, self.start + n) - self._chunk_lo
         self.epoch: int = 0
         self.cursor: int = 0
+        self.reshards: list[tuple[int, int]] = []  # (world size, cursor) of each earlier world this epoch
+        self._resharded: tuple[tuple, list[np.ndarray]] | None = None  # cache: (key, per-rank orders)
 
     @property
     def num_chunks(self) -> int:
@@ -117,13 +125,18 @@ class ChunkShardPlan:
             return self.chunk_ids.copy()
         return self.chunk_ids[np.random.default_rng([self.seed, epoch]).permutation(self.num_chunks)]
 
-    def global_stream(self, epoch: int) -> np.ndarray:
-        """All ``world_size * samples_per_rank`` global indices of the epoch, before rank slicing."""
+    def _per_rank(self, world: int) -> int:
+        return self.num_samples // world if self.drop_last else math.ceil(self.num_samples / world)
+
+    def global_stream(self, epoch: int, world: int | None = None) -> np.ndarray:
+        """All ``world * samples_per_rank`` global indices of the epoch, before rank slicing (default world:
+        this plan's)."""
+        world = self.world_size if world is None else world
         order = self.chunk_order(epoch) - self.chunk_ids[0]
         lo, lens = self._chunk_lo[order], self._chunk_len[order]
         offsets = np.cumsum(lens) - lens  # stream position of each permuted chunk's first sample
         stream = np.arange(self.num_samples, dtype=np.int64) + np.repeat(lo - offsets, lens)
-        total = self.world_size * self.samples_per_rank
+        total = world * self._per_rank(world)
         if total < self.num_samples:  # drop_last: cut the tail
             stream = stream[:total]
         elif total > self.num_samples:  # pad with the first samples (pad < world_size <= n)
@@ -135,14 +148,49 @@ class ChunkShardPlan:
         rank = self.rank if rank is None else rank
         if not 0 <= rank < self.world_size:
             raise ValueError(f"ChunkShardPlan: rank must be in [0, {self.world_size}), got {rank}")
-        per_rank = self.samples_per_rank
-        out = self.global_stream(epoch)[rank * per_rank : (rank + 1) * per_rank].copy()
+        if self.reshards and epoch == self.epoch:
+            return self._resharded_orders()[rank].copy()
+        return self._plain_indices(epoch, rank, self.world_size)
+
+    def _plain_indices(self, epoch: int, rank: int, world: int) -> np.ndarray:
+        """Rank ``rank``'s order of ``epoch`` in the plain (never resharded) plan for ``world`` ranks."""
+        per_rank = self._per_rank(world)
+        out = self.global_stream(epoch, world)[rank * per_rank : (rank + 1) * per_rank].copy()
         if self.shuffle:
             ws = self.window_samples
             for win, lo in enumerate(range(0, per_rank, ws)):
                 seg = out[lo : lo + ws]
                 out[lo : lo + ws] = seg[np.random.default_rng([self.seed, epoch, rank, win]).permutation(len(seg))]
         return out
+
+    def _resharded_orders(self) -> list[np.ndarray]:
+        """Every rank's order of the current epoch after the world-size changes in ``reshards`` (module
+        docstring): positions before the cursor hold consumed samples, the rest the unconsumed ones."""
+        key = (self.epoch, tuple(self.reshards), self.world_size)
+        if self._resharded is not None and self._resharded[0] == key:
+            return self._resharded[1]
+        w0 = self.reshards[0][0]
+        orders = [self._plain_indices(self.epoch, r, w0) for r in range(w0)]
+        worlds = [w for w, _ in self.reshards[1:]] + [self.world_size]
+        for (old_w, cursor), new_w in zip(self.reshards, worlds):
+            assert len(orders) == old_w, (len(orders), old_w)
+            per_rank, new_cursor = self._per_rank(new_w), cursor * old_w // new_w
+            assert new_cursor < per_rank, "a change that lands past the epoch's end starts the next epoch"
+            done = np.concatenate([o[:cursor] for o in orders])
+            todo = np.concatenate([o[cursor:] for o in orders])
+            slots = new_w * (per_rank - new_cursor)
+            if len(todo) != slots:
+                logger.warning("ChunkShardPlan: resharding epoch %d from %d to %d ranks: %d unconsumed samples for "
+                               "%d places; %s", self.epoch, old_w, new_w, len(todo), slots,
+                               f"the last {len(todo) - slots} are skipped" if len(todo) > slots else
+                               f"the first {slots - len(todo)} are repeated")
+            todo = np.resize(todo, slots)   # cuts, or repeats from the start
+            done = np.resize(done, new_w * new_cursor) if len(done) else np.zeros(new_w * new_cursor, np.int64)
+            run = per_rank - new_cursor
+            orders = [np.concatenate([done[r * new_cursor:(r + 1) * new_cursor], todo[r * run:(r + 1) * run]])
+                      for r in range(new_w)]
+        self._resharded = (key, orders)
+        return orders
 
     # ---- progress -------------------------------------------------------------------
 
@@ -162,6 +210,7 @@ class ChunkShardPlan:
         if epoch < 0:
             raise ValueError(f"ChunkShardPlan: epoch must be >= 0, got {epoch}")
         self.epoch, self.cursor = int(epoch), 0
+        self.reshards = []
 
     def remaining_indices(self) -> np.ndarray:
         """Samples of the current epoch not consumed yet, in order."""
@@ -180,6 +229,7 @@ class ChunkShardPlan:
             "shuffle": self.shuffle,
             "drop_last": self.drop_last,
             "window_chunks": self.window_chunks,
+            "reshards": ",".join(f"{w}:{c}" for w, c in self.reshards),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -199,11 +249,19 @@ class ChunkShardPlan:
                 f"ChunkShardPlan.load_state_dict: need epoch >= 0, cursor >= 0, world_size >= 1; "
                 f"got epoch={epoch}, cursor={cursor}, world_size={old_world}"
             )
+        try:
+            reshards = [(int(w), int(c)) for w, c in
+                        (item.split(":") for item in str(state.get("reshards", "")).split(",") if item)]
+        except ValueError:
+            raise ValueError(f"ChunkShardPlan.load_state_dict: reshards={state['reshards']!r} is not 'W:cursor,...'") \
+                from None
         if old_world != self.world_size:
             consumed = cursor * old_world
             new_cursor = consumed // self.world_size
             if new_cursor >= self.samples_per_rank:
-                epoch, new_cursor = epoch + 1, 0
+                epoch, new_cursor, reshards = epoch + 1, 0, []
+            elif cursor > 0 or reshards:
+                reshards = reshards + [(old_world, cursor)]
             logger.info(
                 "ChunkShardPlan: world size changed %d -> %d; %d samples of epoch %d consumed globally, "
                 "resuming at epoch %d cursor %d%s",
@@ -215,6 +273,6 @@ class ChunkShardPlan:
             raise ValueError(
                 f"ChunkShardPlan.load_state_dict: cursor={cursor} exceeds samples_per_rank={self.samples_per_rank}"
             )
-        self.epoch, self.cursor = epoch, cursor
+        self.epoch, self.cursor, self.reshards = epoch, cursor, reshards
         if self.cursor == self.samples_per_rank:
             self.set_epoch(self.epoch + 1)
