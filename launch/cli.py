@@ -4,6 +4,7 @@
     fieldtrain demo [--out runs/demo] [--nproc 2]
     fieldtrain data generate darcy --n N --res R --out URL [--seed S] [--chunk-size C] [--workers W]
     fieldtrain data inspect URL
+    fieldtrain launch slurm CONFIG --nodes N --tasks-per-node M [--time T] [--gpus-per-node G] [--dry-run] [...]
 """
 
 from __future__ import annotations
@@ -148,6 +149,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch_slurm(args: argparse.Namespace) -> int:
+    from launch.slurm import SlurmJob, launch_slurm
+    job = SlurmJob(args.config, args.nodes, args.tasks_per_node, time=args.time, partition=args.partition,
+                   gpus_per_node=args.gpus_per_node, array=args.array, sweep=args.sweep, overrides=args.set,
+                   job_name=args.job_name, output=args.output, sbatch_args=args.sbatch_arg, script=args.script)
+    print(launch_slurm(job, dry_run=args.dry_run), end="" if args.dry_run else "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fieldtrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -188,6 +198,26 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("url")
     i.add_argument("--storage-options", default="")
     i.set_defaults(func=cmd_inspect)
+
+    launch = sub.add_parser("launch", help="submit training to a cluster").add_subparsers(dest="launcher", required=True)
+    s = launch.add_parser("slurm", help="render a batch script from slurm/ and submit it with sbatch")
+    s.add_argument("config")
+    s.add_argument("--nodes", type=int, required=True)
+    s.add_argument("--tasks-per-node", type=int, required=True, help="ranks per node (one per GPU with GPUs)")
+    s.add_argument("--time", default=None, help="wall-clock limit, HH:MM:SS (default: the template's)")
+    s.add_argument("--partition", default=None)
+    s.add_argument("--gpus-per-node", type=int, default=0, help="use slurm/multinode_gpu.sbatch (NCCL)")
+    s.add_argument("--array", default=None, metavar="SPEC", help="job array indices, e.g. 0-3%%2 (sweep template)")
+    s.add_argument("--sweep", action="append", default=[], metavar="'KEY=VALUE ...'",
+                   help="one array task per --sweep, with these overrides (slurm/sweep_array.sbatch)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    s.add_argument("--job-name", default=None)
+    s.add_argument("--output", default=None, help="log file pattern, e.g. logs/%%x-%%j.out")
+    s.add_argument("--sbatch-arg", action="append", default=[], metavar="--OPTION=VALUE",
+                   help="another #SBATCH line, e.g. --sbatch-arg=--mail-type=END")
+    s.add_argument("--script", default=None, help="a batch script template of your own (default: from slurm/)")
+    s.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
+    s.set_defaults(func=cmd_launch_slurm)
     return p
 
 

@@ -5,12 +5,17 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
+import shutil
+import socket
+import subprocess
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger("fieldtrain")
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 17000   # MASTER_PORT from SLURM_JOB_ID: 15000..31999
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,6 @@ def env_rank() -> int:
 
 def _mpi_master() -> tuple[str, str]:
     """Under mpirun without MASTER_ADDR/PORT: rank 0 picks them and broadcasts them over MPI."""
-    import socket
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     chosen = None
@@ -53,16 +57,103 @@ def _mpi_master() -> tuple[str, str]:
     return comm.bcast(chosen, root=0)
 
 
+def _slurm_first_host(nodelist: str) -> str:
+    """The first host of a Slurm hostlist such as "gpu[07-09,12],login1" (scontrol expands it when present)."""
+    if shutil.which("scontrol"):
+        r = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=False, capture_output=True, text=True,
+                           timeout=60)
+        if r.returncode == 0 and r.stdout.split():
+            return r.stdout.split()[0]
+    first = re.match(r"[^,\[]*(\[[^\]]*\][^,\[]*)*", nodelist).group(0)
+    return re.sub(r"\[([^-,\]]+)[^\]]*\]", r"\1", first)
+
+
+def _slurm_master_addr(host: str) -> str:
+    """`host` when it resolves, else its NodeAddr from slurm.conf (node names need not be in DNS)."""
+    try:
+        socket.getaddrinfo(host, None)
+        return host
+    except socket.gaierror:
+        pass
+    r = None
+    if shutil.which("sinfo"):
+        r = subprocess.run(["sinfo", "-h", "-N", "-n", host, "-o", "%o"], check=False, capture_output=True, text=True,
+                           timeout=60)
+    if r is None or r.returncode != 0 or not r.stdout.split():
+        raise ValueError(f"the first node of SLURM_JOB_NODELIST, {host!r}, does not resolve and `sinfo` gives no "
+                         "NodeAddr for it: export MASTER_ADDR=<its address> in the batch script")
+    return r.stdout.split()[0]
+
+
+def _slurm_tasks_on_node(spec: str, node_id: int, name: str) -> int:
+    """Slurm's compressed task counts, e.g. "2(x3),1", at node `node_id`."""
+    counts = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if m is None:
+            raise ValueError(f"environment variable {name}={spec!r} is not a Slurm task count like '2(x3),1'")
+        counts += [int(m[1])] * int(m[2] or 1)
+    if node_id >= len(counts):
+        raise ValueError(f"SLURM_NODEID={node_id} is outside {name}={spec!r}")
+    return counts[node_id]
+
+
+def _in_srun() -> bool:
+    # the batch shell has SLURM_PROCID=0 and the job's SLURM_NTASKS too; only srun's tasks have a step id
+    return all(k in os.environ for k in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID"))
+
+
+def _slurm_env() -> DistEnv:
+    rank, world = _int_env("SLURM_PROCID"), _int_env("SLURM_NTASKS")
+    if not 0 <= rank < world:
+        raise ValueError(f"SLURM_PROCID={rank} is outside SLURM_NTASKS={world}: the step's environment was "
+                         "altered; launch the ranks with plain `srun` and do not export SLURM_* yourself")
+    for name, slurm_name, value in (("WORLD_SIZE", "SLURM_NTASKS", world), ("RANK", "SLURM_PROCID", rank)):
+        if name in os.environ and _int_env(name) != value:
+            raise ValueError(f"{name}={os.environ[name]} contradicts {slurm_name}={value} inside srun: unset {name} "
+                             "in the batch script (srun numbers its tasks itself), or ask srun for the task count "
+                             "you want (--ntasks / --ntasks-per-node)")
+    local_rank = _int_env("SLURM_LOCALID") if "SLURM_LOCALID" in os.environ else 0
+    node_id = _int_env("SLURM_NODEID") if "SLURM_NODEID" in os.environ else 0
+    local_world = 1
+    for name in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
+        if name in os.environ:
+            local_world = _slurm_tasks_on_node(os.environ[name], node_id, name)
+            break
+    if not 0 <= local_rank < local_world:
+        raise ValueError(f"SLURM_LOCALID={local_rank} is outside this node's {local_world} tasks "
+                         f"({name}={os.environ.get(name)!r})")
+    if "MASTER_ADDR" not in os.environ:
+        nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
+        if not nodelist:
+            raise ValueError("inside srun but neither SLURM_STEP_NODELIST nor SLURM_JOB_NODELIST is set: "
+                             "export MASTER_ADDR=<the first node's address>")
+        os.environ["MASTER_ADDR"] = _slurm_master_addr(_slurm_first_host(nodelist))
+    if "MASTER_PORT" not in os.environ:
+        if "SLURM_JOB_ID" not in os.environ:
+            raise ValueError("inside srun but SLURM_JOB_ID is not set: export MASTER_PORT=<a free port>")
+        # the same on every rank and across requeues, different for concurrent jobs; below Linux's ephemeral ports
+        os.environ["MASTER_PORT"] = str(SLURM_PORT_BASE + _int_env("SLURM_JOB_ID") % SLURM_PORT_SPAN)
+    return DistEnv(rank, world, local_rank, local_world, "Slurm")
+
+
 def read_dist_env() -> DistEnv:
-    """The launcher's variables; explicit torchrun variables (RANK, WORLD_SIZE, ...) win over Open MPI's
-    (OMPI_COMM_WORLD_*); none means one rank."""
-    if "WORLD_SIZE" not in os.environ and "OMPI_COMM_WORLD_SIZE" in os.environ:
+    """The launcher's variables. The innermost launcher wins: torchrun's (RANK, WORLD_SIZE, ...), then Open MPI's
+    (OMPI_COMM_WORLD_*, also when mpirun runs inside a Slurm job), then Slurm's (SLURM_PROCID, SLURM_NTASKS, ...,
+    inside `srun` only); none means one rank. WORLD_SIZE or RANK set by hand must agree with srun's."""
+    from_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    if "OMPI_COMM_WORLD_SIZE" in os.environ and not from_torchrun and "WORLD_SIZE" not in os.environ:
         rank, world = _int_env("OMPI_COMM_WORLD_RANK"), _int_env("OMPI_COMM_WORLD_SIZE")
         if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
             os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = _mpi_master()
         return DistEnv(rank, world, _int_env("OMPI_COMM_WORLD_LOCAL_RANK"),
                        _int_env("OMPI_COMM_WORLD_LOCAL_SIZE"), "Open MPI (mpirun)")
+    if _in_srun() and not from_torchrun:
+        return _slurm_env()
     if "WORLD_SIZE" not in os.environ:
+        if os.environ.get("SLURM_NTASKS", "1") != "1" and "SLURM_JOB_ID" in os.environ:
+            log.warning("SLURM_NTASKS=%s but this process was not started by srun: running as one rank; "
+                        "start the ranks with `srun fieldtrain train ...`", os.environ["SLURM_NTASKS"])
         return DistEnv(0, 1, 0, 1, "single process")
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
@@ -76,14 +167,32 @@ def read_dist_env() -> DistEnv:
     return DistEnv(rank, world, local_rank, local_world, "torchrun")
 
 
+def _check_port_free(port: int) -> None:
+    """Rank 0 serves the rendezvous store on MASTER_PORT; a taken port would otherwise leave the others waiting."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the store does: TIME_WAIT is no conflict
+        try:
+            sock.bind(("", port))
+        except OSError as e:
+            raise ValueError(f"MASTER_PORT={port} is not free on {socket.gethostname()} ({e.strerror}): export "
+                             "MASTER_PORT=<a free port> in the batch script") from None
+
+
 def init_distributed(backend: str = "auto", timeout_s: int = 300) -> tuple[DistEnv, torch.device]:
     env = read_dist_env()
     if torch.cuda.is_available():
-        device = torch.device("cuda", env.local_rank)
+        visible = torch.cuda.device_count()
+        if visible not in (1, env.local_world_size) and env.local_rank >= visible:
+            raise ValueError(f"local rank {env.local_rank} of {env.local_world_size} on this node but only {visible} "
+                             "GPUs are visible: start one rank per GPU (Slurm: --ntasks-per-node = --gpus-per-node)")
+        # all of the node's GPUs visible: ours is local_rank; one GPU bound to each task (--gpu-bind): it is cuda:0
+        device = torch.device("cuda", env.local_rank if visible > 1 else 0)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     if env.world_size > 1 and not dist.is_initialized():
+        if env.source == "Slurm" and env.rank == 0:
+            _check_port_free(int(os.environ["MASTER_PORT"]))
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
