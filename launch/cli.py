@@ -5,6 +5,7 @@
     fieldtrain data generate darcy --n N --res R --out URL [--seed S] [--chunk-size C] [--workers W]
     fieldtrain data inspect URL
     fieldtrain launch slurm CONFIG --nodes N --tasks-per-node M [--time T] [--gpus-per-node G] [--dry-run] [...]
+    fieldtrain launch ray CONFIG --address ADDR --workers MIN[..MAX] [--storage-path URL] [--max-failures K] [...]
 """
 
 from __future__ import annotations
@@ -158,6 +159,13 @@ def cmd_launch_slurm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch_ray(args: argparse.Namespace) -> int:
+    from launch.ray_train import launch_ray
+    return launch_ray(args.config, args.set, args.address, args.workers, storage_path=args.storage_path,
+                      max_failures=args.max_failures, cpus_per_worker=args.cpus_per_worker,
+                      gpus_per_worker=args.gpus_per_worker)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fieldtrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -218,6 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--script", default=None, help="a batch script template of your own (default: from slurm/)")
     s.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
     s.set_defaults(func=cmd_launch_slurm)
+    r = launch.add_parser("ray", help="train in Ray Train (TorchTrainer) on a Ray cluster, with restarts")
+    r.add_argument("config")
+    r.add_argument("--address", required=True, help="the cluster's head, HOST:PORT (or ray://HOST:PORT, auto)")
+    r.add_argument("--workers", required=True, metavar="MIN[..MAX]", help="ranks: N, or an elastic range 2..4")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=1e-3")
+    r.add_argument("--storage-path", default=None, help="where Ray keeps checkpoints: a directory or s3://... "
+                   "(default: run.out_dir/ray)")
+    r.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before giving up (-1: no limit)")
+    r.add_argument("--cpus-per-worker", type=float, default=None, help="default 0.5 (CPU workers), 1 (GPU workers)")
+    r.add_argument("--gpus-per-worker", type=float, nargs="?", const=1.0, default=0.0, help="GPUs per worker (1 if given alone)")
+    r.set_defaults(func=cmd_launch_ray)
     return p
 
 

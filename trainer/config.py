@@ -236,14 +236,17 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), parsed
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] = (), text: str | None = None) -> Config:
+    """The config from a TOML file (or its `text`, as a launcher ships it to remote workers) plus overrides."""
     raw: dict = {}
-    if path is not None:
+    if path is not None and text is None:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {str(path)!r} does not exist")
+        text = path.read_text()
+    if text is not None:
         try:
-            raw = tomllib.loads(path.read_text())
+            raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"config file {str(path)!r} is not valid TOML: {e}") from None
     for text in overrides:

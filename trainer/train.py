@@ -3,7 +3,12 @@
     trainer = Trainer(cfg, device)     # validates the store and config; writes nothing before that
     summary = trainer.train()          # resumes from the latest checkpoint when resume=True
 
-Variants override one method (`forward_backward`), as torchtitan's trainers do.
+Variants override one method (`forward_backward`), as torchtitan's trainers do; a launcher that keeps
+checkpoints elsewhere (Ray Train) overrides `save_checkpoint` and `restore`.
+
+Elastic resume: a checkpoint may be loaded into another world size. The data plan reshards the
+interrupted epoch (data/shards.py), the compressor keeps its replicated state and resets per-rank error
+feedback (trainer/comm.py), and the learning rate follows the global batch (`batch_lr_scale`).
 """
 
 from __future__ import annotations
@@ -14,13 +19,14 @@ import logging
 import math
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from data.loader import ShardedLoader, evaluation_batches
+from data.loader import ShardedLoader, epoch_batches, evaluation_batches
 from data.shards import ChunkShardPlan
 from data.store import FieldDataset
 from trainer.checkpoint import CheckpointManager, ModelOptimizerState, RNGState
@@ -41,17 +47,32 @@ def relative_l2(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class TrainState:
     """The trainer's own counters, Stateful for DCP."""
 
-    def __init__(self):
+    def __init__(self, world_size: int = 1, global_batch: int = 1):
         self.step = 0
         self.samples_seen = 0
         self.skipped_steps = 0     # steps whose gradient was non-finite on some rank
+        self.world_size = world_size          # of the run that saved the state
+        self.lr_global_batch = global_batch   # the global batch that optim.lr is meant for (the first world's)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps}
+        return {"step": self.step, "samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps,
+                "world_size": self.world_size, "lr_global_batch": self.lr_global_batch}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
         self.skipped_steps = int(state["skipped_steps"])
+        self.world_size, self.lr_global_batch = int(state["world_size"]), int(state["lr_global_batch"])
+
+
+def batch_lr_scale(optimizer: str, global_batch: int, reference_batch: int) -> float:
+    """Learning-rate factor when the global batch changes from `reference_batch` to `global_batch`.
+
+    SGD: linear, lr ~ B (Goyal et al. 2017, "Accurate, Large Minibatch SGD"). Adam/AdamW: square root,
+    lr ~ sqrt(B) (Malladi et al. 2022, "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms";
+    Granziol et al. 2022, "Learning Rates as a Function of Batch Size").
+    """
+    ratio = global_batch / reference_batch
+    return ratio if optimizer == "sgd" else math.sqrt(ratio)
 
 
 def _rank_world() -> tuple[int, int]:
@@ -139,7 +160,7 @@ class Trainer:
         self.target_norm = self.loader.target_normalizer.to(device)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * len(self.loader)
         self.scheduler = self._build_scheduler()
-        self.state = TrainState()
+        self.state = TrainState(self.world_size, self.world_size * cfg.data.batch_size)
         self.checkpoints = CheckpointManager(cfg.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
         self.stop_requested = False
 
@@ -158,14 +179,14 @@ class Trainer:
         return cls(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, foreach=False)
 
     def _build_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
-        o, total = self.cfg.optim, self.total_steps
+        o = self.cfg.optim
 
         def factor(step: int) -> float:
             if step < o.warmup_steps:
                 return (step + 1) / o.warmup_steps
             if o.scheduler == "constant":
                 return 1.0
-            progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+            progress = min(1.0, (step - o.warmup_steps) / max(1, self.total_steps - o.warmup_steps))
             return 0.5 * (1 + math.cos(math.pi * progress))
 
         return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
@@ -248,8 +269,50 @@ class Trainer:
         dist.all_reduce(diff, op=dist.ReduceOp.MAX)
         return diff.item()
 
+    # ---- checkpoints -----------------------------------------------------------------------------------
+    def save_checkpoint(self, step: int) -> Path:
+        return self.checkpoints.save(step, self.stateful())
+
+    def restore(self) -> Path | None:
+        """With resume=True, load the run's latest checkpoint (if there is one); returns its path."""
+        if not self.resume or self.checkpoints.latest() is None:
+            return None
+        return self.load_checkpoint(self.checkpoints.latest())
+
+    def load_checkpoint(self, path: str | Path) -> Path:
+        path = self.checkpoints.load(self.stateful(), path)
+        log.info("resumed from %s at step %d", path, self.state.step)
+        if self.state.world_size != self.world_size:
+            self._adapt_to_world_size(self.state.world_size)
+        return path
+
+    def _adapt_to_world_size(self, saved_world: int) -> None:
+        """After loading a checkpoint saved by `saved_world` ranks: rescale the learning rate with the global
+        batch, and re-count the steps of an epoch-based run (the data plan and the compressor state reshard
+        themselves as they load)."""
+        cfg, sched = self.cfg, self.scheduler
+        batch = self.world_size * cfg.data.batch_size
+        scale = batch_lr_scale(cfg.optim.name, batch, self.state.lr_global_batch)
+        sched.base_lrs = [cfg.optim.lr * scale for _ in self.optimizer.param_groups]
+        for group, base, lam in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["initial_lr"], group["lr"] = base, base * lam(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        if not cfg.train.max_steps:   # the run is cfg.train.epochs epochs: count what is left in new steps
+            plan = self.loader.plan
+            _, end = epoch_batches(plan, cfg.data.batch_size, self.loader.drop_last_batch)
+            in_epoch = -(-max(0, end - plan.cursor) // cfg.data.batch_size)
+            self.total_steps = self.state.step + in_epoch + max(0, cfg.train.epochs - plan.epoch - 1) * len(self.loader)
+        log.warning("world size %d -> %d: global batch %d -> %d, learning rate x %.6g (%s rule, relative to the "
+                    "global batch %d that optim.lr=%g is for) -> base lr %.6g; %d steps in all",
+                    saved_world, self.world_size, saved_world * cfg.data.batch_size, batch, scale,
+                    "linear" if cfg.optim.name == "sgd" else "square-root", self.state.lr_global_batch,
+                    cfg.optim.lr, sched.base_lrs[0], self.total_steps)
+        self.state.world_size = self.world_size
+
     # ---- the loop ------------------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return   # e.g. a Ray Train worker runs this in a thread; its launcher handles signals
         def request_stop(signum, _frame):
             log.warning("rank %d: signal %d, checkpointing after this step", self.rank, signum)
             self.stop_requested = True
@@ -259,11 +322,8 @@ class Trainer:
     def train(self, until_step: int | None = None) -> dict:
         """Train to `total_steps` (or stop after `until_step`, checkpointing, as a preemption would)."""
         cfg = self.cfg
-        if self.resume and self.checkpoints.latest() is not None:
-            path = self.checkpoints.load(self.stateful())
-            log.info("resumed from %s at step %d", path, self.state.step)
+        self.restore()
         self._install_signal_handlers()
-        steps_per_epoch = len(self.loader)
         pbar = None
         if self.rank == 0 and cfg.train.progress:
             from tqdm import tqdm
@@ -289,7 +349,7 @@ class Trainer:
                     sent, full = self.exchange.stats.reset()
                     bytes_per_step, ratio = sent, full / max(sent, 1)
                 step = self.state.step
-                end_of_epoch = step % steps_per_epoch == 0
+                end_of_epoch = self.loader.plan.cursor == 0   # the plan rolled over with this batch
                 if pbar is not None:
                     pbar.set_postfix(loss=f"{loss:.4f}", epoch=epoch_at_start, refresh=False)
                     pbar.update(1)
@@ -309,7 +369,7 @@ class Trainer:
                 preempted = self.stop_requested   # agreed across ranks in train_step
                 if (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or step == self.total_steps \
                         or step == until_step or preempted:
-                    self.checkpoints.save(step, self.stateful())
+                    self.save_checkpoint(step)
                 t_ready = time.perf_counter()   # logging, evaluation and checkpoints are not data wait
                 if step >= self.total_steps or step == until_step or preempted:
                     stopped = step != self.total_steps
