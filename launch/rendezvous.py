@@ -115,11 +115,12 @@ def _slurm_env() -> DistEnv:
                              "you want (--ntasks / --ntasks-per-node)")
     local_rank = _int_env("SLURM_LOCALID") if "SLURM_LOCALID" in os.environ else 0
     node_id = _int_env("SLURM_NODEID") if "SLURM_NODEID" in os.environ else 0
-    local_world = 1
-    for name in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
-        if name in os.environ:
-            local_world = _slurm_tasks_on_node(os.environ[name], node_id, name)
-            break
+    name = next((n for n in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE") if n in os.environ), None)
+    if name is not None:
+        local_world = _slurm_tasks_on_node(os.environ[name], node_id, name)
+    else:   # --ntasks-per-node, the same on every node
+        name = "SLURM_NTASKS_PER_NODE"
+        local_world = _int_env(name) if name in os.environ else 1
     if not 0 <= local_rank < local_world:
         raise ValueError(f"SLURM_LOCALID={local_rank} is outside this node's {local_world} tasks "
                          f"({name}={os.environ.get(name)!r})")
