@@ -14,7 +14,7 @@ demo: sysdeps venv
 test: sysdeps venv
 	$(PY) -m pytest -q
 
-# System packages (OpenMPI; the launcher issues add slurm-wlm and munge): installed when absent and we
+# System packages (OpenMPI; slurm-wlm and munge for the real-Slurm tests): installed when absent and we
 # may install them, otherwise a message says what to install.
 sysdeps:
 	@bash .ci/sysdeps.sh
