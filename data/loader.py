@@ -22,6 +22,7 @@ import math
 import queue
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -120,21 +121,43 @@ def _take(pending: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndar
 
 
 class _ChunkCache:
-    """Tiny LRU of decoded chunks; counts the chunk reads it triggers."""
+    """Small LRU of decoded chunks with a one-window read-ahead: while the reader gathers window k, a
+    helper thread fetches the chunks of window k+1 (decoding releases the GIL), so reads overlap work."""
 
     def __init__(self, dataset: FieldDataset, capacity: int) -> None:
         self.dataset, self.capacity = dataset, capacity
         self._chunks: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fieldtrain-readahead")
+        self._ahead: tuple[list[int], Future] | None = None
 
-    def get(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-        if chunk in self._chunks:
-            self._chunks.move_to_end(chunk)
-            return self._chunks[chunk]
-        data = self.dataset.read_chunk(chunk)
-        self._chunks[chunk] = data
+    def _insert(self, chunks: list[int], data: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        self._chunks.update(zip(chunks, data))
         while len(self._chunks) > self.capacity:
             self._chunks.popitem(last=False)
-        return data
+
+    def get_many(self, chunks: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Chunks in the order given (also their recency order); misses not read ahead are read now."""
+        assert 2 * len(chunks) <= self.capacity
+        if self._ahead is not None:
+            ahead, future = self._ahead
+            self._ahead = None
+            self._insert(ahead, future.result())
+        missing = [c for c in chunks if c not in self._chunks]
+        if missing:
+            self._insert(missing, self.dataset.read_chunks(missing))
+        for c in chunks:
+            self._chunks.move_to_end(c)
+        return [self._chunks[c] for c in chunks]
+
+    def read_ahead(self, chunks: list[int]) -> None:
+        """Start reading the chunks of the next window that are not cached."""
+        assert self._ahead is None
+        missing = [c for c in chunks if c not in self._chunks]
+        if missing:
+            self._ahead = (missing, self._pool.submit(self.dataset.read_chunks, missing))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 _DONE, _BATCH, _ERROR = "done", "batch", "error"
@@ -165,25 +188,21 @@ class _Reader(threading.Thread):
         except BaseException as e:  # surfaces in the consumer, see ShardedLoader.__iter__
             self._put((_ERROR, e))
 
-    def _gather(self, idx: np.ndarray, cache: _ChunkCache, stream_rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Samples ``idx`` (global indices) as normalised float32 arrays, reading whole chunks."""
+    def _window_chunks(self, idx: np.ndarray, stream_rank: np.ndarray) -> list[int]:
+        """The chunks samples ``idx`` live in, in stream order (so the window's last chunk, shared with the
+        next window, is the most recently used)."""
+        chunks = np.unique(idx // self.loader.plan.chunk_size)
+        return chunks[np.argsort(stream_rank[chunks - self.loader.plan.chunk_ids[0]])].tolist()
+
+    def _gather(self, idx: np.ndarray, chunks: list[int], data: list[tuple[np.ndarray, np.ndarray]]
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """Samples ``idx`` (global indices) from the decoded ``chunks`` as normalised float32 arrays."""
         ld = self.loader
         csize = ld.plan.chunk_size
         cid = idx // csize
-        chunks = np.unique(cid)
-        # Visit chunks in stream order so the window's last chunk (shared with the next) is the most recent.
-        chunks = chunks[np.argsort(stream_rank[chunks - ld.plan.chunk_ids[0]])]
         x = np.empty((len(idx), *ld.dataset.input_shape), dtype=np.float32)
         y = np.empty((len(idx), *ld.dataset.target_shape), dtype=np.float32)
-        for c in chunks.tolist():
-            if self.stop_event.is_set():
-                break
-            try:
-                cx, cy = cache.get(c)
-            except Exception as e:
-                e.add_note(f"ShardedLoader: reading chunk {c} of {ld.dataset.url} "
-                           f"(rank {ld.plan.rank}, epoch {self.epoch})")
-                raise
+        for c, (cx, cy) in zip(chunks, data):
             sel = cid == c
             local = idx[sel] - c * csize
             x[sel] = cx[local]
@@ -197,18 +216,37 @@ class _Reader(threading.Thread):
 
     def _produce(self) -> None:
         ld, plan = self.loader, self.loader.plan
-        batch, window, end = ld.batch_size, plan.window_samples, self.end
+        window, end = plan.window_samples, self.end
         indices = plan.epoch_indices(self.epoch)
         order = plan.chunk_order(self.epoch)
         stream_rank = np.empty(len(order), dtype=np.int64)  # position of each plan chunk in the stream
         stream_rank[order - plan.chunk_ids[0]] = np.arange(len(order))
-        # A window of w*C samples touches <= w+1 chunks (+1 partial); the boundary chunk survives to the next.
-        cache = _ChunkCache(ld.dataset, capacity=plan.window_chunks + 2)
+        spans = [(max(lo, self.cursor), min(lo + window, end))
+                 for lo in range((self.cursor // window) * window, end, window)]
+        chunks = [self._window_chunks(indices[a:b], stream_rank) for a, b in spans]
+        # A window of w*C samples touches <= w+1 chunks (+1 partial); room for this window and the next
+        # one read ahead, and the boundary chunk survives to the next window.
+        cache = _ChunkCache(ld.dataset, capacity=2 * (plan.window_chunks + 2))
+        try:
+            self._batches(indices, spans, chunks, cache)
+        finally:
+            cache.close()
+
+    def _batches(self, indices: np.ndarray, spans: list[tuple[int, int]], chunks: list[list[int]],
+                 cache: _ChunkCache) -> None:
+        batch, end = self.loader.batch_size, self.end
         pending: list[tuple[np.ndarray, np.ndarray]] = []
         pos, n_pending = self.cursor, 0  # epoch position of pending[0]'s first sample
-        for lo in range((self.cursor // window) * window, end, window):
-            a, b = max(lo, self.cursor), min(lo + window, end)
-            pending.append(self._gather(indices[a:b], cache, stream_rank))
+        for w, (a, b) in enumerate(spans):
+            try:
+                data = cache.get_many(chunks[w])
+            except Exception as e:
+                e.add_note(f"ShardedLoader: reading chunks {chunks[w]} of {self.loader.dataset.url} "
+                           f"(rank {self.loader.plan.rank}, epoch {self.epoch})")
+                raise
+            if w + 1 < len(spans):
+                cache.read_ahead(chunks[w + 1])
+            pending.append(self._gather(indices[a:b], chunks[w], data))
             n_pending += b - a
             while n_pending and pos + n_pending >= min((pos // batch + 1) * batch, end):
                 k = min((pos // batch + 1) * batch, end) - pos

@@ -93,11 +93,10 @@ def _read_block(url: str, storage_options: dict | None, chunks: np.ndarray, indi
     x = np.empty((len(indices), *ds.input_shape), dtype=np.float32)
     y = np.empty((len(indices), *ds.target_shape), dtype=np.float32)
     cid = indices // ds.chunk_size
-    for c in chunks.tolist():
+    used = [c for c in chunks.tolist() if (cid == c).any()]
+    # One concurrent fetch of the block's chunks; FieldDataset's errors name the URL, array and chunk.
+    for c, (cx, cy) in zip(used, ds.read_chunks(used)):
         rows = np.flatnonzero(cid == c)
-        if not len(rows):
-            continue
-        cx, cy = ds.read_chunk(c)  # FieldDataset's errors name the URL, array and chunk
         src, dst = _as_slice(indices[rows] - c * ds.chunk_size), _as_slice(rows)
         x[dst], y[dst] = cx[src], cy[src]
     return [BlockAccessor.batch_to_block({"x": x, "y": y, "index": indices})]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import zarr
@@ -195,10 +196,37 @@ class FieldDataset:
 
     def read_chunk(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
         """The whole chunk `chunk` along N (the last chunk may be shorter)."""
-        if not 0 <= chunk < self.num_chunks:
-            raise ValueError(f"{self.url}: chunk {chunk} out of range; dataset has chunks 0..{self.num_chunks - 1}")
-        start = chunk * self.chunk_size
-        return self.read(start, min(start + self.chunk_size, self.num_samples))
+        return self.read_chunks([chunk])[0]
+
+    def read_chunks(self, chunks: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Whole chunks, fetched and decoded concurrently in one pass over the store (on an object store
+        the requests overlap, so k chunks cost about one round trip, not k)."""
+        for c in chunks:
+            if not 0 <= c < self.num_chunks:
+                raise ValueError(f"{self.url}: chunk {c} out of range; dataset has chunks 0..{self.num_chunks - 1}")
+        arrays = (("inputs", self.inputs), ("targets", self.targets))
+        jobs = [(name, arr, c) for c in chunks for name, arr in arrays]
+
+        async def fetch(arr: zarr.Array, c: int):
+            key = _chunk_key(arr, c)
+            exists, data = await asyncio.gather(self._store.exists(key), arr.async_array.getitem(
+                slice(c * self.chunk_size, min((c + 1) * self.chunk_size, self.num_samples))))
+            return exists, data
+
+        async def fetch_all():
+            return await asyncio.gather(*(fetch(arr, c) for _, arr, c in jobs), return_exceptions=True)
+
+        results = sync(fetch_all())
+        out = []
+        for (name, arr, c), r in zip(jobs, results):
+            if isinstance(r, BaseException):  # codec / store errors, named by chunk
+                raise ValueError(f"{self.url}: chunk {c} of array {name!r} is corrupt or unreadable (key "
+                                 f"{_chunk_key(arr, c)!r}; {type(r).__name__}: {r})") from r
+            exists, data = r
+            if not exists:  # Zarr silently returns fill values for absent chunks
+                raise ValueError(f"{self.url}: chunk {c} of array {name!r} is missing (key {_chunk_key(arr, c)!r})")
+            out.append(np.asarray(data, dtype=np.float32))
+        return list(zip(out[0::2], out[1::2]))
 
 
 class FieldDatasetWriter:

@@ -155,13 +155,13 @@ def test_each_chunk_read_at_most_once_per_epoch(local_dataset, window_chunks):
     for rank in range(world):
         plan = ChunkShardPlan(N, CHUNK, world, rank, seed=2, window_chunks=window_chunks)
         reads: list[int] = []
-        original = local_dataset.read_chunk
+        original = local_dataset.read_chunks
 
-        def counting(chunk, _orig=original):
-            reads.append(chunk)
-            return _orig(chunk)
+        def counting(chunks, _orig=original):
+            reads.extend(chunks)
+            return _orig(chunks)
 
-        local_dataset.read_chunk = counting
+        local_dataset.read_chunks = counting
         try:
             for epoch in range(2):
                 reads.clear()
@@ -171,7 +171,7 @@ def test_each_chunk_read_at_most_once_per_epoch(local_dataset, window_chunks):
                 # Exactly the chunks of the samples used (the dropped partial batch is never read).
                 assert set(reads) == set((plan.epoch_indices(epoch)[:n] // CHUNK).tolist())
         finally:
-            del local_dataset.read_chunk
+            del local_dataset.read_chunks
 
 
 def test_reader_error_surfaces_in_consumer_naming_the_chunk(local_dataset):

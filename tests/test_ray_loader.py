@@ -107,8 +107,8 @@ def test_datasource_read_tasks_read_each_chunk_once(dataset, arrays, monkeypatch
     assert src.num_blocks == len(tasks) == 3
     assert [t.metadata.num_rows for t in tasks] == [21, 24, 8]
     reads = []
-    real = FieldDataset.read_chunk
-    monkeypatch.setattr(FieldDataset, "read_chunk", lambda self, c: reads.append(c) or real(self, c))
+    real = FieldDataset.read_chunks
+    monkeypatch.setattr(FieldDataset, "read_chunks", lambda self, cs: reads.extend(cs) or real(self, cs))
     blocks = [columns(b) for t in tasks for b in t()]  # the read function, run in-process
     assert sorted(reads) == list(range(7))
     index = np.concatenate([b["index"] for b in blocks])
