@@ -138,6 +138,7 @@ def worker(args: argparse.Namespace) -> None:
     elif args.kind == "ray":
         from data.ray_loader import RayShardedLoader
         loader = RayShardedLoader(ds, plan, BATCH, storage_options=so, chunks_per_block=args.chunks_per_block,
+                                  read_cpus=args.read_cpus, ray_address=args.ray_address or None,
                                   group=f"bench-{args.init}")
     records = []
     for epoch in range(args.epochs):
@@ -160,13 +161,14 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def measure(kind: str, url: str, so: dict | None, world: int, epochs: int, chunks_per_block: int,
-            local: bool, timeout: float = 900) -> dict:
+            local: bool, read_cpus: float = 0.25, ray_address: str = "", timeout: float = 900) -> dict:
     """Run `world` worker processes; samples/s of the last epoch, summed over ranks."""
     tmp = tempfile.mkdtemp(prefix="ftb-data-")
     env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, __file__, "--worker", "--kind", kind, "--url", url, "--world", str(world),
-           "--epochs", str(epochs), "--chunks-per-block", str(chunks_per_block),
+           "--epochs", str(epochs), "--chunks-per-block", str(chunks_per_block), "--read-cpus", str(read_cpus),
+           "--ray-address", ray_address,
            "--init", Path(tmp, "pg").as_uri(), "--storage-options", json.dumps(so) if so else ""]
     cmd += ["--drop-caches"] if local else []
     procs = [subprocess.Popen([*cmd, "--rank", str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -230,8 +232,69 @@ def run_throughput(args: argparse.Namespace, out: Path) -> list[dict]:
     return records
 
 
+# ---- the Ray path against the number of Ray nodes -------------------------------------------------------
+class LocalRayNodes:
+    """K Ray nodes on this host (`ray start`, one raylet each, `cpus` CPUs each) in a private temp dir."""
+
+    def __init__(self, k: int, cpus: int) -> None:
+        from launch.local import free_port
+        self.ray = str(Path(sys.executable).with_name("ray"))
+        self.port, self.tmp = free_port(), tempfile.mkdtemp(prefix="ftb-ray-")
+        # A new cluster turns on token auth; drivers joining by address must say so before `import ray`.
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_worker_niceness": "0"}
+        self.env.pop("RAY_ADDRESS", None)
+        common = ["--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--disable-usage-stats"]
+        self._run("start", "--head", f"--port={self.port}", "--include-dashboard=false", f"--temp-dir={self.tmp}",
+                  *common)
+        for _ in range(k - 1):
+            self._run("start", f"--address={self.address}", *common)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _run(self, *args: str) -> None:
+        proc = subprocess.run([self.ray, *args], env=self.env, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ray {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+
+    def stop(self) -> None:
+        # `ray stop` would stop every Ray cluster on the host; stop only ours, by its session directory.
+        subprocess.run(["pkill", "-9", "-f", self.tmp], check=False)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def run_node_scaling(args: argparse.Namespace, out: Path) -> list[dict]:
+    """The Ray path (1 consumer) over K local Ray nodes of one CPU each, read tasks taking a whole CPU."""
+    arrays = build_arrays(args.repeat)
+    local_dir = Path(tempfile.mkdtemp(prefix="ftb-data-stores-", dir=args.store_dir))
+    url = str(local_dir / "darcy-blosc-lz4.zarr")
+    write_store(url, arrays, args.chunk_size, "blosc-lz4", None)
+    records = []
+    try:
+        for k in args.ray_nodes:
+            nodes = LocalRayNodes(k, cpus=1)
+            try:
+                os.environ["RAY_AUTH_MODE"] = "token"
+                r = measure("ray", url, None, 1, args.epochs, args.chunks_per_block, True, read_cpus=1.0,
+                            ray_address=nodes.address)
+            finally:
+                os.environ.pop("RAY_AUTH_MODE", None)
+                nodes.stop()
+            rec = {"nodes": k, "cpus_per_node": 1, **r}
+            records.append(rec)
+            print(f"  ray over {k} node(s): "
+                  + (f"{r['samples_per_s']:9.0f} samples/s" if "samples_per_s" in r else f"ERROR {r['error']}"),
+                  flush=True)
+            write_results(out, "ray_nodes", [rec], NODE_COLUMNS)
+    finally:
+        shutil.rmtree(local_dir, ignore_errors=True)
+    return records
+
+
 THROUGHPUT_COLUMNS = ["storage", "codec", "loader", "ranks", "samples_per_s", "x_raw", "seconds", "first_epoch_s",
                       "cache_dropped", "samples_in_store", "chunk_size", "chunks_per_block", "error"]
+NODE_COLUMNS = ["nodes", "cpus_per_node", "samples_per_s", "seconds", "first_epoch_s", "error"]
 STEP_COLUMNS = ["loader", "ranks", "steps", "step_s", "data_wait_s", "wait_share", "run_wait_share", "error"]
 
 
@@ -271,7 +334,7 @@ def run_step_wait(args: argparse.Namespace, out: Path) -> list[dict]:
 
 
 # ---- report --------------------------------------------------------------------------------------------
-def report(throughput: list[dict], waits: list[dict]) -> None:
+def report(throughput: list[dict], nodes: list[dict], waits: list[dict]) -> None:
     if throughput:
         lines = []
         for r in throughput:
@@ -282,6 +345,10 @@ def report(throughput: list[dict], waits: list[dict]) -> None:
                           _fmt(r.get("first_epoch_s"), ".2f"), "yes" if r.get("cache_dropped") else "no"])
         print_table(["storage", "codec", "loader", "ranks", "samples/s", "x raw", "target", "1st epoch s",
                      "cache dropped"], lines)
+    if nodes:
+        print_table(["Ray nodes (1 CPU each)", "samples/s", "1st epoch s"],
+                    [[str(r["nodes"]), _fmt(r.get("samples_per_s"), ".0f"), _fmt(r.get("first_epoch_s"), ".2f")]
+                     for r in nodes])
     if waits:
         lines = [[r["loader"], str(r["ranks"]), _fmt(r.get("step_s"), ".4f"), _fmt(r.get("data_wait_s"), ".5f"),
                   _fmt(r.get("wait_share"), ".2%"), _fmt(r.get("run_wait_share"), ".2%"),
@@ -303,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunks-per-block", type=int, default=16, help="Ray read-task size, in chunks")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--train-steps", type=int, default=60)
+    p.add_argument("--ray-nodes", default="1,2", help="node counts for the Ray scaling rows ('' to skip)")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--store-dir", default=None, help="where local stores are written (default: the temp dir)")
@@ -315,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help=argparse.SUPPRESS)
     p.add_argument("--storage-options", default="", help=argparse.SUPPRESS)
     p.add_argument("--drop-caches", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--read-cpus", type=float, default=0.25, help=argparse.SUPPRESS)
+    p.add_argument("--ray-address", default="", help=argparse.SUPPRESS)
     return p
 
 
@@ -324,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         worker(args)
         return 0
     if args.quick:
-        args.storages, args.codecs = "local", "blosc-lz4"
+        args.storages, args.codecs, args.ray_nodes = "local", "blosc-lz4", ""
     args.storages, args.codecs = args.storages.split(","), args.codecs.split(",")
     args.loaders, args.ranks = args.loaders.split(","), [int(r) for r in args.ranks.split(",")]
     for s in args.storages:
@@ -335,9 +405,11 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"argv": sys.argv[1:], "loadavg_at_start": os.getloadavg(), "cpus": os.cpu_count(),
             "page_cache_droppable": os.access("/proc/sys/vm/drop_caches", os.W_OK)}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    args.ray_nodes = [int(k) for k in args.ray_nodes.split(",") if k]
     throughput = [] if args.skip_throughput else run_throughput(args, out)
+    nodes = run_node_scaling(args, out) if args.ray_nodes and not args.skip_throughput else []
     waits = [] if args.skip_train else run_step_wait(args, out)
-    report(throughput, waits)
+    report(throughput, nodes, waits)
     print(f"results in {out}")
     return 0
 
