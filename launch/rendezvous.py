@@ -9,6 +9,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -138,10 +139,26 @@ def _slurm_env() -> DistEnv:
     return DistEnv(rank, world, local_rank, local_world, "Slurm")
 
 
+def _ray_train_env() -> DistEnv | None:
+    """Inside a Ray Train worker (Ray Train v2; it has set up torch.distributed already): its context's ranks."""
+    if "ray.train" not in sys.modules:   # a Ray Train worker has imported it; nobody else pays for the import
+        return None
+    import ray.train
+    try:
+        ctx = ray.train.get_context()
+    except RuntimeError:   # not in a Ray Train worker
+        return None
+    return DistEnv(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), ctx.get_local_world_size(),
+                   "Ray Train")
+
+
 def read_dist_env() -> DistEnv:
     """The launcher's variables. The innermost launcher wins: torchrun's (RANK, WORLD_SIZE, ...), then Open MPI's
     (OMPI_COMM_WORLD_*, also when mpirun runs inside a Slurm job), then Slurm's (SLURM_PROCID, SLURM_NTASKS, ...,
     inside `srun` only); none means one rank. WORLD_SIZE or RANK set by hand must agree with srun's."""
+    ray_train = _ray_train_env()
+    if ray_train is not None:
+        return ray_train
     from_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
     if "OMPI_COMM_WORLD_SIZE" in os.environ and not from_torchrun and "WORLD_SIZE" not in os.environ:
         rank, world = _int_env("OMPI_COMM_WORLD_RANK"), _int_env("OMPI_COMM_WORLD_SIZE")
