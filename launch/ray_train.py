@@ -124,6 +124,8 @@ def train_worker(args: dict) -> None:
         fieldtrain_log.propagate = False
     cfg = load_config(args["config_name"], args["overrides"], text=args["config_text"])
     env, device = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
+    log.info("rank %d/%d (local %d/%d) from %s, on its %s process group", env.rank, env.world_size, env.local_rank,
+             env.local_world_size, env.source, torch.distributed.get_backend() if env.world_size > 1 else "no")
     workers = cfg.run_dir / "workers"   # who is who, for operators (and the failure test)
     workers.mkdir(parents=True, exist_ok=True)
     (workers / f"rank{env.rank}.json").write_text(json.dumps(

@@ -143,6 +143,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint_with_identical_paramete
             proc.kill()
     assert proc.returncode == 0, out[-5000:]
     assert killed_at < 120, "the worker was killed after the run had finished"
+    assert "rank 0/2 (local 0/2) from Ray Train, on its gloo process group" in out, out[-5000:]
     assert "restoring from Ray Train's checkpoint" in out, out[-5000:]
     restarted = json.loads((run / "workers" / "rank1.json").read_text())["pid"]
     assert restarted != victim
@@ -258,3 +259,12 @@ def test_resharded_epoch_reads_every_sample_once(n, chunk, worlds, cursors):
     assert plans[0].epoch == 4 and plans[0].reshards == []
     np.testing.assert_array_equal(plans[0].epoch_indices(4),
                                   ChunkShardPlan(n, chunk, worlds[-1], 0, seed=5).epoch_indices(4))
+
+
+def test_cluster_yaml_is_a_valid_autoscaler_config():
+    import jsonschema
+    import ray
+    import yaml
+    cfg = yaml.safe_load((REPO / "launch" / "ray_cluster.yaml").read_text())
+    jsonschema.validate(cfg, json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text()))
+    assert cfg["available_node_types"]["gpu_worker"]["resources"]["GPU"] == 1
