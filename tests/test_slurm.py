@@ -134,19 +134,23 @@ def job_info(job: str) -> dict:
     return dict(tok.split("=", 1) for tok in out.split() if "=" in tok)
 
 
-def wait_for_job(job: str, log: Path, timeout: float = 180) -> dict:
+def wait_for_job(job: str, log: Path, restarts: int = 0, timeout: float = 240) -> dict:
     """Poll until the job ends (no accounting here: scontrol keeps finished jobs for MinJobAge=300 s). A requeued
-    job would wait out a begin-time delay; it is released at once."""
-    released = 0
+    job would wait out a begin-time delay; it is released at once. A job that requeues itself shows FAILED for a
+    moment before it is PENDING again, so an end before `restarts` requeues must last 20 s to count."""
+    released, settle = 0, None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = job_info(job)
         if info.get("JobState") in TERMINAL:
-            return info
-        restarts = int(info.get("Restarts", 0))
-        if info.get("JobState") == "PENDING" and restarts > released \
+            if int(info.get("Restarts", 0)) >= restarts or (settle is not None and time.monotonic() > settle):
+                return info
+            settle = settle or time.monotonic() + 20
+        else:
+            settle = None
+        if info.get("JobState") == "PENDING" and int(info.get("Restarts", 0)) > released \
                 and sh("scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0:
-            released = restarts
+            released = int(info["Restarts"])
         time.sleep(0.5)
     pytest.fail(f"job {job} did not finish in {timeout} s: {job_info(job)}\n{_tail(log)}")
 
@@ -209,7 +213,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_parameters(s
     # the warning Slurm sends before the time limit (--signal=B:USR1@120) goes to the batch shell only: the same here
     assert _wait_until(lambda: (run / "metrics.csv").exists() and len(train_losses(run)) >= 5, 120), _tail(log)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
-    info = wait_for_job(job, log)
+    info = wait_for_job(job, log, restarts=1)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-4000:]
     assert info["Restarts"] == "1", text[-4000:]
