@@ -49,13 +49,15 @@ def assert_same_parameters(a: dict, b: dict) -> None:
             assert torch.equal(t, b["model_optim"]["optim"]["state"][k][name]), (k, name)
 
 
-def _our_processes(marker: str) -> list[int]:
-    """Pids of the processes whose command line names `marker` (this fixture's private temp dir)."""
+def _our_processes(*markers: str) -> list[int]:
+    """Pids of the processes whose command line names one of `markers` (this fixture's private temp dir, or its
+    GCS address, which the Ray client server names instead)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
-                if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace").replace("\0", " ")
+                if any(marker in cmdline for marker in markers):
                     pids.append(int(entry.name))
             except OSError:
                 pass
@@ -86,13 +88,13 @@ def ray_cluster():
         yield f"127.0.0.1:{port}", env
     finally:
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in _our_processes(temp):
+            for pid in _our_processes(temp, f"127.0.0.1:{port} "):
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
             deadline = time.monotonic() + 10
-            while _our_processes(temp) and time.monotonic() < deadline:
+            while _our_processes(temp, f"127.0.0.1:{port} ") and time.monotonic() < deadline:
                 time.sleep(0.2)
         subprocess.run(["rm", "-rf", temp], check=False)
 
