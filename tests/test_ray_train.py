@@ -2,8 +2,8 @@
 parameters), elastic resume on a different world size (plain torchrun/gloo), and bad input.
 
 The cluster fixture runs `ray start --head` on 127.0.0.1 with its own --temp-dir and ports, so concurrent
-sessions' clusters are untouched; it is stopped by killing exactly the processes whose command line names
-that temp dir (`ray stop` would stop every Ray process on the machine). Auth: a new Ray 2.60 cluster uses
+sessions' clusters are untouched; it is stopped by killing exactly the processes that inherited its marker
+variable (`ray stop` would stop every Ray process on the machine). Auth: a new Ray 2.60 cluster uses
 token auth (~/.ray/auth_token); the fixture exports RAY_AUTH_MODE=token to the cluster and to every driver
 it starts, so both sides agree.
 """
@@ -49,15 +49,14 @@ def assert_same_parameters(a: dict, b: dict) -> None:
             assert torch.equal(t, b["model_optim"]["optim"]["state"][k][name]), (k, name)
 
 
-def _our_processes(*markers: str) -> list[int]:
-    """Pids of the processes whose command line names one of `markers` (this fixture's private temp dir, or its
-    GCS address, which the Ray client server names instead)."""
-    pids = []
+def _our_processes(marker: str) -> list[int]:
+    """Pids of the processes whose environment holds FIELDTRAIN_TEST_RAY=`marker`: everything our `ray start`
+    started, and their children (Ray renames its agents, `ray::DashboardAgent`, so command lines do not tell)."""
+    pids, needle = [], f"FIELDTRAIN_TEST_RAY={marker}\0".encode()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
-                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace").replace("\0", " ")
-                if any(marker in cmdline for marker in markers):
+                if needle in (entry / "environ").read_bytes():
                     pids.append(int(entry.name))
             except OSError:
                 pass
@@ -72,8 +71,8 @@ def ray_cluster():
     port = free_port()
     # `ray start` turns --node-ip-address=127.0.0.1 into the machine's address unless Ray believes it is on a
     # single-node platform (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0): that keeps the cluster and drivers on loopback.
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "OMP_NUM_THREADS": "1", "RAY_worker_niceness": "0",
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    env = {**os.environ, "FIELDTRAIN_TEST_RAY": temp, "RAY_AUTH_MODE": "token", "OMP_NUM_THREADS": "1",
+           "RAY_worker_niceness": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
            "RAY_TRAIN_V2_ENABLED": "1"}
     cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=4",
            "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats",
@@ -88,13 +87,13 @@ def ray_cluster():
         yield f"127.0.0.1:{port}", env
     finally:
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in _our_processes(temp, f"127.0.0.1:{port} "):
+            for pid in _our_processes(temp):
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
             deadline = time.monotonic() + 10
-            while _our_processes(temp, f"127.0.0.1:{port} ") and time.monotonic() < deadline:
+            while _our_processes(temp) and time.monotonic() < deadline:
                 time.sleep(0.2)
         subprocess.run(["rm", "-rf", temp], check=False)
 
