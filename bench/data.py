@@ -194,6 +194,11 @@ def measure(kind: str, url: str, so: dict | None, world: int, epochs: int, chunk
             "cache_dropped": any(r["cache_dropped"] for r in per_rank[0])}
 
 
+def _show(label: str, r: dict) -> None:
+    print(f"  {label}: " + (f"{r['samples_per_s']:9.0f} samples/s" if "samples_per_s" in r else f"ERROR {r['error']}"),
+          flush=True)
+
+
 def run_throughput(args: argparse.Namespace, out: Path) -> list[dict]:
     arrays = build_arrays(args.repeat)
     n = len(arrays[0])
@@ -221,9 +226,7 @@ def run_throughput(args: argparse.Namespace, out: Path) -> list[dict]:
                     if raw and "samples_per_s" in r:
                         rec["x_raw"] = r["samples_per_s"] / raw
                     records.append(rec)
-                    print(f"  {kind:6s} {world} rank(s): "
-                          + (f"{r['samples_per_s']:9.0f} samples/s" if "samples_per_s" in r else f"ERROR {r['error']}"),
-                          flush=True)
+                    _show(f"{kind:6s} {world} rank(s)", r)
                     write_results(out, "throughput", [rec], THROUGHPUT_COLUMNS)
     finally:
         if server is not None:
@@ -283,9 +286,7 @@ def run_node_scaling(args: argparse.Namespace, out: Path) -> list[dict]:
                 nodes.stop()
             rec = {"nodes": k, "cpus_per_node": 1, **r}
             records.append(rec)
-            print(f"  ray over {k} node(s): "
-                  + (f"{r['samples_per_s']:9.0f} samples/s" if "samples_per_s" in r else f"ERROR {r['error']}"),
-                  flush=True)
+            _show(f"ray over {k} node(s)", r)
             write_results(out, "ray_nodes", [rec], NODE_COLUMNS)
     finally:
         shutil.rmtree(local_dir, ignore_errors=True)

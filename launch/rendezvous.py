@@ -213,9 +213,15 @@ def init_distributed(backend: str = "auto", timeout_s: int = 300) -> tuple[DistE
             _check_port_free(int(os.environ["MASTER_PORT"]))
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None)
+        try:
+            dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
+                                    timeout=datetime.timedelta(seconds=timeout_s),
+                                    device_id=device if device.type == "cuda" else None)
+        except (dist.DistStoreError, dist.DistNetworkError) as e:  # a rank never came, or the master is unreachable
+            raise ValueError(
+                f"rank {env.rank}/{env.world_size} ({env.source}): rendezvous at {os.environ['MASTER_ADDR']}:"
+                f"{os.environ['MASTER_PORT']} did not complete within dist.timeout_s={timeout_s} s; check that all "
+                f"{env.world_size} ranks started and that rank 0's host is reachable on that port ({e})") from None
         log.info("rank %d/%d initialised %s from %s (master %s:%s)", env.rank, env.world_size, backend,
                  env.source, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
     return env, device

@@ -51,3 +51,18 @@ def test_mpirun_four_ranks_follows_the_torchrun_trajectory(small_darcy, tmp_path
     assert len(c) == 6 and c[0] == a[0]
     assert [float(v) for v in c] == pytest.approx([float(v) for v in a], rel=1e-5)
     assert json.loads((tmp_path / "mpi4py" / "summary.json").read_text())["replica_max_abs_diff"] == 0.0
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_left_alone_gives_up_after_the_rendezvous_timeout(small_darcy, tmp_path, rank):
+    """WORLD_SIZE=2 but only one rank starts: it stops after dist.timeout_s with a message, not a hang."""
+    from launch.local import free_port
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "train", CONFIG,
+                        *sets(f"data.path={small_darcy}", f"run.out_dir={tmp_path}", "dist.timeout_s=3", *SMALL_MODEL)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"rank {rank}/2 (torchrun): rendezvous at 127.0.0.1:" in r.stderr
+    assert "did not complete within dist.timeout_s=3 s" in r.stderr
+    assert not list(tmp_path.rglob("checkpoints"))

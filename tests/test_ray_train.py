@@ -24,21 +24,10 @@ import pytest
 import torch
 
 from conftest import REPO, SMALL_MODEL, fieldtrain
+from test_train import final_state, sets
 
 CONFIG = str(REPO / "configs" / "darcy_fno.toml")
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def sets(*overrides: str) -> list[str]:
-    return [a for o in overrides for a in ("--set", o)]
-
-
-def final_state(run_dir: Path) -> dict:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
-    out = run_dir / "final.pt"
-    dcp_to_torch_save(ckpt, out)
-    return torch.load(out, weights_only=False)
 
 
 def assert_same_parameters(a: dict, b: dict) -> None:
