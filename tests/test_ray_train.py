@@ -153,6 +153,28 @@ def test_killed_worker_restarts_from_the_last_checkpoint_with_identical_paramete
     assert a["data"] == b["data"]
 
 
+@pytest.mark.slow
+def test_ray_train_workers_read_through_ray_data(ray_cluster, small_darcy, tmp_path):
+    """data.loader = "ray" inside Ray Train: the workers' read tasks run on the same cluster, each worker gets
+    its equal share of every epoch through streaming_split, and the replicas stay identical."""
+    address, env = ray_cluster
+    proc = launch_ray(env, "--address", address, "--workers", "2", "--storage-path", str(tmp_path / "storage"),
+                      *sets(f"data.path={small_darcy}", f"run.out_dir={tmp_path}", "run.name=raydata", *SMALL_MODEL,
+                            "data.loader=ray", "data.chunks_per_block=2", "train.max_steps=12"))
+    try:
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-5000:]
+    assert "from Ray Train" in out
+    summary = json.loads((tmp_path / "raydata" / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["finished"] and summary["replica_max_abs_diff"] == 0.0
+    assert summary["epochs"] > 1   # 12 steps of 2 x 8 samples cross the 80-sample epoch
+    losses = [float(r["train_loss"]) for r in metrics(tmp_path / "raydata")]
+    assert len(losses) == 12 and losses[-1] < losses[0]
+
+
 @pytest.mark.parametrize("args, named", [
     (["--workers", "3..2"], "--workers '3..2'"),
     (["--workers", "two"], "MIN..MAX"),

@@ -137,13 +137,15 @@ def job_info(job: str) -> dict:
 def wait_for_job(job: str, log: Path, restarts: int = 0, timeout: float = 240) -> dict:
     """Poll until the job ends (no accounting here: scontrol keeps finished jobs for MinJobAge=300 s). A requeued
     job would wait out a begin-time delay; it is released at once. A job that requeues itself shows FAILED for a
-    moment before it is PENDING again, so an end before `restarts` requeues must last 20 s to count."""
+    moment (its Restarts already counted) before it is PENDING again, so only COMPLETED after `restarts`
+    requeues ends the wait at once; any other end must last 20 s to count."""
     released, settle = 0, None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = job_info(job)
         if info.get("JobState") in TERMINAL:
-            if int(info.get("Restarts", 0)) >= restarts or (settle is not None and time.monotonic() > settle):
+            if (info["JobState"] == "COMPLETED" and int(info.get("Restarts", 0)) >= restarts) or \
+                    (settle is not None and time.monotonic() > settle):
                 return info
             settle = settle or time.monotonic() + 20
         else:
