@@ -163,7 +163,7 @@ def cmd_launch_ray(args: argparse.Namespace) -> int:
     from launch.ray_train import launch_ray
     return launch_ray(args.config, args.set, args.address, args.workers, storage_path=args.storage_path,
                       max_failures=args.max_failures, cpus_per_worker=args.cpus_per_worker,
-                      gpus_per_worker=args.gpus_per_worker)
+                      gpus_per_worker=args.gpus_per_worker, resize_interval_s=args.resize_interval)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before giving up (-1: no limit)")
     r.add_argument("--cpus-per-worker", type=float, default=None, help="default 0.5 (CPU workers), 1 (GPU workers)")
     r.add_argument("--gpus-per-worker", type=float, nargs="?", const=1.0, default=0.0, help="GPUs per worker (1 if given alone)")
+    r.add_argument("--resize-interval", type=float, default=60.0, metavar="S",
+                   help="with a MIN..MAX range: how often Ray considers resizing the worker group")
     r.set_defaults(func=cmd_launch_ray)
     return p
 

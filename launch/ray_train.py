@@ -140,11 +140,14 @@ def train_worker(args: dict) -> None:
 
 
 def launch_ray(config: str, overrides: list[str], address: str, workers: str, storage_path: str | None = None,
-               max_failures: int = 0, cpus_per_worker: float | None = None, gpus_per_worker: float = 0.0) -> int:
+               max_failures: int = 0, cpus_per_worker: float | None = None, gpus_per_worker: float = 0.0,
+               resize_interval_s: float = 60.0) -> int:
     """Run the training on a Ray cluster; returns 0 when it finished, 1 when Ray gave up on it."""
     low, high = parse_workers(workers)
     if max_failures < -1:
         raise ValueError(f"--max-failures {max_failures}: give K >= 0, or -1 for no limit")
+    if resize_interval_s <= 0:
+        raise ValueError(f"--resize-interval {resize_interval_s}: give seconds > 0")
     if gpus_per_worker < 0 or (cpus_per_worker is not None and cpus_per_worker <= 0):
         raise ValueError(f"--cpus-per-worker {cpus_per_worker} / --gpus-per-worker {gpus_per_worker}: "
                          "need CPUs > 0 and GPUs >= 0")
@@ -176,7 +179,8 @@ def launch_ray(config: str, overrides: list[str], address: str, workers: str, st
             torch_config=TorchConfig(backend=None if cfg.dist.backend == "auto" else cfg.dist.backend,
                                      timeout_s=cfg.dist.timeout_s),
             scaling_config=ScalingConfig(num_workers=low if low == high else (low, high),
-                                         use_gpu=bool(gpus_per_worker), resources_per_worker=resources),
+                                         use_gpu=bool(gpus_per_worker), resources_per_worker=resources,
+                                         elastic_resize_monitor_interval_s=resize_interval_s),
             run_config=RunConfig(name=cfg.run.name, storage_path=storage,
                                  failure_config=FailureConfig(max_failures=max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),

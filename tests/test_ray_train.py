@@ -179,6 +179,7 @@ def test_ray_train_workers_read_through_ray_data(ray_cluster, small_darcy, tmp_p
     (["--workers", "3..2"], "--workers '3..2'"),
     (["--workers", "two"], "MIN..MAX"),
     (["--workers", "2", "--max-failures", "-2"], "--max-failures -2"),
+    (["--workers", "1..2", "--resize-interval", "0"], "--resize-interval 0"),
 ])
 def test_bad_launch_arguments_are_named(args, named, tmp_path):
     r = fieldtrain("launch", "ray", CONFIG, "--address", "127.0.0.1:9", *args,
