@@ -1,6 +1,6 @@
 """The `fieldtrain` command: a thin entry point that parses arguments, builds, runs and tears down.
 
-    fieldtrain train CONFIG [--set section.key=value ...] [--nproc N] [--resume]
+    fieldtrain train CONFIG [--set section.key=value ...] [--nproc N] [--resume | --overwrite]
     fieldtrain demo [--out runs/demo] [--nproc 2]
     fieldtrain data generate darcy --n N --res R --out URL [--seed S] [--chunk-size C] [--workers W]
     fieldtrain data inspect URL
@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+from launch.run import EXIT_PREEMPTED  # noqa: F401  (the exit code of a preempted run, for launchers)
+
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 log = logging.getLogger("fieldtrain")
 
@@ -29,31 +31,20 @@ def _setup_logging() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.nproc and "WORLD_SIZE" not in os.environ:
-        from launch.local import spawn_local
-        argv = ["train", args.config, *sum((["--set", s] for s in args.set), [])]
-        argv += ["--resume"] if args.resume else []
-        argv += ["--stop-after-step", str(args.stop_after_step)] if args.stop_after_step else []
-        return spawn_local(args.nproc, argv)
-
-    import torch
-    from launch.rendezvous import destroy_distributed, init_distributed
+    from launch.run import preflight, run_training
     from trainer.config import load_config
-    from trainer.train import Trainer
 
     cfg = load_config(args.config, args.set)
-    env, device = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
-    try:
-        threads = cfg.run.threads_per_rank or max(1, (os.cpu_count() or 1) // env.local_world_size)
-        torch.set_num_threads(threads)
-        if cfg.run.deterministic:
-            torch.use_deterministic_algorithms(True)
-        summary = Trainer(cfg, device, resume=args.resume).train(until_step=args.stop_after_step or None)
-        if env.rank == 0:
-            log.info("summary: %s", json.dumps(summary))
-    finally:
-        destroy_distributed()
-    return 0
+    if args.nproc and "WORLD_SIZE" not in os.environ:
+        from launch.local import spawn_local
+        preflight(cfg, args.nproc, args.resume, args.overwrite)
+        argv = ["train", args.config, *sum((["--set", s] for s in args.set), [])]
+        argv += ["--resume"] if args.resume else []
+        argv += ["--overwrite"] if args.overwrite else []
+        argv += ["--stop-after-step", str(args.stop_after_step)] if args.stop_after_step else []
+        return spawn_local(args.nproc, argv)
+    summary = run_training(cfg, resume=args.resume, overwrite=args.overwrite, until_step=args.stop_after_step or None)
+    return EXIT_PREEMPTED if summary["preempted"] else 0
 
 
 def print_table(rows: list[tuple[str, str]]) -> None:
@@ -84,7 +75,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         print(f"reusing {store}")
     overrides = [f"data.path={store}", f"run.out_dir={out}", "run.name=fno"]
-    argv = ["train", str(REPO_CONFIGS / "demo.toml"), *sum((["--set", s] for s in overrides), [])]
+    argv = ["train", str(REPO_CONFIGS / "demo.toml"), *sum((["--set", s] for s in overrides), []), "--overwrite"]
     from launch.local import spawn_local
     rc = spawn_local(args.nproc, argv)
     if rc != 0:
@@ -175,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=1e-3")
     t.add_argument("--nproc", type=int, default=0, help="spawn this many local ranks (torchrun)")
     t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a previous run in the same run directory (its checkpoints, metrics and logs)")
     t.add_argument("--stop-after-step", type=int, default=0, metavar="N",
                    help="checkpoint and stop after step N (a staged run; --resume continues it)")
     t.set_defaults(func=cmd_train)

@@ -31,8 +31,8 @@ import shutil
 import socket
 from pathlib import Path
 
-import torch
 
+from launch.run import run_training
 from trainer.config import Config, load_config
 from trainer.train import Trainer
 
@@ -111,7 +111,6 @@ class RayTrainTrainer(Trainer):
 def train_worker(args: dict) -> None:
     """One Ray Train worker: the body of `fieldtrain train`, on the process group Ray Train set up."""
     import ray.train
-    from launch.rendezvous import init_distributed
 
     ctx = ray.train.get_context()
     fieldtrain_log = logging.getLogger("fieldtrain")
@@ -123,20 +122,12 @@ def train_worker(args: dict) -> None:
         fieldtrain_log.setLevel(logging.INFO if ctx.get_world_rank() == 0 else logging.WARNING)
         fieldtrain_log.propagate = False
     cfg = load_config(args["config_name"], args["overrides"], text=args["config_text"])
-    env, device = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
-    log.info("rank %d/%d (local %d/%d) from %s, on its %s process group", env.rank, env.world_size, env.local_rank,
-             env.local_world_size, env.source, torch.distributed.get_backend() if env.world_size > 1 else "no")
+    ctx_rank = ctx.get_world_rank()
     workers = cfg.run_dir / "workers"   # who is who, for operators (and the failure test)
     workers.mkdir(parents=True, exist_ok=True)
-    (workers / f"rank{env.rank}.json").write_text(json.dumps(
-        {"pid": os.getpid(), "rank": env.rank, "world_size": env.world_size, "node": socket.gethostname()}))
-    threads = cfg.run.threads_per_rank or max(1, (os.cpu_count() or 1) // env.local_world_size)
-    torch.set_num_threads(threads)
-    if cfg.run.deterministic:
-        torch.use_deterministic_algorithms(True)
-    summary = RayTrainTrainer(cfg, device, resume=True).train()
-    if env.rank == 0:
-        log.info("summary: %s", json.dumps(summary))
+    (workers / f"rank{ctx_rank}.json").write_text(json.dumps(
+        {"pid": os.getpid(), "rank": ctx_rank, "world_size": ctx.get_world_size(), "node": socket.gethostname()}))
+    run_training(cfg, resume=True, trainer_cls=RayTrainTrainer)
 
 
 def launch_ray(config: str, overrides: list[str], address: str, workers: str, storage_path: str | None = None,

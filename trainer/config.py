@@ -34,6 +34,16 @@ class RunConfig:
     deterministic: bool = True     # torch.use_deterministic_algorithms and one intra-op thread per rank
     threads_per_rank: int = 0      # 0: cores // local ranks
 
+    def __post_init__(self):
+        for k in ("name", "out_dir"):
+            if not getattr(self, k).strip():
+                raise ValueError(f"config key 'run.{k}' is empty; give a directory name")
+        if "/" in self.name or self.name in (".", ".."):
+            raise ValueError(f"config key 'run.name' = {self.name!r}; must be one directory name (no '/'), the run "
+                             "directory is run.out_dir/run.name")
+        _positive("run.seed", self.seed, zero_ok=True)
+        _positive("run.threads_per_rank", self.threads_per_rank, zero_ok=True)
+
 
 @dataclass
 class DataConfig:
@@ -54,6 +64,8 @@ class DataConfig:
         _choice("data.loader", self.loader, ("direct", "ray"))
         _positive("data.chunks_per_block", self.chunks_per_block)
         _positive("data.read_cpus", self.read_cpus)
+        if not isinstance(self.storage_options, dict):
+            raise ValueError(f"config key 'data.storage_options' = {self.storage_options!r}; must be a table")
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"config key 'data.test_fraction' = {self.test_fraction!r}; must be in (0, 1)")
         for k in ("batch_size", "window_chunks", "prefetch"):
@@ -77,6 +89,7 @@ class ModelConfig:
             raise ValueError(f"config key 'model.modes' = {self.modes!r}; must be a list of positive ints")
         for k in ("width", "n_layers", "projection_channels"):
             _positive(f"model.{k}", getattr(self, k))
+        _positive("model.padding", self.padding, zero_ok=True)
 
 
 @dataclass
@@ -97,6 +110,11 @@ class OptimConfig:
         _positive("optim.weight_decay", self.weight_decay, zero_ok=True)
         _positive("optim.warmup_steps", self.warmup_steps, zero_ok=True)
         _positive("optim.grad_clip", self.grad_clip, zero_ok=True)
+        if (len(self.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in self.betas)
+                or not all(0 <= b < 1 for b in self.betas)):
+            raise ValueError(f"config key 'optim.betas' = {self.betas!r}; must be two numbers in [0, 1)")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"config key 'optim.momentum' = {self.momentum!r}; must be in [0, 1)")
 
 
 @dataclass
@@ -255,3 +273,38 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), text:
             raise ValueError(f"override {text!r}: keys are section.key, e.g. optim.lr=1e-3")
         raw.setdefault(keys[0], {})[keys[1]] = value
     return config_from_dict(raw)
+
+
+# ---- resuming under a changed config ------------------------------------------------------------------------------
+# What may differ between a checkpoint's config and the config that resumes it. A key not listed under its section
+# takes the section's rule ("*"). "refuse": the checkpoint cannot load into it, or the run would silently become
+# another run (a new data order); "reset": allowed, the compressor state starts afresh; "batch": allowed, handled as
+# an elastic change (learning rate rescaled with the global batch); "allow": takes effect from the resumed step on.
+RESUME_RULES = {
+    "run": {"*": "allow", "seed": "refuse"},        # run.name and run.out_dir name the run directory itself
+    "data": {"*": "allow", "test_fraction": "refuse", "shuffle": "refuse", "drop_last": "refuse",
+             "window_chunks": "refuse", "batch_size": "batch"},  # data.path: a copy of the same dataset (checked)
+    "model": {"*": "refuse"},
+    "optim": {"*": "allow", "name": "refuse"},
+    "train": {"*": "allow"},
+    "comm": {"*": "reset", "transport": "allow", "start_step": "allow", "auto_candidates": "allow"},
+    "dist": {"*": "allow"},
+}
+RESUME_WHY = {"refuse": "cannot change on resume", "reset": "compressor state starts afresh",
+              "batch": "elastic change: learning rate follows the global batch", "allow": "takes effect on resume"}
+
+
+def resume_changes(saved: dict, new: dict) -> dict[str, list[tuple[str, Any, Any]]]:
+    """Keys whose values differ between a checkpoint's config (`saved`, as `Config.to_dict()`) and `new`, grouped by
+    rule: {"refuse": [(key, saved_value, new_value), ...], "reset": [...], "batch": [...], "allow": [...]}."""
+    out: dict[str, list] = {rule: [] for rule in RESUME_WHY}
+    for section, rules in RESUME_RULES.items():
+        old_s, new_s = saved.get(section, {}), new.get(section, {})
+        for key in sorted(set(old_s) | set(new_s)):
+            if section == "run" and key in ("name", "out_dir"):
+                continue
+            if key not in old_s:   # a key this version added: its default was in force
+                continue
+            if old_s.get(key) != new_s.get(key):
+                out[rules.get(key, rules["*"])].append((f"{section}.{key}", old_s.get(key), new_s.get(key)))
+    return out

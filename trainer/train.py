@@ -21,19 +21,22 @@ import os
 import signal
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 from data.loader import ShardedLoader, epoch_batches, evaluation_batches
 from data.shards import ChunkShardPlan
 from data.store import FieldDataset
 from trainer.checkpoint import CheckpointManager, ModelOptimizerState, RNGState
 from trainer.comm import GradientExchange
-from trainer.config import Config
+from trainer.config import RESUME_WHY, Config, resume_changes
 from trainer.fno import FNO
 from trainer.parallelize import parallelize
+from trainer.rundir import RunDirLock, check_fresh_run, clear_run_outputs
 
 log = logging.getLogger("fieldtrain")
 
@@ -45,23 +48,39 @@ def relative_l2(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 class TrainState:
-    """The trainer's own counters, Stateful for DCP."""
+    """The trainer's own counters, Stateful for DCP, and the run's config and dataset identity (`run_meta`), so a
+    checkpoint says what it was trained with wherever it is copied to (Ray Train's storage included)."""
 
-    def __init__(self, world_size: int = 1, global_batch: int = 1):
+    def __init__(self, world_size: int = 1, global_batch: int = 1, batch_size: int = 1, run_meta: dict | None = None):
         self.step = 0
         self.samples_seen = 0
         self.skipped_steps = 0     # steps whose gradient was non-finite on some rank
         self.world_size = world_size          # of the run that saved the state
-        self.lr_global_batch = global_batch   # the global batch that optim.lr is meant for (the first world's)
+        self.batch_size = batch_size          # per rank, of the run that saved the state
+        self.lr_global_batch = global_batch   # the global batch that optim.lr is meant for (the first run's)
+        self.run_meta = run_meta or {}
 
     def state_dict(self) -> dict:
         return {"step": self.step, "samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps,
-                "world_size": self.world_size, "lr_global_batch": self.lr_global_batch}
+                "world_size": self.world_size, "batch_size": self.batch_size,
+                "lr_global_batch": self.lr_global_batch, "run_meta": json.dumps(self.run_meta)}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
         self.skipped_steps = int(state["skipped_steps"])
         self.world_size, self.lr_global_batch = int(state["world_size"]), int(state["lr_global_batch"])
+        self.batch_size = int(state["batch_size"])   # run_meta stays this run's: it is what the next save records
+
+
+def read_run_meta(path: str | Path) -> dict | None:
+    """The config and dataset identity a checkpoint was written with (None for checkpoints older than that record).
+    Reads one small entry; every rank may call it at once (no collective)."""
+    path = Path(path)
+    if "trainer.run_meta" not in dcp.FileSystemReader(path).read_metadata().state_dict_metadata:
+        return None
+    holder = {"trainer": {"run_meta": ""}}
+    dcp.load(holder, checkpoint_id=path, no_dist=True)
+    return json.loads(holder["trainer"]["run_meta"])
 
 
 def batch_lr_scale(optimizer: str, global_batch: int, reference_batch: int) -> float:
@@ -82,18 +101,40 @@ def _rank_world() -> tuple[int, int]:
 
 
 class MetricsLogger:
-    """CSV and TensorBoard scalars, rank 0 only."""
+    """CSV and TensorBoard scalars, rank 0 only.
+
+    A run resumed from step S continues the record of step S: rows after S (written between that checkpoint and a
+    crash, and about to be written again) are dropped from metrics.csv, and TensorBoard purges them (`purge_step`).
+    """
 
     COLUMNS = ("step", "epoch", "train_loss", "test_rel_l2", "lr", "step_time_s", "data_wait_s", "bytes_per_step",
                "compression_ratio", "skipped_steps")
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         self.rows: list[dict] = []
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / "tb"))
             self.csv_path = run_dir / "metrics.csv"
+            self._rewind(start_step)
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
+
+    def _rewind(self, step: int) -> None:
+        if not self.csv_path.exists():
+            return
+        with self.csv_path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        kept = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= step]
+        if len(kept) == len(rows):
+            return
+        tmp = self.csv_path.with_name(self.csv_path.name + ".tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.COLUMNS, restval="", extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(kept)
+        os.replace(tmp, self.csv_path)
+        log.info("metrics.csv: dropped %d row(s) after step %d, the step this run resumes from",
+                 len(rows) - len(kept), step)
 
     def log(self, step: int, **scalars: float) -> None:
         if not self.enabled:
@@ -114,27 +155,105 @@ class MetricsLogger:
             self.tb.close()
 
 
+def check_inputs(cfg: Config, world_size: int) -> tuple[FieldDataset, int]:
+    """Open and validate the dataset against the config; returns it and the end of the train split (a sample index).
+    Run by every rank, and by `fieldtrain train --nproc` before any rank starts."""
+    if not cfg.data.path:
+        raise ValueError("config key 'data.path' is empty: give the dataset URL, e.g. --set data.path=runs/demo/darcy.zarr")
+    ds = FieldDataset(cfg.data.path, cfg.data.storage_options)
+    test_chunks = max(1, round(ds.num_chunks * cfg.data.test_fraction))
+    if test_chunks >= ds.num_chunks:
+        raise ValueError(f"dataset {ds.url} has {ds.num_chunks} chunks of {ds.chunk_size}; "
+                         f"data.test_fraction={cfg.data.test_fraction} leaves none for training")
+    train_stop = (ds.num_chunks - test_chunks) * ds.chunk_size
+    if train_stop < world_size * cfg.data.batch_size:
+        raise ValueError(f"dataset {ds.url}: {train_stop} training samples cannot fill one batch of "
+                         f"{cfg.data.batch_size} on each of {world_size} ranks")
+    grid = ds.input_shape[1:]
+    if len(cfg.model.modes) != len(grid):
+        raise ValueError(f"config key 'model.modes' = {cfg.model.modes} has {len(cfg.model.modes)} entries; "
+                         f"dataset {ds.url} has a {len(grid)}-D grid {tuple(grid)}")
+    return ds, train_stop
+
+
+def dataset_identity(ds: FieldDataset) -> dict:
+    """What makes two stores the same dataset (a copy may live at another URL)."""
+    return {"num_samples": ds.num_samples, "chunk_size": ds.chunk_size, "input_shape": list(ds.input_shape),
+            "target_shape": list(ds.target_shape), "generator": ds.attrs.get("generator"),
+            "params": ds.attrs.get("params"), "normalization": ds.attrs.get("normalization")}
+
+
+def agree_errors(error: str | None) -> None:
+    """Raise the same ValueError on every rank when any rank found a problem (so none waits in a collective)."""
+    errors = [error]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    found = [(r, e) for r, e in enumerate(errors) if e]
+    if found:
+        rank, message = found[0]
+        raise ValueError(message if len(errors) == 1 else f"{message} (found by rank {rank})")
+
+
+def _capture(fn, *args):
+    """fn(*args) -> (result, None), or (None, message) for a user error, to be agreed across ranks."""
+    try:
+        return fn(*args), None
+    except ValueError as e:
+        return None, str(e)
+
+
+def check_resumable(cfg: Config, ds: FieldDataset, path: Path) -> dict:
+    """Compare `cfg` with the config checkpoint `path` was written under: refuse (ValueError naming the keys and both
+    values) what cannot load or would make it another run, log what changes; returns the checkpoint's config."""
+    meta = read_run_meta(path)
+    if meta is None:   # written before checkpoints carried their config
+        legacy = cfg.run_dir / "config.json"
+        if not legacy.is_file():
+            log.warning("checkpoint %s does not record its config; resuming without comparing configs", path)
+            return {}
+        meta = {"config": json.loads(legacy.read_text()), "dataset": None}
+    saved = meta["config"]
+    changes = resume_changes(saved, cfg.to_dict())
+    if changes["refuse"]:
+        listed = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in changes["refuse"])
+        raise ValueError(f"--resume from {path}: the config differs in keys that cannot change on resume: {listed}. "
+                         "Resume with the checkpoint's values, or start another run (another run.name, or "
+                         "--overwrite to replace this one)")
+    now = dataset_identity(ds)
+    if meta.get("dataset") and meta["dataset"] != now:
+        differ = [k for k in now if meta["dataset"].get(k) != now[k]]
+        raise ValueError(f"--resume from {path}: data.path {cfg.data.path!r} is not the dataset the run was trained "
+                         f"on ({saved['data']['path']!r}); they differ in {differ}")
+    for rule, items in changes.items():
+        for key, a, b in items:
+            log.warning("resume: %s changed from %r to %r (%s)", key, a, b, RESUME_WHY[rule])
+    return saved
+
+
 class Trainer:
-    def __init__(self, cfg: Config, device: torch.device = torch.device("cpu"), resume: bool = False):
-        self.cfg, self.device, self.resume = cfg, device, resume
+    def __init__(self, cfg: Config, device: torch.device = torch.device("cpu"), resume: bool = False,
+                 overwrite: bool = False):
+        self.cfg, self.device, self.resume, self.overwrite = cfg, device, resume, overwrite
         self.rank, self.world_size = _rank_world()
-        if not cfg.data.path:
-            raise ValueError("config key 'data.path' is empty: give the dataset URL, e.g. --set data.path=runs/demo/darcy.zarr")
+        self._closing = ExitStack()   # everything train() or a failed __init__ must release
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other: continue the run, or replace it")
         # Validate everything that can be wrong with the inputs before anything is written.
-        self.dataset = FieldDataset(cfg.data.path, cfg.data.storage_options)
+        checked, error = _capture(check_inputs, cfg, self.world_size)
+        if error is None:
+            self.dataset, self.train_stop = checked
+            error = self._verify_test_split()
+        agree_errors(error)
         ds = self.dataset
-        test_chunks = max(1, round(ds.num_chunks * cfg.data.test_fraction))
-        if test_chunks >= ds.num_chunks:
-            raise ValueError(f"dataset {ds.url} has {ds.num_chunks} chunks of {ds.chunk_size}; "
-                             f"data.test_fraction={cfg.data.test_fraction} leaves none for training")
-        self.train_stop = (ds.num_chunks - test_chunks) * ds.chunk_size
-        if self.train_stop < self.world_size * cfg.data.batch_size:
-            raise ValueError(f"dataset {ds.url}: {self.train_stop} training samples cannot fill one batch of "
-                             f"{cfg.data.batch_size} on each of {self.world_size} ranks")
-        grid = ds.input_shape[1:]
-        if len(cfg.model.modes) != len(grid):
-            raise ValueError(f"config key 'model.modes' = {cfg.model.modes} has {len(cfg.model.modes)} entries; "
-                             f"dataset {ds.url} has a {len(grid)}-D grid {tuple(grid)}")
 
         torch.manual_seed(cfg.run.seed)
         self.model = FNO(ds.input_shape[0], ds.target_shape[0], tuple(cfg.model.modes), width=cfg.model.width,
@@ -143,9 +262,21 @@ class Trainer:
                          spectral_weights=cfg.model.spectral_weights)
         example = torch.zeros(1, *ds.input_shape)
         self.model(example)  # modes vs grid are checked here, before any write
-        self.model, self.exchange = parallelize(self.model, cfg.comm, device, example, seed=cfg.run.seed)
-        self.optimizer = self._build_optimizer()
 
+        # One run per run directory: the lock, then the checkpoint's config against this one, then writes.
+        self.lock = RunDirLock(cfg.run_dir)
+        self.checkpoints = CheckpointManager(cfg.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
+        self._closing.callback(self.lock.release)
+        _, error = _capture(self._claim_run_dir)
+        agree_errors(error)
+        self.resume_from, error = _capture(lambda: self.checkpoints.latest() if self.resume else None)
+        self.saved_config: dict | None = None
+        if error is None and self.resume_from is not None:
+            self.saved_config, error = _capture(check_resumable, cfg, self.dataset, self.resume_from)
+        agree_errors(error)
+
+        self.model, self.exchange = parallelize(self.model, cfg.comm, self.device, example, seed=cfg.run.seed)
+        self.optimizer = self._build_optimizer()
         plan = ChunkShardPlan(self.train_stop, ds.chunk_size, self.world_size, self.rank, seed=cfg.run.seed,
                               shuffle=cfg.data.shuffle, drop_last=cfg.data.drop_last,
                               window_chunks=cfg.data.window_chunks)
@@ -157,17 +288,43 @@ class Trainer:
                                            ray_address=cfg.data.ray_address or None, timeout_s=cfg.dist.timeout_s)
         else:
             self.loader = ShardedLoader(ds, plan, cfg.data.batch_size, prefetch=cfg.data.prefetch)
-        self.target_norm = self.loader.target_normalizer.to(device)
+        self._closing.callback(self.loader.close)
+        self.target_norm = self.loader.target_normalizer.to(self.device)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * len(self.loader)
         self.scheduler = self._build_scheduler()
-        self.state = TrainState(self.world_size, self.world_size * cfg.data.batch_size)
-        self.checkpoints = CheckpointManager(cfg.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
+        self.state = TrainState(self.world_size, self.world_size * cfg.data.batch_size, cfg.data.batch_size,
+                                run_meta={"config": cfg.to_dict(), "dataset": dataset_identity(ds)})
         self.stop_requested = False
-
+        self.metrics: MetricsLogger | None = None   # opened by train(), once the step to resume from is known
         if self.rank == 0:
-            cfg.run_dir.mkdir(parents=True, exist_ok=True)
             (cfg.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        self.metrics = MetricsLogger(cfg.run_dir, enabled=self.rank == 0)
+
+    def _verify_test_split(self) -> str | None:
+        """Read this rank's share of the test chunks (checksums included): a bad one would surface only at the end."""
+        ds = self.dataset
+        first = self.train_stop // ds.chunk_size
+        mine = list(range(first, ds.num_chunks))[self.rank::self.world_size]
+        bad = ds.verify(mine) if mine and hasattr(ds, "verify") else []  # TEMP
+        if not bad:
+            return None
+        listed = "; ".join(f"chunk {b['chunk']} of {b['array']!r} (key {b['key']!r}): {b['error']}" for b in bad[:5])
+        return (f"{ds.url}: {len(bad)} unreadable chunk(s) in the test split: {listed}. "
+                f"Run `fieldtrain data verify {ds.url}` for the whole store")
+
+    def _claim_run_dir(self) -> None:
+        """Rank 0 locks the run directory and applies the fresh-run rule; every rank learns the outcome."""
+        if self.rank != 0:
+            return
+        self.lock.acquire()
+        check_fresh_run(self.cfg.run_dir, self.resume, self.overwrite)
+        if self.overwrite:
+            removed = clear_run_outputs(self.cfg.run_dir)
+            if removed:
+                log.warning("--overwrite: removed %s from %s", ", ".join(removed), self.cfg.run_dir)
+
+    def close(self) -> None:
+        """Release what this trainer holds (loader threads and Ray, writers, the run-directory lock); idempotent."""
+        self._closing.close()
 
     # ---- construction --------------------------------------------------------------------------------------
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -247,7 +404,8 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for x, y in evaluation_batches(ds, lo, hi, self.cfg.data.batch_size):
+        # Fewer test samples than ranks leaves some ranks an empty share: they add nothing to the sums.
+        for x, y in (evaluation_batches(ds, lo, hi, self.cfg.data.batch_size) if lo < hi else ()):
             x, y = x.to(self.device), y.to(self.device)
             err = relative_l2(self.target_norm.decode(self.model(x)), self.target_norm.decode(y))
             total += torch.stack([err.sum().double(), torch.tensor(float(len(err)), dtype=torch.float64)])
@@ -275,39 +433,59 @@ class Trainer:
 
     def restore(self) -> Path | None:
         """With resume=True, load the run's latest checkpoint (if there is one); returns its path."""
-        if not self.resume or self.checkpoints.latest() is None:
+        if self.resume_from is None:
             return None
-        return self.load_checkpoint(self.checkpoints.latest())
+        return self.load_checkpoint(self.resume_from)
 
     def load_checkpoint(self, path: str | Path) -> Path:
-        path = self.checkpoints.load(self.stateful(), path)
+        state = self.stateful()
+        saved = dcp.FileSystemReader(Path(path)).read_metadata().state_dict_metadata
+        if "comm" in state and (not any(k.startswith("comm.") for k in saved) or self._comm_changed()):
+            del state["comm"]    # another compressor (or none) saved it: this one starts afresh
+            log.warning("resume: the compressor's state is not restored (the checkpoint was written with %s); "
+                        "error feedback and warm starts begin afresh", (self.saved_config or {}).get("comm", {})
+                        .get("compressor", "another exchange"))
+        path = self.checkpoints.load(state, path)
         log.info("resumed from %s at step %d", path, self.state.step)
-        if self.state.world_size != self.world_size:
-            self._adapt_to_world_size(self.state.world_size)
+        if "comm" not in state and self.exchange is not None and hasattr(self.exchange, "step"):
+            self.exchange.step = self.state.step
+        self._apply_config_on_resume()
         return path
 
-    def _adapt_to_world_size(self, saved_world: int) -> None:
-        """After loading a checkpoint saved by `saved_world` ranks: rescale the learning rate with the global
-        batch, and re-count the steps of an epoch-based run (the data plan and the compressor state reshard
-        themselves as they load)."""
-        cfg, sched = self.cfg, self.scheduler
+    def _comm_changed(self) -> bool:
+        return bool(self.saved_config) and bool(resume_changes(self.saved_config, self.cfg.to_dict())["reset"])
+
+    def _apply_config_on_resume(self) -> None:
+        """After loading a checkpoint: this config's optimizer settings replace the saved ones, the learning rate
+        follows the global batch (world size x data.batch_size; an elastic change when it differs from the saved
+        run's), and an epoch-based run re-counts its steps. The data plan and the compressor state reshard
+        themselves as they load. Nothing changes numerically when nothing in the config changed."""
+        cfg, sched, st = self.cfg, self.scheduler, self.state
         batch = self.world_size * cfg.data.batch_size
-        scale = batch_lr_scale(cfg.optim.name, batch, self.state.lr_global_batch)
+        scale = batch_lr_scale(cfg.optim.name, batch, st.lr_global_batch)
         sched.base_lrs = [cfg.optim.lr * scale for _ in self.optimizer.param_groups]
         for group, base, lam in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
             group["initial_lr"], group["lr"] = base, base * lam(sched.last_epoch)
+            group["weight_decay"] = cfg.optim.weight_decay
+            if cfg.optim.name == "sgd":
+                group["momentum"] = cfg.optim.momentum
+            else:
+                group["betas"] = tuple(cfg.optim.betas)
         sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        saved_batch = st.world_size * st.batch_size
+        if batch == saved_batch and st.world_size == self.world_size:
+            return
         if not cfg.train.max_steps:   # the run is cfg.train.epochs epochs: count what is left in new steps
             plan = self.loader.plan
             _, end = epoch_batches(plan, cfg.data.batch_size, self.loader.drop_last_batch)
             in_epoch = -(-max(0, end - plan.cursor) // cfg.data.batch_size)
-            self.total_steps = self.state.step + in_epoch + max(0, cfg.train.epochs - plan.epoch - 1) * len(self.loader)
-        log.warning("world size %d -> %d: global batch %d -> %d, learning rate x %.6g (%s rule, relative to the "
-                    "global batch %d that optim.lr=%g is for) -> base lr %.6g; %d steps in all",
-                    saved_world, self.world_size, saved_world * cfg.data.batch_size, batch, scale,
-                    "linear" if cfg.optim.name == "sgd" else "square-root", self.state.lr_global_batch,
-                    cfg.optim.lr, sched.base_lrs[0], self.total_steps)
-        self.state.world_size = self.world_size
+            self.total_steps = st.step + in_epoch + max(0, cfg.train.epochs - plan.epoch - 1) * len(self.loader)
+        log.warning("world size %d -> %d, batch per rank %d -> %d: global batch %d -> %d, learning rate x %.6g "
+                    "(%s rule, relative to the global batch %d that optim.lr=%g is for) -> base lr %.6g; %d steps "
+                    "in all", st.world_size, self.world_size, st.batch_size, cfg.data.batch_size, saved_batch, batch,
+                    scale, "linear" if cfg.optim.name == "sgd" else "square-root", st.lr_global_batch, cfg.optim.lr,
+                    sched.base_lrs[0], self.total_steps)
+        st.world_size, st.batch_size = self.world_size, cfg.data.batch_size
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
@@ -316,24 +494,33 @@ class Trainer:
         def request_stop(signum, _frame):
             log.warning("rank %d: signal %d, checkpointing after this step", self.rank, signum)
             self.stop_requested = True
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, request_stop)
 
     def train(self, until_step: int | None = None) -> dict:
         """Train to `total_steps` (or stop after `until_step`, checkpointing, as a preemption would)."""
+        try:
+            return self._train(until_step)
+        finally:
+            self.close()
+
+    def _train(self, until_step: int | None) -> dict:
         cfg = self.cfg
         self.restore()
+        self.metrics = MetricsLogger(cfg.run_dir, enabled=self.rank == 0, start_step=self.state.step)
+        self._closing.callback(self.metrics.close)
         self._install_signal_handlers()
         pbar = None
         if self.rank == 0 and cfg.train.progress:
             from tqdm import tqdm
             pbar = tqdm(total=self.total_steps, initial=self.state.step, desc="train", unit="step",
                         dynamic_ncols=True, leave=True)
+            self._closing.callback(pbar.close)
         t_start, test_l2, train_loss, bytes_per_step, ratio = time.perf_counter(), float("nan"), float("nan"), 0, 1.0
         window: list[float] = []
         waited = stepped = 0.0   # seconds blocked on the loader / inside train_step, this call
         self.model.train()
-        stopped = False
+        stopped = preempted = False
         while self.state.step < self.total_steps and not stopped:
             epoch_at_start = self.loader.state_dict()["epoch"]
             t_ready = time.perf_counter()
@@ -384,6 +571,7 @@ class Trainer:
         summary = {
             "replica_max_abs_diff": divergence,
             "steps": self.state.step, "total_steps": self.total_steps, "finished": self.state.step >= self.total_steps,
+            "preempted": preempted and self.state.step < self.total_steps,
             "epochs": self.state.samples_seen / (self.loader.plan.samples_per_rank * self.world_size),
             "world_size": self.world_size, "train_samples": self.train_stop,
             "test_samples": self.dataset.num_samples - self.train_stop, "train_loss": train_loss,
@@ -396,6 +584,4 @@ class Trainer:
             tmp = cfg.run_dir / "summary.json.tmp"
             tmp.write_text(json.dumps(summary, indent=2))
             os.replace(tmp, cfg.run_dir / "summary.json")
-        self.loader.close()
-        self.metrics.close()
         return summary

@@ -1,0 +1,68 @@
+"""One run body for every launcher: `fieldtrain train` (torchrun, mpirun, srun) and Ray Train workers.
+
+    summary = run_training(cfg, resume=True)             # inside a rank: init, train, tear down
+    preflight(cfg, nproc=4, resume=False)                # before `--nproc` starts any rank: config, store, run dir
+
+Everything is released on the way out, whatever the exit: the trainer's loader threads, Ray board, writers and
+run-directory lock (Trainer.close), then the process group.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trainer.config import Config
+
+log = logging.getLogger("fieldtrain")
+EXIT_PREEMPTED = 75   # EX_TEMPFAIL: a signal stopped the run after a checkpoint; rerun with --resume to continue
+
+
+def run_training(cfg: Config, resume: bool = False, overwrite: bool = False, until_step: int | None = None,
+                 trainer_cls=None) -> dict:
+    """Join (or find) the process group, train, and leave it; returns the rank's summary."""
+    import torch
+
+    from launch.rendezvous import destroy_distributed, init_distributed
+    from trainer.train import Trainer
+
+    owned = not torch.distributed.is_initialized()   # Ray Train sets up its workers' group itself
+    env, device = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
+    if not owned:
+        log.info("rank %d/%d (local %d/%d) from %s, on its %s process group", env.rank, env.world_size,
+                 env.local_rank, env.local_world_size, env.source, torch.distributed.get_backend())
+    try:
+        threads = cfg.run.threads_per_rank or max(1, (os.cpu_count() or 1) // env.local_world_size)
+        torch.set_num_threads(threads)
+        if cfg.run.deterministic:
+            torch.use_deterministic_algorithms(True)
+        summary = (trainer_cls or Trainer)(cfg, device, resume=resume, overwrite=overwrite).train(until_step=until_step)
+        if env.rank == 0:
+            log.info("summary: %s", json.dumps(summary))
+        return summary
+    finally:
+        if owned:
+            destroy_distributed()
+
+
+def preflight(cfg: Config, nproc: int, resume: bool, overwrite: bool) -> None:
+    """The checks every rank would make first, in this process, so a bad config, store or run directory is one
+    clear line before any rank starts (the ranks make them again: they may run elsewhere)."""
+    from trainer.rundir import RunDirLock, check_fresh_run
+    from trainer.train import check_inputs, check_resumable
+    from trainer.checkpoint import CheckpointManager
+
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: continue the run, or replace it")
+    ds, _ = check_inputs(cfg, nproc)
+    if cfg.run_dir.is_dir():
+        lock = RunDirLock(cfg.run_dir)
+        lock.acquire()     # refused when another run holds it; released at once, the ranks take it for the run
+        lock.release()
+    check_fresh_run(cfg.run_dir, resume, overwrite)
+    latest = CheckpointManager(cfg.run_dir / "checkpoints").latest() if resume else None
+    if latest is not None:
+        check_resumable(cfg, ds, latest)
