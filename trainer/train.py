@@ -31,7 +31,7 @@ import torch.distributed.checkpoint as dcp
 from data.loader import ShardedLoader, epoch_batches, evaluation_batches
 from data.shards import ChunkShardPlan
 from data.store import FieldDataset
-from trainer.checkpoint import CheckpointManager, ModelOptimizerState, RNGState
+from trainer.checkpoint import CheckpointManager, ModelOptimizerState, RNGState, _Without
 from trainer.comm import GradientExchange
 from trainer.config import RESUME_WHY, Config, resume_changes
 from trainer.fno import FNO
@@ -69,7 +69,8 @@ class TrainState:
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
         self.skipped_steps = int(state["skipped_steps"])
         self.world_size, self.lr_global_batch = int(state["world_size"]), int(state["lr_global_batch"])
-        self.batch_size = int(state["batch_size"])   # run_meta stays this run's: it is what the next save records
+        # Checkpoints from before batch_size was recorded: assume it is unchanged. run_meta stays this run's.
+        self.batch_size = int(state.get("batch_size", self.batch_size))
 
 
 def read_run_meta(path: str | Path) -> dict | None:
@@ -445,6 +446,9 @@ class Trainer:
             log.warning("resume: the compressor's state is not restored (the checkpoint was written with %s); "
                         "error feedback and warm starts begin afresh", (self.saved_config or {}).get("comm", {})
                         .get("compressor", "another exchange"))
+        legacy = {k for k in ("batch_size", "run_meta") if f"trainer.{k}" not in saved}
+        if legacy:   # written before these were recorded
+            state["trainer"] = _Without(self.state, legacy)
         path = self.checkpoints.load(state, path)
         log.info("resumed from %s at step %d", path, self.state.step)
         if "comm" not in state and self.exchange is not None and hasattr(self.exchange, "step"):
