@@ -115,7 +115,7 @@ def write_darcy_dataset(url: str, n: int, res: int, seed: int, chunk_size: int =
                         storage_options: dict | None = None, workers: int = 1, overwrite: bool = False,
                         progress: bool = False, alpha: float = 2.0, tau: float = 3.0) -> None:
     """Generate n Darcy samples into a dataset group at `url`: `data.generate.generate_dataset` for Darcy,
-    in this process (workers = 1) or one Ray task per chunk (workers > 1). Chunk i is drawn from
+    in this process (workers = 1) or as Ray tasks, one per chunk, at most `workers` at once. Chunk i is drawn from
     np.random.default_rng([seed, i]) alone, so the dataset does not depend on `workers`."""
     if workers < 1:
         raise ValueError(f"write_darcy_dataset: workers must be >= 1, got {workers}")
@@ -126,7 +126,7 @@ def write_darcy_dataset(url: str, n: int, res: int, seed: int, chunk_size: int =
                          "(`fieldtrain data generate` resumes an interrupted generation instead)")
     generate_dataset("darcy", url, n, res, seed=seed, chunk_size=chunk_size,
                      params={"fine_factor": fine_factor, "alpha": alpha, "tau": tau},
-                     storage_options=storage_options, overwrite=overwrite, progress=progress, use_ray=workers > 1)
+                     storage_options=storage_options, overwrite=overwrite, progress=progress, workers=workers)
 
 
 # Per-chunk interface of the dataset fan-out (same as data/burgers.py and data/navier_stokes.py).

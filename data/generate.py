@@ -9,14 +9,19 @@ writes the chunk's completion marker with its per-channel statistics. No two tas
 Rerunning the same command skips chunks whose marker exists, so an interrupted generation resumes; the
 driver finally combines the markers' statistics into the normalisation attributes (no second read).
 
+`workers` chooses where chunks are made: 1 in this process without Ray, N > 1 as Ray tasks with at most N
+running at once, None (default) as Ray tasks limited only by the cluster's CPUs (`task_cpus` each).
 `memory://` stores live inside one process, so they are generated in-process, without Ray.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import logging
+import shlex
 import time
+import tomllib
 
 from data.store import FieldDataset, FieldDatasetWriter
 
@@ -28,6 +33,44 @@ def generator_module(problem: str):
     if problem not in GENERATORS:
         raise ValueError(f"unknown generator {problem!r}; allowed: {', '.join(GENERATORS)}")
     return importlib.import_module(GENERATORS[problem])
+
+
+def _param_text(value) -> str:
+    """A --param value that the CLI's TOML parsing turns back into `value` exactly."""
+    if isinstance(value, str):
+        try:
+            tomllib.loads(f"v = {value}")
+        except tomllib.TOMLDecodeError:
+            return value                      # the CLI keeps unparsable text as a string
+        return json.dumps(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, (list, dict)) else repr(value)
+
+
+def generate_command(url: str, attrs: dict, codec: str = "blosc-lz4", overwrite: bool = False,
+                     storage_options: dict | None = None) -> str:
+    """The `fieldtrain data generate` command line that wrote (and so resumes) a store, from its group
+    attributes "generator" and "params": only parameters that differ from the generator's defaults are given,
+    and the command is checked to reproduce "params" exactly (otherwise resuming would refuse).
+
+    Raises ValueError (or KeyError) when the attributes do not come from `generate_dataset`."""
+    problem, params = attrs["generator"], dict(attrs["params"])
+    module = generator_module(problem)
+    core = {k: params.pop(k) for k in ("n", "res", "seed", "chunk_size")}
+    defaults = module.describe(core["res"])["params"]
+    given = {k: params[k] for k in module.DEFAULTS if k in params and params[k] != defaults.get(k)}
+    if json.loads(json.dumps(module.describe(core["res"], **given)["params"])) != params:
+        raise ValueError(f"{url}: params {attrs['params']} are not what {problem} would store for {given}")
+    argv = ["fieldtrain", "data", "generate", problem, "--n", str(core["n"]), "--res", str(core["res"]),
+            "--out", url, "--seed", str(core["seed"]), "--chunk-size", str(core["chunk_size"])]
+    for k, v in given.items():
+        argv += ["--param", f"{k}={_param_text(v)}"]
+    argv += ["--codec", codec] if codec != "blosc-lz4" else []
+    argv += ["--overwrite"] if overwrite else []
+    command = shlex.join(argv)
+    # Storage options may hold credentials: name the flag, never the values.
+    return command + " --storage-options '<the same JSON>'" if storage_options else command
 
 
 def _write_chunk(problem: str, url: str, storage_options: dict | None, chunk: int, count: int, res: int,
@@ -43,13 +86,20 @@ def _write_chunk(problem: str, url: str, storage_options: dict | None, chunk: in
 def generate_dataset(problem: str, url: str, n: int, res: int, seed: int = 0, chunk_size: int = 64,
                      params: dict | None = None, storage_options: dict | None = None, codec: str = "blosc-lz4",
                      overwrite: bool = False, ray_address: str | None = None, task_cpus: float = 0.5,
-                     progress: bool = True, max_chunks: int | None = None, use_ray: bool | None = None) -> dict:
+                     progress: bool = True, max_chunks: int | None = None, workers: int | None = None) -> dict:
     """Generate (or finish generating) `n` samples of `problem` at resolution `res` into `url`.
 
     `max_chunks` stops after writing that many chunks (an interrupted run, for tests and staged jobs).
-    `use_ray=False` generates in this process (default: Ray, except for memory:// stores).
+    `workers`: 1 generates in this process; N > 1 runs Ray tasks, at most N at once; None (default) runs Ray
+    tasks as the cluster's CPUs allow, except for memory:// stores, which are generated in this process.
     Returns {"chunks": total, "written": this call, "skipped": already complete, "seconds": wall time}.
     """
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be an integer >= 1 (1: in this process, N: up to N Ray tasks at once), "
+                         f"got {workers!r}")
+    if url.startswith("memory://") and workers not in (None, 1):
+        raise ValueError(f"{url}: a memory:// store lives in this process and Ray tasks cannot reach it; "
+                         f"use workers=1 (--workers 1), not {workers}")
     module = generator_module(problem)
     desc = module.describe(res, **(params or {}))
     full_params = {**desc["params"], "n": n, "res": res, "seed": seed, "chunk_size": chunk_size}
@@ -77,15 +127,14 @@ def generate_dataset(problem: str, url: str, n: int, res: int, seed: int = 0, ch
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=writer.num_chunks, initial=len(done), desc=f"{problem} -> {url}", unit="chunk")
-    if use_ray is None:
-        use_ray = not url.startswith("memory://")
-    if not use_ray or not todo:
+    if workers == 1 or url.startswith("memory://") or not todo:
         for c in todo:
             _write_chunk(problem, url, storage_options, c, counts[c], res, seed, gen_params)
             if bar is not None:
                 bar.update(1)
     else:
-        _fan_out(problem, url, storage_options, todo, counts, res, seed, gen_params, ray_address, task_cpus, bar)
+        _fan_out(problem, url, storage_options, todo, counts, res, seed, gen_params, ray_address, task_cpus, bar,
+                 max_running=workers or len(todo))
     if bar is not None:
         bar.close()
     if len(done) + len(todo) == writer.num_chunks:
@@ -94,7 +143,8 @@ def generate_dataset(problem: str, url: str, n: int, res: int, seed: int = 0, ch
             "seconds": time.perf_counter() - t0}
 
 
-def _fan_out(problem, url, storage_options, todo, counts, res, seed, params, ray_address, task_cpus, bar) -> None:
+def _fan_out(problem, url, storage_options, todo, counts, res, seed, params, ray_address, task_cpus, bar,
+             max_running: int) -> None:
     import ray
     started = not ray.is_initialized()
     if started:
@@ -104,8 +154,11 @@ def _fan_out(problem, url, storage_options, todo, counts, res, seed, params, ray
             ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level=logging.WARNING)
     try:
         task = ray.remote(_write_chunk).options(num_cpus=task_cpus, max_retries=2)
-        pending = [task.remote(problem, url, storage_options, c, counts[c], res, seed, params) for c in todo]
-        while pending:
+        queue, pending = list(todo), []
+        while queue or pending:
+            while queue and len(pending) < max_running:   # at most max_running tasks submitted at once
+                c = queue.pop(0)
+                pending.append(task.remote(problem, url, storage_options, c, counts[c], res, seed, params))
             ready, pending = ray.wait(pending, num_returns=1)
             ray.get(ready)   # re-raises a task's error, naming the chunk it was writing
             if bar is not None:

@@ -7,27 +7,36 @@ Layout of a dataset group::
     <url>/targets               float32 (N, C_out, *grid), chunks (chunk_size, C_out, *grid)
 
 Chunking is along the sample axis N only, so a chunk is the unit of I/O for the loader
-and chunk i lives under the key ``<array>/c/<i>/0/0...``.
+and chunk i lives under the key ``<array>/c/<i>/0/0...``. Every chunk ends with a CRC32C of its
+encoded bytes (zarr's ``crc32c`` codec after the compressor), so a changed byte is a read error,
+not silently different values; stores written before that still open, with a warning.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
+
+log = logging.getLogger("fieldtrain.data")
 
 FORMAT_VERSION = 1
 ARRAY_NAMES = ("inputs", "targets")
 REQUIRED_ATTRS = ("fieldtrain_version", "generator", "params", "grid", "num_samples", "normalization")
 CODECS = ("blosc-lz4", "zstd", "none")
 PROGRESS_PREFIX = "progress"   # <url>/progress/<chunk>.json: a written chunk's marker and statistics
+VERIFY_BATCH_BYTES = 256 << 20  # decoded bytes that verify() holds at once
+_warned_unprotected: set[str] = set()
 
 
 def open_zarr_store(url: str, storage_options: dict | None = None, read_only: bool = True) -> zarr.abc.store.Store:
@@ -50,19 +59,64 @@ def store_is_empty(url: str, storage_options: dict | None = None, store=None) ->
         return True
 
 
-def _compressors(codec: str):
+def _compressors(codec: str) -> list:
+    """The bytes-to-bytes codecs of a new array: the compressor, then a CRC32C of the compressed bytes."""
     if codec == "blosc-lz4":
-        return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+        return [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
     if codec == "zstd":
-        return zarr.codecs.ZstdCodec(level=3)
+        return [zarr.codecs.ZstdCodec(level=3), Crc32cCodec()]
     if codec == "none":
-        return None
+        return [Crc32cCodec()]
     raise ValueError(f"unknown codec {codec!r}; allowed: {', '.join(CODECS)}")
+
+
+def codec_name(arr: zarr.Array) -> str:
+    """The CODECS entry an array was written with (the checksum aside), e.g. to regenerate it alike."""
+    names = [type(c).__name__ for c in arr.compressors if not isinstance(c, Crc32cCodec)]
+    if names == ["BloscCodec"] and arr.compressors[0].cname.value == "lz4":
+        return "blosc-lz4"
+    return {(): "none", ("ZstdCodec",): "zstd"}.get(tuple(names), "+".join(names))
 
 
 def _chunk_key(arr: zarr.Array, chunk: int) -> str:
     key = arr.metadata.encode_chunk_key((chunk,) + (0,) * (arr.ndim - 1))
     return f"{arr.path}/{key}" if arr.path else key
+
+
+class _MissingChunk(LookupError):
+    """A chunk key that does not exist (zarr would silently return fill values for it)."""
+
+
+def _chunk_problem(e: BaseException) -> str:
+    """What went wrong reading a chunk, in words: a checksum mismatch, an undecodable or an unreadable chunk."""
+    if isinstance(e, ValueError) and "checksum" in str(e):
+        return "corrupt: checksum mismatch"
+    if isinstance(e, OSError):
+        return "unreadable"
+    return "corrupt: cannot be decoded"
+
+
+def _progress_markers(store, read: bool = True) -> dict[int, dict | None]:
+    """Completion markers of an unfinished generation: chunk -> the statistics its marker carries (None
+    with read=False, which only lists them)."""
+    async def _read() -> dict[int, dict | None]:
+        keys = [k async for k in store.list_prefix(f"{PROGRESS_PREFIX}/")]
+        chunks = [int(k.rsplit("/", 1)[1].split(".")[0]) for k in keys]
+        if not read:
+            return dict.fromkeys(chunks)
+        bufs = await asyncio.gather(*(store.get(k, prototype=default_buffer_prototype()) for k in keys))
+        return {c: json.loads(b.to_bytes()) for c, b in zip(chunks, bufs) if b is not None}
+    try:
+        return sync(_read())
+    except FileNotFoundError:
+        return {}
+
+
+def format_bad_chunks(url: str, bad: list[dict]) -> str:
+    """verify()'s findings as lines: one per bad (array, chunk), naming the chunk, array and key."""
+    lines = [f"{url}: {len(bad)} bad chunk(s):"]
+    lines += [f"  chunk {b['chunk']} of array {b['array']!r} (key {b['key']!r}): {b['error']}" for b in bad]
+    return "\n".join(lines)
 
 
 def _channel_stats(x: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
@@ -100,7 +154,9 @@ class FieldDataset:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{url}: not a Zarr v3 group or store does not exist ({type(e).__name__}: {e})") from e
 
-        present = sorted(group.array_keys())
+        with warnings.catch_warnings():  # an unfinished generation's progress/ folder is not a zarr node
+            warnings.filterwarnings("ignore", message=f"Object at {PROGRESS_PREFIX} is not recognized")
+            present = sorted(group.array_keys())
         arrays = {}
         for name in ARRAY_NAMES:
             if name not in present:
@@ -130,6 +186,8 @@ class FieldDataset:
 
         self.attrs = dict(group.attrs)
         missing = [k for k in REQUIRED_ATTRS if k not in self.attrs]
+        if missing == ["normalization"]:
+            raise ValueError(self._unfinished_message(storage_options))
         if missing:
             raise ValueError(f"{url}: group attributes missing keys {missing}; required: {list(REQUIRED_ATTRS)}")
         if self.attrs["fieldtrain_version"] != FORMAT_VERSION:
@@ -150,6 +208,42 @@ class FieldDataset:
         self.num_chunks = math.ceil(self.num_samples / self.chunk_size)
         self.input_shape = tuple(self.inputs.shape[1:])
         self.target_shape = tuple(self.targets.shape[1:])
+        if not self.checksummed and url not in _warned_unprotected:
+            _warned_unprotected.add(url)
+            log.warning("%s", self._unprotected_message(storage_options))
+
+    @property
+    def checksummed(self) -> bool:
+        """Whether every chunk of both arrays carries a CRC32C (zarr's crc32c codec, the last codec)."""
+        return all(arr.compressors and isinstance(arr.compressors[-1], Crc32cCodec)
+                   for arr in (self.inputs, self.targets))
+
+    def _generate_command(self, storage_options: dict | None, overwrite: bool = False) -> str | None:
+        from data.generate import generate_command  # data.generate imports this module
+        try:
+            return generate_command(self.url, self.attrs, codec=codec_name(self.inputs), overwrite=overwrite,
+                                    storage_options=storage_options)
+        except (ValueError, KeyError, TypeError):  # not written by `fieldtrain data generate`
+            return None
+
+    def _unfinished_message(self, storage_options: dict | None) -> str:
+        total = math.ceil(self.inputs.shape[0] / self.inputs.chunks[0])
+        done = len(_progress_markers(self._store, read=False))
+        head = (f"{self.url}: dataset generation is unfinished, {done} of {total} chunks complete (the group "
+                "attribute 'normalization' is written when all are)")
+        command = self._generate_command(storage_options)
+        if command is None:
+            return (f"{head}; its writer ({self.attrs.get('generator')!r}) stopped before "
+                    "FieldDatasetWriter.finish(): write the missing chunks and call finish(), or rewrite the store")
+        return f"{head}; resume it with: {command}"
+
+    def _unprotected_message(self, storage_options: dict | None) -> str:
+        command = self._generate_command(storage_options, overwrite=True)
+        fix = (f"regenerate it (same seed, same arrays) to get one: {command}" if command else
+               "rewrite it with the current fieldtrain (FieldDatasetWriter / write_field_dataset) to get one")
+        return (f"{self.url}: chunks carry no checksum (written before fieldtrain stored a crc32c per chunk), so a "
+                f"changed byte can go unnoticed; `fieldtrain data verify` still finds missing and undecodable "
+                f"chunks; {fix}")
 
     def __repr__(self) -> str:
         return (f"FieldDataset({self.url!r}, N={self.num_samples}, inputs={self.input_shape}, "
@@ -183,57 +277,98 @@ class FieldDataset:
             try:
                 out.append(np.asarray(arr[start:stop], dtype=np.float32))
             except Exception as e:  # codec / store errors: find and name the bad chunk
-                bad = chunks[0]
+                bad, err = chunks[0], e
                 for c in chunks:
                     try:
                         arr[c * self.chunk_size:(c + 1) * self.chunk_size]
-                    except Exception:
-                        bad = c
+                    except Exception as chunk_error:
+                        bad, err = c, chunk_error
                         break
-                raise ValueError(f"{self.url}: chunk {bad} of array {name!r} is corrupt or unreadable (key "
-                                 f"{_chunk_key(arr, bad)!r}; {type(e).__name__}: {e})") from e
+                raise ValueError(f"{self.url}: chunk {bad} of array {name!r} is {_chunk_problem(err)} (key "
+                                 f"{_chunk_key(arr, bad)!r}; {type(err).__name__}: {err})") from e
         return out[0], out[1]
 
     def read_chunk(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
         """The whole chunk `chunk` along N (the last chunk may be shorter)."""
         return self.read_chunks([chunk])[0]
 
-    def read_chunks(self, chunks: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Whole chunks, fetched and decoded concurrently in one pass over the store (on an object store
-        the requests overlap, so k chunks cost about one round trip, not k)."""
+    def _fetch_chunks(self, chunks: Sequence[int]) -> list[tuple[str, int, str, BaseException | None, np.ndarray]]:
+        """(array, chunk, key, error, data) for each chunk of both arrays, fetched and decoded concurrently in
+        one pass over the store; error is None, _MissingChunk for an absent key, or what reading raised."""
         for c in chunks:
             if not 0 <= c < self.num_chunks:
                 raise ValueError(f"{self.url}: chunk {c} out of range; dataset has chunks 0..{self.num_chunks - 1}")
-        arrays = (("inputs", self.inputs), ("targets", self.targets))
-        jobs = [(name, arr, c) for c in chunks for name, arr in arrays]
+        jobs = [(name, arr, c) for c in chunks for name, arr in (("inputs", self.inputs), ("targets", self.targets))]
 
         async def fetch(arr: zarr.Array, c: int):
-            key = _chunk_key(arr, c)
-            exists, data = await asyncio.gather(self._store.exists(key), arr.async_array.getitem(
+            return await asyncio.gather(self._store.exists(_chunk_key(arr, c)), arr.async_array.getitem(
                 slice(c * self.chunk_size, min((c + 1) * self.chunk_size, self.num_samples))))
-            return exists, data
 
         async def fetch_all():
             return await asyncio.gather(*(fetch(arr, c) for _, arr, c in jobs), return_exceptions=True)
 
-        results = sync(fetch_all())
         out = []
-        for (name, arr, c), r in zip(jobs, results):
-            if isinstance(r, BaseException):  # codec / store errors, named by chunk
-                raise ValueError(f"{self.url}: chunk {c} of array {name!r} is corrupt or unreadable (key "
-                                 f"{_chunk_key(arr, c)!r}; {type(r).__name__}: {r})") from r
-            exists, data = r
-            if not exists:  # Zarr silently returns fill values for absent chunks
-                raise ValueError(f"{self.url}: chunk {c} of array {name!r} is missing (key {_chunk_key(arr, c)!r})")
-            out.append(np.asarray(data, dtype=np.float32))
-        return list(zip(out[0::2], out[1::2]))
+        for (name, arr, c), r in zip(jobs, sync(fetch_all())):
+            key = _chunk_key(arr, c)
+            if isinstance(r, BaseException):
+                out.append((name, c, key, r, None))
+            elif not r[0]:  # Zarr silently returns fill values for absent chunks
+                out.append((name, c, key, _MissingChunk(key), None))
+            else:
+                out.append((name, c, key, None, np.asarray(r[1], dtype=np.float32)))
+        return out
+
+    def read_chunks(self, chunks: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Whole chunks, fetched and decoded concurrently in one pass over the store (on an object store
+        the requests overlap, so k chunks cost about one round trip, not k)."""
+        fetched = self._fetch_chunks(chunks)
+        for name, c, key, err, _ in fetched:
+            if isinstance(err, _MissingChunk):
+                raise ValueError(f"{self.url}: chunk {c} of array {name!r} is missing (key {key!r})")
+            if err is not None:  # codec / store errors, named by chunk
+                raise ValueError(f"{self.url}: chunk {c} of array {name!r} is {_chunk_problem(err)} (key {key!r}; "
+                                 f"{type(err).__name__}: {err})") from err
+        data = [d for *_, d in fetched]
+        return list(zip(data[0::2], data[1::2]))
+
+    def verify(self, chunks: Sequence[int] | None = None, progress: bool = False) -> list[dict]:
+        """Read and decode every chunk of both arrays (or only `chunks`), concurrently, a batch at a time.
+
+        Returns one {"array", "chunk", "key", "error"} per bad (array, chunk), in chunk order: missing,
+        corrupt (checksum mismatch, undecodable), unreadable, or holding non-finite values (the writer
+        refuses those, so they mean damage). An empty list means every chunk read back intact.
+        """
+        chunks = list(range(self.num_chunks) if chunks is None else chunks)
+        chunk_bytes = 4 * self.chunk_size * (math.prod(self.input_shape) + math.prod(self.target_shape))
+        per_batch = max(1, VERIFY_BATCH_BYTES // chunk_bytes)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(chunks), desc=f"verify {self.url}", unit="chunk")
+        bad = []
+        for i in range(0, len(chunks), per_batch):
+            for name, c, key, err, data in self._fetch_chunks(chunks[i:i + per_batch]):
+                if isinstance(err, _MissingChunk):
+                    problem = "missing"
+                elif err is not None:
+                    problem = f"{_chunk_problem(err)} ({type(err).__name__}: {err})"
+                elif (nonfinite := data.size - int(np.isfinite(data).sum())) > 0:
+                    problem = f"corrupt: {nonfinite} non-finite value(s)"
+                else:
+                    continue
+                bad.append({"array": name, "chunk": c, "key": key, "error": problem})
+            if bar is not None:
+                bar.update(len(chunks[i:i + per_batch]))
+        if bar is not None:
+            bar.close()
+        return bad
 
 
 class FieldDatasetWriter:
     """Creates the group and arrays up front, then takes whole chunks; finish() writes stats + attrs.
 
     Until finish() the group lacks the 'normalization' attribute, so a half-written dataset
-    fails FieldDataset validation instead of being silently read.
+    fails FieldDataset validation (saying how many chunks are complete) instead of being silently read.
     """
 
     def __init__(self, url: str, num_samples: int, input_shape: tuple, target_shape: tuple, chunk_size: int,
@@ -322,12 +457,7 @@ class FieldDatasetWriter:
 
     def completed_chunks(self) -> dict[int, dict]:
         """Chunks whose completion marker exists, with the per-channel statistics the marker carries."""
-        async def _read() -> dict[int, dict]:
-            keys = [k async for k in self._store.list_prefix(f"{PROGRESS_PREFIX}/")]
-            bufs = await asyncio.gather(*(self._store.get(k, prototype=default_buffer_prototype()) for k in keys))
-            return {int(k.rsplit("/", 1)[1].split(".")[0]): json.loads(b.to_bytes()) for k, b in zip(keys, bufs)
-                    if b is not None}
-        return sync(_read())
+        return _progress_markers(self._store)
 
     def write_chunk(self, chunk: int, inputs: np.ndarray, targets: np.ndarray) -> None:
         """Write chunk `chunk` (rows chunk*chunk_size ...) and record its per-channel statistics."""

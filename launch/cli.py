@@ -24,7 +24,7 @@ log = logging.getLogger("fieldtrain")
 
 
 def _setup_logging() -> None:
-    from launch.rendezvous import env_rank
+    from launch import env_rank
     rank = env_rank()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s rank{rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -118,7 +118,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     report = generate_dataset(args.problem, args.out, args.n, args.res, seed=args.seed, chunk_size=args.chunk_size,
                               params=params, storage_options=_json_arg(args.storage_options, "--storage-options"),
                               codec=args.codec, overwrite=args.overwrite, ray_address=args.ray_address,
-                              task_cpus=args.task_cpus)
+                              task_cpus=args.task_cpus, workers=args.workers)
     print(f"{args.out}: {report['chunks']} chunks, {report['written']} written now, {report['skipped']} already "
           f"complete ({report['seconds']:.1f} s)")
     return 0
@@ -131,6 +131,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"{ds.url}: {ds.num_samples} samples in {ds.num_chunks} chunks of {ds.chunk_size}")
     for name, arr in (("inputs", ds.inputs), ("targets", ds.targets)):
         print(f"  {name}: shape {arr.shape} dtype {arr.dtype} chunks {arr.chunks} codecs {arr.compressors}")
+    print("  checksummed: " + ("yes (crc32c on every chunk)" if ds.checksummed else
+                               "NO (chunks carry no checksum: a changed byte can go unnoticed; regenerate to protect)"))
     print("  attributes:")
     for k, v in ds.attrs.items():
         print(f"    {k}: {json.dumps(v)}")
@@ -138,6 +140,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for name, a in (("inputs", x), ("targets", y)):
         print(f"  {name} (first chunk): min {a.min():.4g} max {a.max():.4g} mean {a.mean():.4g} "
               f"std {a.std():.4g} finite {bool(np.isfinite(a).all())}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from data.store import FieldDataset, format_bad_chunks
+    ds = FieldDataset(args.url, _json_arg(args.storage_options, "--storage-options"))
+    bad = ds.verify(progress=args.progress)
+    checksum = "crc32c-checked" if ds.checksummed else "NOT checksummed: only missing, undecodable or non-finite found"
+    if bad:
+        print(format_bad_chunks(ds.url, bad))
+        return 1
+    print(f"{ds.url}: all {ds.num_chunks} chunks of 'inputs' and 'targets' read back intact ({checksum})")
     return 0
 
 
@@ -193,12 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true")
     g.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
     g.add_argument("--task-cpus", type=float, default=0.5, help="CPUs per generation task")
+    g.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="1: generate in this process, without Ray; N > 1: Ray tasks, at most N at once "
+                   "(default: as many Ray tasks as the cluster's CPUs allow)")
     g.add_argument("--storage-options", default="", help="JSON, e.g. '{\"anon\": false}'")
     g.set_defaults(func=cmd_generate)
-    i = data.add_parser("inspect", help="print arrays, chunks, codecs, attributes and statistics")
+    i = data.add_parser("inspect", help="print arrays, chunks, codecs, checksum, attributes and statistics")
     i.add_argument("url")
     i.add_argument("--storage-options", default="")
     i.set_defaults(func=cmd_inspect)
+    v = data.add_parser("verify", help="read and decode every chunk; list missing or corrupt ones (exit 1 if any)")
+    v.add_argument("url")
+    v.add_argument("--storage-options", default="")
+    v.add_argument("--progress", action="store_true", help="show a progress bar")
+    v.set_defaults(func=cmd_verify)
 
     launch = sub.add_parser("launch", help="submit training to a cluster").add_subparsers(dest="launcher", required=True)
     s = launch.add_parser("slurm", help="render a batch script from slurm/ and submit it with sbatch")

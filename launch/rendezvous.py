@@ -36,14 +36,6 @@ def _int_env(name: str) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def env_rank() -> int:
-    """This process's rank as the launcher's environment tells it, before any initialisation (for logging)."""
-    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 0
-
-
 def _mpi_master() -> tuple[str, str]:
     """Under mpirun without MASTER_ADDR/PORT: rank 0 picks them and broadcasts them over MPI."""
     from mpi4py import MPI

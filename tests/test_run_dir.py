@@ -242,3 +242,21 @@ def test_a_resumed_run_rewinds_metrics_and_tensorboard_to_its_checkpoint(small_d
     acc = EventAccumulator(str(cfg.run_dir / "tb"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("train_loss")] == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+# ---- a corrupt test chunk is found at start-up, not at the end of training ------------------------------------
+@pytest.mark.slow
+def test_a_corrupt_test_chunk_stops_the_run_before_the_first_step(small_darcy, tmp_path):
+    store = tmp_path / "darcy.zarr"
+    shutil.copytree(small_darcy, store)
+    chunk = next((store / "targets" / "c" / "5").rglob("*"))   # chunk 5 of 6: the test split
+    while chunk.is_dir():
+        chunk = next(chunk.iterdir())
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    chunk.write_bytes(bytes(data))
+    r = fieldtrain("train", CONFIG, "--nproc", "2", *common(str(store), tmp_path, "train.max_steps=50"))
+    assert r.returncode != 0
+    assert "chunk 5 of array 'targets'" in r.stderr and "checksum mismatch" in r.stderr, r.stderr[-3000:]
+    assert "in the test split" in r.stderr
+    assert not (tmp_path / "run" / "metrics.csv").exists()

@@ -65,8 +65,9 @@ def test_codec_and_chunking_on_disk(tmp_path):
     _write(str(tmp_path / "d"), x, y)
     arr = zarr.open_array(str(tmp_path / "d" / "inputs"), mode="r")
     assert arr.chunks == (4, 2, 6, 5) and arr.dtype == np.float32
-    (codec,) = arr.compressors
+    codec, checksum = arr.compressors  # the compressor, then a CRC32C of the compressed bytes
     assert codec.cname.value == "lz4" and codec.clevel == 5
+    assert isinstance(checksum, zarr.codecs.Crc32cCodec) and FieldDataset(str(tmp_path / "d")).checksummed
     assert sorted(os.listdir(tmp_path / "d" / "inputs" / "c")) == ["0", "1", "2"]
 
 
@@ -98,8 +99,8 @@ def test_writer_errors(tmp_path):
     w.write_chunk(0, x[:4], y[:4])
     with pytest.raises(ValueError, match=r"2 chunk\(s\) never written: \[1, 2\]"):
         w.finish()
-    # An unfinished dataset has no normalization and must not open.
-    with pytest.raises(ValueError, match="normalization"):
+    # An unfinished dataset has no normalization and must not open; the error says how far it got.
+    with pytest.raises(ValueError, match=r"unfinished, 1 of 3 chunks complete .*'normalization'.*finish\(\)"):
         FieldDataset(url)
     with pytest.raises(ValueError, match="unknown codec 'lz5'"):
         FieldDatasetWriter(str(tmp_path / "c"), 10, (1, 4, 4), (1, 4, 4), 4, "t", {}, BOUNDS, codec="lz5")
@@ -212,3 +213,119 @@ def test_all_zero_chunk_is_stored(tmp_path):
     ds = FieldDataset(url)
     assert np.array_equal(ds.read(0, 4)[0], x)
     assert ds.normalization()["inputs"] == {"mean": [0.0], "std": [0.0]}
+
+
+# A generation that stopped early (data/generate.py keeps progress markers until finish()).
+
+@pytest.mark.parametrize("problem, res, params", [
+    ("darcy", 9, {"fine_factor": 2, "tau": 4.0}),
+    ("burgers", 32, {"fine_factor": 2, "T": 0.1, "nu": 0.05}),
+    ("navier_stokes", 16, {"fine_factor": 1, "T": 0.01, "dt": 1e-3, "record_steps": 2, "forcing": False}),
+])
+def test_unfinished_generation_names_progress_and_the_command_that_resumes_it(problem, res, params):
+    import shlex
+
+    from data.generate import generate_dataset
+    from launch.cli import main
+    whole, staged = _memory_url(), _memory_url()
+    kw = dict(n=20, res=res, seed=5, chunk_size=6, params=params, progress=False)
+    generate_dataset(problem, whole, **kw)
+    generate_dataset(problem, staged, **kw, max_chunks=2)
+    with pytest.raises(ValueError, match=r"dataset generation is unfinished, 2 of 4 chunks complete") as e:
+        FieldDataset(staged)
+    assert str(e.value).startswith(f"{staged}: ") and "'normalization'" in str(e.value)
+    command = str(e.value).split("resume it with: ")[1]
+    assert command.startswith(f"fieldtrain data generate {problem} --n 20 --res {res} --out {staged} --seed 5 "
+                              "--chunk-size 6 --param ")
+    assert main(shlex.split(command)[1:]) == 0              # memory:// stores are generated in this process
+    ds, ref = FieldDataset(staged), FieldDataset(whole)
+    assert ds.attrs == ref.attrs and ds.verify() == []
+    for a, b in zip(ds.read(0, 20), ref.read(0, 20)):
+        assert np.array_equal(a, b)
+
+
+def test_unfinished_store_of_another_writer_says_so(tmp_path):
+    url = str(tmp_path / "w")
+    w = FieldDatasetWriter(url, 10, (2, 6, 5), (1, 6, 5), 4, "test", {}, BOUNDS)
+    with pytest.raises(ValueError, match=r"unfinished, 0 of 3 chunks complete.*stopped before "
+                                         r"FieldDatasetWriter.finish\(\)") as e:
+        FieldDataset(url)
+    assert url in str(e.value)
+    x, y = _arrays()
+    for c in range(3):
+        w.write_chunk(c, x[4 * c:4 * c + 4], y[4 * c:4 * c + 4])
+    w.finish()
+    assert FieldDataset(url).num_chunks == 3
+
+
+@pytest.mark.slow
+def test_printed_resume_command_run_as_is_finishes_the_store(tmp_path):
+    import shlex
+
+    from conftest import fieldtrain
+    from conftest import REPO
+    from data.generate import generate_dataset
+    from trainer.config import load_config
+    from trainer.train import check_inputs  # how training opens and validates its store
+    whole, staged = str(tmp_path / "whole.zarr"), str(tmp_path / "staged zarr")   # a space: the command quotes it
+    kw = dict(n=40, res=9, chunk_size=8, params={"fine_factor": 2, "alpha": 2.5}, progress=False, workers=1)
+    generate_dataset("darcy", whole, **kw)
+    generate_dataset("darcy", staged, **kw, max_chunks=3)
+    cfg = load_config(REPO / "configs" / "darcy_fno.toml", [f"data.path={staged}", "data.batch_size=4"])
+    with pytest.raises(ValueError, match="3 of 5 chunks complete") as e:
+        check_inputs(cfg, world_size=1)
+    argv = shlex.split(str(e.value).split("resume it with: ")[1])
+    assert argv[:3] == ["fieldtrain", "data", "generate"] and argv[argv.index("--out") + 1] == staged
+    r = fieldtrain(*argv[1:])                                # as printed: Ray tasks, no extra flags
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 written now, 3 already complete" in r.stdout
+    ds, _ = check_inputs(cfg, world_size=1)
+    ref = FieldDataset(whole)
+    assert ds.checksummed and ds.attrs == ref.attrs and ds.verify() == []
+    for a, b in zip(ds.read(0, 40), ref.read(0, 40)):
+        assert np.array_equal(a, b)
+
+
+# `fieldtrain data generate --workers N`, as the README's first command line uses it.
+
+def _readme_generate_line() -> list[str]:
+    import shlex
+
+    from conftest import REPO
+    (line,) = [ln for ln in (REPO / "README.md").read_text().splitlines()
+               if ln.startswith("fieldtrain data generate") and "--workers" in ln]
+    return shlex.split(line)
+
+
+@pytest.mark.slow
+def test_documented_generate_command_line_parses_and_runs(tmp_path):
+    from conftest import fieldtrain
+    from data.generate import generate_dataset
+    from launch.cli import build_parser
+    argv = _readme_generate_line()
+    args = build_parser().parse_args(argv[1:])
+    assert (args.problem, args.workers) == ("darcy", 2) and args.func.__name__ == "cmd_generate"
+    # The same command line, made small: --workers 2 runs at most 2 Ray tasks at once, same arrays as 1 worker.
+    small = argv[1:]
+    small[small.index("--n") + 1], small[small.index("--res") + 1] = "24", "9"
+    small[small.index("--out") + 1] = str(tmp_path / "ray.zarr")
+    r = fieldtrain(*small, "--chunk-size", "8", "--param", "fine_factor=2", "--task-cpus", "0.25")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "3 chunks, 3 written now" in r.stdout
+    local = str(tmp_path / "local.zarr")
+    generate_dataset("darcy", local, n=24, res=9, chunk_size=8, params={"fine_factor": 2}, progress=False, workers=1)
+    for a, b in zip(FieldDataset(str(tmp_path / "ray.zarr")).read(0, 24), FieldDataset(local).read(0, 24)):
+        assert np.array_equal(a, b)
+
+
+def test_generate_workers_is_checked(tmp_path):
+    from conftest import fieldtrain
+    from data.generate import generate_dataset
+    with pytest.raises(ValueError, match="workers must be an integer >= 1"):
+        generate_dataset("darcy", str(tmp_path / "a"), n=4, res=9, workers=0)
+    with pytest.raises(ValueError, match=r"memory:// store lives in this process.*--workers 1"):
+        generate_dataset("darcy", _memory_url(), n=4, res=9, workers=2)
+    r = fieldtrain("data", "generate", "darcy", "--n", "4", "--res", "9", "--out", str(tmp_path / "b"),
+                   "--workers", "0")
+    assert r.returncode == 2 and "workers must be an integer >= 1" in r.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

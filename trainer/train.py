@@ -30,7 +30,7 @@ import torch.distributed.checkpoint as dcp
 
 from data.loader import ShardedLoader, epoch_batches, evaluation_batches
 from data.shards import ChunkShardPlan
-from data.store import FieldDataset
+from data.store import FieldDataset, format_bad_chunks
 from trainer.checkpoint import CheckpointManager, ModelOptimizerState, RNGState, _Without
 from trainer.comm import GradientExchange
 from trainer.config import RESUME_WHY, Config, resume_changes
@@ -305,12 +305,11 @@ class Trainer:
         ds = self.dataset
         first = self.train_stop // ds.chunk_size
         mine = list(range(first, ds.num_chunks))[self.rank::self.world_size]
-        bad = ds.verify(mine) if mine and hasattr(ds, "verify") else []  # TEMP
+        bad = ds.verify(mine) if mine else []
         if not bad:
             return None
-        listed = "; ".join(f"chunk {b['chunk']} of {b['array']!r} (key {b['key']!r}): {b['error']}" for b in bad[:5])
-        return (f"{ds.url}: {len(bad)} unreadable chunk(s) in the test split: {listed}. "
-                f"Run `fieldtrain data verify {ds.url}` for the whole store")
+        return (f"{format_bad_chunks(ds.url, bad)}\nthese are in the test split (chunks {first}..{ds.num_chunks - 1}); "
+                f"`fieldtrain data verify {ds.url}` checks the whole store")
 
     def _claim_run_dir(self) -> None:
         """Rank 0 locks the run directory and applies the fresh-run rule; every rank learns the outcome."""
