@@ -151,18 +151,20 @@ def test_resume_refuses_another_dataset_but_takes_a_copy(small_darcy, finished_r
 
 def test_resume_with_another_batch_size_follows_the_lr_rule(small_darcy, finished_run, tmp_path):
     """8 -> 4 samples per rank halves the global batch: Adam's learning rate x sqrt(1/2), logged; the epoch goes on
-    from the same sample (the plan's cursor counts samples, not batches)."""
+    from the same sample (the plan's cursor counts samples, not batches). A new optim.lr takes effect too."""
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     r = fieldtrain("train", CONFIG, *common(small_darcy, tmp_path, "train.max_steps=8", "train.ckpt_every=3",
-                                            "data.batch_size=4", "optim.scheduler='constant'"), "--resume")
+                                            "data.batch_size=4", "optim.scheduler='constant'", "optim.lr=2e-2"),
+                   "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "optim.lr changed from 0.01 to 0.02" in r.stderr
     assert "data.batch_size changed from 8 to 4" in r.stderr and "learning rate x 0.707107" in r.stderr, r.stderr
     state = final_state(run)
     assert state["trainer"]["step"] == 8 and state["trainer"]["batch_size"] == 4
     assert state["trainer"]["lr_global_batch"] == 8   # the batch optim.lr is meant for stays the first run's
     lr = state["model_optim"]["optim"]["param_groups"][0]["lr"]
-    assert lr == pytest.approx(1e-2 * 0.5 ** 0.5, rel=1e-12)
+    assert lr == pytest.approx(2e-2 * 0.5 ** 0.5, rel=1e-12)
     assert state["data"]["cursor"] == (6 * 8 + 2 * 4) % 80   # 6 batches of 8, then 2 of 4, in an 80-sample epoch
 
 
