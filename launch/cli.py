@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from launch.run import EXIT_PREEMPTED  # noqa: F401  (the exit code of a preempted run, for launchers)
 
+EXIT_NO_SPACE = 74   # EX_IOERR: a checkpoint did not fit; the previous one is intact, --resume once there is room
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 log = logging.getLogger("fieldtrain")
 
@@ -265,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         log.error("%s", e)
         return 2
+    except OSError as e:
+        if e.errno != errno.ENOSPC:   # a full disk (trainer.checkpoint.CheckpointNoSpaceError says where and how much)
+            raise
+        log.error("%s", e)
+        return EXIT_NO_SPACE
 
 
 if __name__ == "__main__":
