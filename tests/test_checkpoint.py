@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from conftest import REPO, SMALL_MODEL, fieldtrain
+from test_train import final_state
 from trainer import checkpoint as ckpt_mod
 from trainer.checkpoint import BLOCK, CheckpointManager, CheckpointNoSpaceError, checkpoint_bytes, state_dict_bytes
 
@@ -273,13 +274,6 @@ def _sets(*overrides: str) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
 
 
-def _final_state(run_dir: Path) -> dict:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    out = run_dir.parent / f"{run_dir.name}.pt"
-    dcp_to_torch_save(run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip(), out)
-    return torch.load(out, weights_only=False)
-
-
 def _disk_bytes(directory: Path, skip: str = "checkpoints") -> int:
     return sum(checkpoint_bytes(p) if p.is_dir() else os.stat(p).st_blocks * 512
                for p in directory.iterdir() if p.name != skip)
@@ -308,7 +302,7 @@ def test_c_two_rank_run_on_a_small_disk_fails_clearly_and_resumes_exactly(small_
     resumed = fieldtrain("train", CONFIG, "--nproc", "2", *common, *_sets(f"run.out_dir={fs}", "run.name=t"),
                          "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = _final_state(run), _final_state(fs / "t")
+    a, b = final_state(run), final_state(fs / "t")
     assert a["trainer"]["step"] == b["trainer"]["step"] == 8
     for k, v in a["model_optim"]["model"].items():
         assert torch.equal(v, b["model_optim"]["model"][k]), k

@@ -19,9 +19,10 @@ def sets(*overrides: str) -> list[str]:
 
 
 def final_state(run_dir: Path) -> dict:
+    """The latest checkpoint of a run as one torch.save dict (written beside the run dir: its disk may be full)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
-    out = run_dir / "final.pt"
+    out = run_dir.parent / f"{run_dir.name}.final.pt"
     dcp_to_torch_save(ckpt, out)
     return torch.load(out, weights_only=False)
 
