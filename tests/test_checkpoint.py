@@ -294,7 +294,7 @@ def test_c_two_rank_run_on_a_small_disk_fails_clearly_and_resumes_exactly(small_
     assert staged.returncode != 0
     checkpoints = fs / "t" / "checkpoints"
     assert "no space left" in staged.stderr and str(checkpoints) in staged.stderr, staged.stderr[-3000:]
-    assert f"checkpoint step_00000006 needs ~" in staged.stderr and " bytes (" in staged.stderr, staged.stderr[-3000:]
+    assert "checkpoint step_00000006 needs ~" in staged.stderr and " bytes (" in staged.stderr, staged.stderr[-3000:]
     assert (checkpoints / "latest").read_text() == "step_00000004"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000002", "step_00000004"]
 
