@@ -3,9 +3,15 @@
     fieldtrain train CONFIG [--set section.key=value ...] [--nproc N] [--resume | --overwrite]
     fieldtrain demo [--out runs/demo] [--nproc 2]
     fieldtrain data generate darcy --n N --res R --out URL [--seed S] [--chunk-size C] [--workers W]
+
     fieldtrain data inspect URL
+    fieldtrain data verify URL [--storage-options JSON]
     fieldtrain launch slurm CONFIG --nodes N --tasks-per-node M [--time T] [--gpus-per-node G] [--dry-run] [...]
     fieldtrain launch ray CONFIG --address ADDR --workers MIN[..MAX] [--storage-path URL] [--max-failures K] [...]
+
+Exit codes: 0 done; 2 a user error (bad config, store or run directory: one line naming it); 74 a checkpoint did not
+fit on its disk (the previous one is intact); 75 stopped by SIGTERM/SIGINT/SIGUSR1 after a checkpoint (--resume goes
+on); 128+N killed by signal N; anything else, a rank's failure.
 """
 
 from __future__ import annotations
