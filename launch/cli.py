@@ -3,7 +3,6 @@
     fieldtrain train CONFIG [--set section.key=value ...] [--nproc N] [--resume | --overwrite]
     fieldtrain demo [--out runs/demo] [--nproc 2]
     fieldtrain data generate darcy --n N --res R --out URL [--seed S] [--chunk-size C] [--workers W]
-
     fieldtrain data inspect URL
     fieldtrain data verify URL [--storage-options JSON]
     fieldtrain launch slurm CONFIG --nodes N --tasks-per-node M [--time T] [--gpus-per-node G] [--dry-run] [...]
