@@ -41,6 +41,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from launch.run import preflight, run_training
     from trainer.config import load_config
 
+    if not args.nproc or "WORLD_SIZE" in os.environ:   # a rank (torchrun, mpirun, srun, or alone)
+        from trainer.signals import install_stop_handlers
+        install_stop_handlers()
+
     cfg = load_config(args.config, args.set)
     if args.nproc and "WORLD_SIZE" not in os.environ:
         from launch.local import spawn_local

@@ -27,8 +27,10 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False, unt
     import torch
 
     from launch.rendezvous import destroy_distributed, init_distributed
+    from trainer.signals import install_stop_handlers
     from trainer.train import Trainer
 
+    install_stop_handlers()
     owned = not torch.distributed.is_initialized()   # Ray Train sets up its workers' group itself
     env, device = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
     if not owned:

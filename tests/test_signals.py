@@ -1,7 +1,11 @@
 """Signals to `fieldtrain train --nproc 2` (launch/local.py): SIGTERM, SIGINT and SIGUSR1 make every rank checkpoint
 and stop (exit 75, `--resume` continues bit for bit); ranks that do not stop, a rank that dies and a launcher that is
 SIGKILLed leave no process behind. Every process a test starts carries a marker variable; the test finds them by it
-in /proc/*/environ (they are in sessions of their own) and kills what is left whatever the outcome."""
+in /proc/*/environ (they are in sessions of their own) and kills what is left whatever the outcome.
+
+Every run has train.max_steps=400 (one cosine schedule for all; the signal lands long before the end). The resumed run
+stops 3 steps after the signal's checkpoint (--stop-after-step) and is compared with the uninterrupted run's checkpoint
+of that step: the reference run checkpoints every step, so one run serves every test."""
 
 import csv
 import json
@@ -159,7 +163,8 @@ def stopped_step(launch: Launch) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=lambda s: s.name)
 def test_signal_checkpoints_every_rank_exits_75_and_resume_is_exact(sig, small_darcy, tmp_path, launches, reference):
-    launch = Launch(tmp_path, "signalled", small_darcy=small_darcy)
+    # a safety net well below the default 120 s: a step and a checkpoint take well under a second here
+    launch = Launch(tmp_path, "signalled", env={"FIELDTRAIN_STOP_GRACE_S": "30"}, small_darcy=small_darcy)
     launches.append(launch)
     launch.wait_for_step(3)
     launch.proc.send_signal(sig)
@@ -169,17 +174,18 @@ def test_signal_checkpoints_every_rank_exits_75_and_resume_is_exact(sig, small_d
     text = launch.log.read_text()
     assert f"launcher: {sig.name}: the ranks finish their step, checkpoint and stop" in text, text[-4000:]
     for rank in (0, 1):   # each rank got the signal once, from the launcher
-        assert text.count(f"rank {rank}: signal {int(sig)}, checkpointing after this step") == 1, text[-4000:]
+        assert text.count(f"rank{rank}] WARNING {sig.name}: stopping with a checkpoint after the current step") == 1, \
+            text[-4000:]
     step = stopped_step(launch)
     assert step >= 3
 
     # --resume continues from that checkpoint; 3 steps later it matches the uninterrupted run bit for bit
     r = fieldtrain("train", CONFIG, "--nproc", "2", *launch.common, "--resume", "--stop-after-step", str(step + 3))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resumed from {launch.run / 'checkpoints' / f'step_{step:08d}'} at step {step}" in r.stderr, r.stderr[-3000:]
-    resumed = launch.run / "checkpoints"
-    assert (resumed / "latest").read_text().strip() == f"step_{step + 3:08d}"
-    assert_same_state(state_at(resumed / f"step_{step + 3:08d}", tmp_path / "resumed.pt"), reference(step + 3))
+    ckpts = launch.run / "checkpoints"
+    assert f"resumed from {ckpts / f'step_{step:08d}'} at step {step}" in r.stderr, r.stderr[-3000:]
+    assert (ckpts / "latest").read_text().strip() == f"step_{step + 3:08d}"
+    assert_same_state(state_at(ckpts / f"step_{step + 3:08d}", tmp_path / "resumed.pt"), reference(step + 3))
 
 
 # ---- ranks that do not stop ---------------------------------------------------------------------------------
@@ -211,6 +217,12 @@ def test_ranks_that_do_not_stop_are_killed(how, small_darcy, tmp_path, launches)
     assert not (launch.run / "checkpoints" / "latest").exists()
 
 
+def test_a_bad_grace_period_is_refused_before_any_rank_starts():
+    from launch.local import spawn_local
+    with pytest.raises(ValueError, match="FIELDTRAIN_STOP_GRACE_S='soon': expected the seconds"):
+        spawn_local(2, ["train", CONFIG], env={**os.environ, "FIELDTRAIN_STOP_GRACE_S": "soon"})
+
+
 # ---- failures ---------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -236,3 +248,5 @@ def test_sigkilled_launcher_leaves_no_rank_behind(small_darcy, tmp_path, launche
     launch.proc.wait()
     # the kernel sends each rank SIGKILL when the launcher dies (PR_SET_PDEATHSIG); init reaps them
     wait_until(lambda: ours(launch.marker) == [], 30, f"ranks outlived the SIGKILLed launcher: {ours(launch.marker)}")
+    # ... killed, not finished unsupervised (orphans would train on to the end and write the summary)
+    assert not (launch.run / "summary.json").exists() and launch.steps_logged() < TOTAL

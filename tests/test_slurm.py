@@ -220,7 +220,10 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_parameters(s
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-4000:]
     assert info["Restarts"] == "1", text[-4000:]
     assert "SLURM_RESTART_COUNT=0" in text and "SLURM_RESTART_COUNT=1" in text
-    assert len(re.findall(r"rank \d: signal 10, checkpointing after this step", text)) == 2, text[-4000:]
+    # every rank exited 75 (EX_TEMPFAIL) after its checkpoint, srun passed that on, and only that requeued the job
+    assert "fieldtrain: training step exited with 75 (checkpointed on a signal): requeueing job" in text, text[-4000:]
+    assert "fieldtrain: training step exited with 0: done" in text, text[-4000:]
+    assert len(re.findall(r"rank\d\] WARNING SIGUSR1: stopping with a checkpoint after the current step", text)) == 2, text[-4000:]
     stopped = re.search(r"resumed from \S+/step_(\d+) at step (\d+)", text)
     assert stopped, text[-4000:]
     step = int(stopped[2])
@@ -234,6 +237,18 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_parameters(s
         for name, t in v.items():
             assert torch.equal(t, b["model_optim"]["optim"]["state"][k][name]), (k, name)
     assert train_losses(run) == train_losses(straight["run"])
+
+
+@pytest.mark.slow
+def test_failed_step_is_not_requeued(slurm, small_darcy, tmp_path):
+    """Only 75 requeues: ranks that fail (here: exit 2, no dataset at data.path) fail the job, once."""
+    sets = run_sets(small_darcy, tmp_path, "failed") + ["--set", f"data.path={tmp_path / 'missing.zarr'}"]
+    job, log = submit(tmp_path, "failed", *sets)
+    info = wait_for_job(job, log)
+    text = log.read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", (info, text[-4000:])
+    assert info["Restarts"] == "0", text[-4000:]
+    assert f"fieldtrain: training step exited with 2: failed, not requeueing job {job}" in text, text[-4000:]
 
 
 # ---- without a cluster ---------------------------------------------------------------------------------------

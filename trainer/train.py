@@ -18,8 +18,6 @@ import json
 import logging
 import math
 import os
-import signal
-import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -37,6 +35,7 @@ from trainer.config import RESUME_WHY, Config, resume_changes
 from trainer.fno import FNO
 from trainer.parallelize import parallelize
 from trainer.rundir import RunDirLock, check_fresh_run, clear_run_outputs
+from trainer.signals import STOP_SIGNAL, install_stop_handlers
 
 log = logging.getLogger("fieldtrain")
 
@@ -372,7 +371,8 @@ class Trainer:
         else:
             nonfinite = not all(bool(torch.isfinite(p.grad).all()) for p in self.model.parameters()
                                 if p.grad is not None)
-        nonfinite, self.stop_requested = self._agree(nonfinite, self.stop_requested)
+        # The handler only raises a local flag; the stop itself is agreed here, so every rank checkpoints at one step.
+        nonfinite, self.stop_requested = self._agree(nonfinite, STOP_SIGNAL.is_set())
         if nonfinite:
             self.state.skipped_steps += 1
             log.warning("step %d: non-finite gradient on some rank; step skipped on all ranks (%d so far)",
@@ -491,15 +491,6 @@ class Trainer:
         st.world_size, st.batch_size = self.world_size, cfg.data.batch_size
 
     # ---- the loop ------------------------------------------------------------------------------------------
-    def _install_signal_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return   # e.g. a Ray Train worker runs this in a thread; its launcher handles signals
-        def request_stop(signum, _frame):
-            log.warning("rank %d: signal %d, checkpointing after this step", self.rank, signum)
-            self.stop_requested = True
-        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, request_stop)
-
     def train(self, until_step: int | None = None) -> dict:
         """Train to `total_steps` (or stop after `until_step`, checkpointing, as a preemption would)."""
         try:
@@ -512,7 +503,7 @@ class Trainer:
         self.restore()
         self.metrics = MetricsLogger(cfg.run_dir, enabled=self.rank == 0, start_step=self.state.step)
         self._closing.callback(self.metrics.close)
-        self._install_signal_handlers()
+        install_stop_handlers()
         pbar = None
         if self.rank == 0 and cfg.train.progress:
             from tqdm import tqdm
