@@ -89,6 +89,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     argv = ["train", str(REPO_CONFIGS / "demo.toml"), *sum((["--set", s] for s in overrides), []), "--overwrite"]
     from launch.local import spawn_local
     rc = spawn_local(args.nproc, argv)
+    if rc == EXIT_PREEMPTED:
+        print(f"training stopped by a signal after a checkpoint in {out / 'fno'} (exit code {rc}); `fieldtrain train "
+              f"{REPO_CONFIGS / 'demo.toml'} --nproc {args.nproc} --resume` with the same --set values continues it",
+              file=sys.stderr)
+        return rc
     if rc != 0:
         print(f"training failed (exit code {rc})", file=sys.stderr)
         return rc
