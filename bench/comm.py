@@ -139,7 +139,7 @@ def rank_command(topo: netns.Topology, i: int, row: Row, run_root: Path, port: i
     sets = [*MODEL, f"data.path={DATA}", f"run.out_dir={run_root}", f"run.name={row.name}",
             f"train.max_steps={steps}", "train.log_every=1", f"train.eval_every={eval_every}",
             "train.progress=false", *row.overrides]
-    argv = [sys.executable, "-m", "launch.cli", "train", str(CONFIG)]
+    argv = [sys.executable, "-m", "launch.cli", "train", str(CONFIG), "--overwrite"]   # a rerun replaces the row
     for s in sets:
         argv += ["--set", s]
     return topo.exec_command(i, argv, {k: str(v) for k, v in env.items()})

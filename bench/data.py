@@ -309,7 +309,7 @@ def run_step_wait(args: argparse.Namespace, out: Path) -> list[dict]:
             sets = [f"data.path={DATA}", f"run.out_dir={run_dir.parent}", f"run.name={run_dir.name}",
                     f"data.loader={kind}", f"train.max_steps={args.train_steps}", "train.log_every=1",
                     "train.eval_every=0", "train.ckpt_every=0", "train.progress=false", *MODEL]
-            cmd = [sys.executable, "-m", "launch.cli", "train", str(CONFIG), "--nproc", str(world),
+            cmd = [sys.executable, "-m", "launch.cli", "train", str(CONFIG), "--nproc", str(world), "--overwrite",
                    *[a for s in sets for a in ("--set", s)]]
             env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
             env.pop("RAY_ADDRESS", None)
