@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from conftest import REPO, SMALL_MODEL, fieldtrain
-from test_train import CONFIG, sets
+from test_train import CONFIG, assert_same_state, sets
 
 MARKER = "FIELDTRAIN_TEST_SIGNALS"
 TOTAL = 400       # train.max_steps of every run here, so all share one cosine schedule; none gets near its end
@@ -112,16 +112,6 @@ def state_at(checkpoint: Path, out: Path) -> dict:
     assert (checkpoint / ".metadata").is_file(), f"{checkpoint} is not a complete checkpoint"
     dcp_to_torch_save(checkpoint, out)
     return torch.load(out, weights_only=False)
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    assert a["trainer"]["step"] == b["trainer"]["step"]
-    for k, v in a["model_optim"]["model"].items():
-        assert torch.equal(v, b["model_optim"]["model"][k]), k
-    for k, v in a["model_optim"]["optim"]["state"].items():
-        for name, t in v.items():
-            assert torch.equal(t, b["model_optim"]["optim"]["state"][k][name]), (k, name)
-    assert a["data"] == b["data"]
 
 
 @pytest.fixture(scope="module")
