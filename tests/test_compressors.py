@@ -304,3 +304,45 @@ def test_error_feedback_average_converges_on_constant_gradient(variant, steps, g
         biased = run_steps(2, variant, 50, grad=grad, error_feedback=False)
         avg = torch.stack(biased[0][0]).mean(dim=0)
         assert (avg - true).norm() / true.norm() > 0.1
+
+
+@pytest.mark.parametrize("variant", ["powersgd", "powersgd_complex", "powersgd_r1"])
+def test_powersgd_cost_model_predicts_the_bytes_it_sends(variant):
+    """One rule decides what PowerSGD compresses (`powersgd_matrix`): `auto`'s cost model predicts exactly the bytes
+    the compressor sends. (16, 16) at rank 4 sits on the rule's edge, r (n + m) * 2 == n m: not compressed, as
+    torch's powerSGD_hook decides."""
+    from trainer.compress.auto import collectives, powersgd_plan
+    spec = [*SPEC, ("edge.weight", (16, 16), False)]
+    views, n = make_views(spec)
+    _, kw = VARIANTS[variant]
+    cfg = CommConfig(**{"density": 0.1, "block_size": 64, **kw})
+    matrices, n_small = powersgd_plan([(shape, cplx) for _, shape, cplx in spec], cfg)
+    predicted = sum(b for _, b in collectives("powersgd", cfg, n, matrices, n_small, 2))
+    sent = run_steps(2, variant, 1, views=(views, n))[0][2][0]
+    assert sent == predicted
+    if cfg.rank == 4:   # the edge matrix and the bias go uncompressed
+        assert (16, 16) not in [(p // 4, q // 4) for p, q in matrices] and n_small >= 16 * 16 + 24
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (17, 16), (24, 40), (9, 35), (3, 100), (100, 3), (12, 288), (40,)])
+@pytest.mark.parametrize("rank,rate", [(1, 2.0), (4, 2.0), (4, 1.0), (8, 3.0)])
+def test_powersgd_rule_is_torchs(shape, rank, rate):
+    """torch's powerSGD_hook is the baseline we count bytes for: its compress decision is ours."""
+    from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _should_compress
+
+    from trainer.compress.powersgd import powersgd_matrix
+    cfg = CommConfig(rank=rank, min_compression_rate=rate)
+    ours = powersgd_matrix(shape, False, cfg)
+    if len(shape) < 2:
+        assert ours is None
+        return
+    n, m = shape[0], math.prod(shape[1:])
+    assert (ours is not None) == _should_compress(n, m, min(rank, n, m), rate)[0]
+
+
+def test_auto_candidates_are_only_compressors_with_a_cost_model():
+    for bad in ("auto", "skip", "torch_fp16", "torch_powersgd"):
+        with pytest.raises(ValueError, match=r"comm\.auto_candidates\[\]' = '" + bad + "'.*'powersgd'"):
+            CommConfig(compressor="auto", auto_candidates=["none", bad])
+    with pytest.raises(ValueError, match="non-empty list"):
+        CommConfig(auto_candidates=[])

@@ -189,13 +189,13 @@ def test_bad_launch_arguments_are_named(args, named, tmp_path):
 
 
 def test_unreachable_address_is_a_clear_error(tmp_path):
+    """Refused by the launcher's own reachability check (its message), not after ray.init's minute of retries."""
     from launch.local import free_port
-    t0 = time.monotonic()
     r = fieldtrain("launch", "ray", CONFIG, "--address", f"127.0.0.1:{free_port()}", "--workers", "2",
                    *sets(f"run.out_dir={tmp_path}", "data.path=x.zarr"), timeout=120)
     assert r.returncode == 2
     assert "no Ray cluster reachable" in r.stderr and "ray start --head" in r.stderr, r.stderr
-    assert time.monotonic() - t0 < 60
+    assert "ray.init" not in r.stderr and "Traceback" not in r.stderr
     assert not any(tmp_path.iterdir())
 
 

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from trainer.compress import COMPRESSORS
 from trainer.compress.base import Compressor, ParamView
+from trainer.compress.powersgd import powersgd_floats, powersgd_matrix
 from trainer.compress.simple import AllReduceCompressor
 from trainer.compress.transport import make_transport, ring_allreduce_bytes
 from trainer.config import CommConfig
@@ -159,13 +160,12 @@ def _ddp_hook(state, bucket):   # unannotated: DDP checks annotations, and this 
     return fut
 
 
-def _torch_powersgd_bytes(bucket, rank: int, min_rate: float) -> int:
-    """Allreduced bytes of torch's powerSGD_hook for one bucket, by its own compression rule."""
+def _torch_powersgd_bytes(bucket, cfg: CommConfig) -> int:
+    """Allreduced bytes of torch's powerSGD_hook for one bucket (its rule is ours: `powersgd_matrix`, on real views)."""
     total = 0
     for g in bucket.gradients():
-        n, m = (g.shape[0], g.numel() // g.shape[0]) if g.ndim > 1 else (g.numel(), 1)
-        compress = g.ndim > 1 and n * m >= min_rate * rank * (n + m)
-        total += 4 * (rank * (n + m) if compress else g.numel())
+        matrix = powersgd_matrix(tuple(g.shape), False, cfg, real_view=True)
+        total += 4 * (sum(powersgd_floats(*matrix)) if matrix else g.numel())
     return total
 
 
@@ -195,7 +195,7 @@ def register_torch_hook(ddp_model, name: str, cfg: CommConfig) -> TorchHookExcha
         hook_state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=cfg.rank,
                                                  start_powerSGD_iter=max(2, cfg.start_step),
                                                  min_compression_rate=cfg.min_compression_rate)
-        payload = lambda b: _torch_powersgd_bytes(b, cfg.rank, cfg.min_compression_rate)  # noqa: E731
+        payload = lambda b: _torch_powersgd_bytes(b, cfg)  # noqa: E731
 
     world = dist.get_world_size()
 

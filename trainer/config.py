@@ -163,8 +163,12 @@ class CommConfig:
         if not 0 < self.density <= 1:
             raise ValueError(f"config key 'comm.density' = {self.density!r}; must be in (0, 1]")
         _positive("comm.block_size", self.block_size)
-        for name in self.auto_candidates:
-            _choice("comm.auto_candidates[]", name, tuple(COMPRESSORS))
+        from trainer.compress.auto import CANDIDATES
+        if not isinstance(self.auto_candidates, list) or not self.auto_candidates:
+            raise ValueError(f"config key 'comm.auto_candidates' = {self.auto_candidates!r}; give a non-empty list, "
+                             f"e.g. {list(CANDIDATES[:3])}")
+        for name in self.auto_candidates:   # auto predicts each one's time: only compressors with a cost model
+            _choice("comm.auto_candidates[]", name, CANDIDATES)
 
 
 @dataclass

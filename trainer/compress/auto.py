@@ -19,6 +19,7 @@ import time
 import torch
 
 from kernels import pack_signs, quantize_blockwise, dequantize_blockwise, topk_select, unpack_signs
+from trainer.compress.powersgd import powersgd_floats, powersgd_matrix
 
 log = logging.getLogger("fieldtrain")
 
@@ -70,16 +71,32 @@ def _collective_time(kind: str, nbytes: float, w: int, alpha: float, beta: float
     return messages * alpha + _wire_bytes(kind, nbytes, w) * beta
 
 
+CANDIDATES = ("none", "fp16", "powersgd", "int8", "int4", "sign", "topk", "randk")   # those with a cost model below
+
+
+def powersgd_plan(shapes: list[tuple[tuple[int, ...], bool]], cfg) -> tuple[list[tuple[int, int]], int]:
+    """PowerSGD's (P floats, Q floats) for each parameter it compresses, and the floats of those it sends as they
+    are, for parameters given as (shape, is_complex)."""
+    matrices, n_small = [], 0
+    for shape, is_complex in shapes:
+        matrix = powersgd_matrix(tuple(shape), is_complex, cfg)
+        if matrix is not None:
+            matrices.append(powersgd_floats(*matrix))
+        else:
+            n_small += math.prod(shape) * (2 if is_complex else 1)
+    return matrices, n_small
+
+
 def collectives(name: str, cfg, n: int, matrices: list[tuple[int, int]], n_small: int, w: int) -> list[tuple[str, float]]:
-    """(collective, bytes) one step of `name` issues for a gradient of n floats, over all buckets at once."""
+    """(collective, bytes) one step of `name` issues for a gradient of n floats, over all buckets at once;
+    `matrices` holds PowerSGD's (P floats, Q floats) per compressed matrix, `n_small` the floats it sends as they are."""
     if name == "none":
         return [("allreduce", 4 * n)]
     if name == "fp16":
         return [("allreduce", 2 * n)]
-    if name == "powersgd":
-        r = cfg.rank
-        return [("allreduce", 4 * n_small + 4 * r * sum(a for a, _ in matrices)),
-                ("allreduce", 4 * r * sum(b for _, b in matrices))]
+    if name == "powersgd":   # the uncompressed tensors ride with the P's (trainer/compress/powersgd.py)
+        return [("allreduce", 4 * n_small + 4 * sum(p for p, _ in matrices)),
+                ("allreduce", 4 * sum(q for _, q in matrices))]
     if name in ("int8", "int4"):
         per = n * (1 if name == "int8" else 0.5) + 4 * n / cfg.block_size
         return [("all_to_all", per), ("allgather", per / w)]
@@ -119,14 +136,7 @@ def choose_compressor(cfg, transport, module: torch.nn.Module) -> str:
     w = transport.world_size
     shapes = [(p.shape, p.is_complex()) for p in module.parameters() if p.requires_grad]
     n = sum(math.prod(s) * (2 if c else 1) for s, c in shapes)
-    matrices, n_small = [], 0
-    for shape, is_complex in shapes:
-        rows = shape[0] if len(shape) > 1 else 0
-        cols = math.prod(shape) * (2 if is_complex else 1) // rows if rows else 0
-        if rows and rows * cols >= cfg.min_compression_rate * cfg.rank * (rows + cols):
-            matrices.append((rows, cols))
-        else:
-            n_small += math.prod(shape) * (2 if is_complex else 1)
+    matrices, n_small = powersgd_plan(shapes, cfg)
     buckets = max(1, math.ceil(4 * n / (cfg.bucket_cap_mb * 2**20)))
     alpha, beta = measure_link(transport)
     encode = torch.tensor([_encode_time(c, cfg, n) for c in cfg.auto_candidates], dtype=torch.float64)

@@ -13,7 +13,8 @@ Optimization", Algorithm 1, for every parameter viewed as a matrix M (n x m):
 Since the averaged P and Q are linear in the M_j, the result is exact whenever mean_j M_j has rank
 <= r (and the warm-started Q is generic). One bucket costs three allreduces, always in this order:
 every uncompressed tensor concatenated, every P, every Q. A tensor is sent uncompressed when it is
-1-D or when n m < min_compression_rate * r (n + m) (torch's powerSGD_hook rule).
+1-D or when r (n + m) min_compression_rate >= n m, r = min(rank, n, m) (torch's powerSGD_hook rule,
+`powersgd_matrix`).
 
 Matrix view: first dim x the rest. Complex parameters (FNO spectral weights (in, out, m1, m2)) by
 `cfg.powersgd_complex`: "real_view" compresses the interleaved float32 (in, out*m1*m2*2) matrix (a
@@ -23,11 +24,36 @@ complex P, Q, conjugate transposes and a complex QR, and ships their real views.
 
 from __future__ import annotations
 
+import math
 import zlib
 
 import torch
 
 from trainer.compress.base import Compressor, ParamView, mixed_seed
+
+
+def powersgd_matrix(shape: tuple[int, ...], is_complex: bool, cfg, real_view: bool | None = None
+                    ) -> tuple[int, int, int, bool] | None:
+    """(n, m, r, complex): the matrix a parameter of `shape` is compressed as and its rank r = min(cfg.rank, n, m), or
+    None when it is sent uncompressed: 1-D, or r (n + m) * min_compression_rate >= n m (torch's powerSGD_hook rule).
+    The one home of this rule: the compressor, `auto`'s cost model and the byte count of torch's hook all use it.
+    `real_view` overrides cfg.powersgd_complex (torch's hook sees complex gradients as real views)."""
+    if len(shape) < 2:
+        return None
+    if real_view is None:
+        real_view = cfg.powersgd_complex == "real_view"
+    cplx = is_complex and not real_view
+    n = shape[0]
+    m = math.prod(shape) * (2 if is_complex else 1) // n // (2 if cplx else 1)
+    r = min(cfg.rank, n, m)
+    if r * (n + m) * cfg.min_compression_rate >= n * m:
+        return None
+    return n, m, r, cplx
+
+
+def powersgd_floats(n: int, m: int, r: int, cplx: bool) -> tuple[int, int]:
+    """float32 elements of P (n x r) and Q (m x r) as allreduced (complex entries as two floats)."""
+    return n * r * (2 if cplx else 1), m * r * (2 if cplx else 1)
 
 
 class PowerSGDCompressor(Compressor):
@@ -38,15 +64,8 @@ class PowerSGDCompressor(Compressor):
 
     def matrix_shape(self, v: ParamView) -> tuple[int, int, bool] | None:
         """(n, m, complex) of the matrix `v` is compressed as, or None to send it uncompressed."""
-        if len(v.shape) < 2:
-            return None
-        cplx = v.is_complex and self.cfg.powersgd_complex == "complex"
-        n = v.shape[0]
-        m = v.numel // n // (2 if cplx else 1)
-        r = min(self.cfg.rank, n, m)
-        if n * m < self.cfg.min_compression_rate * r * (n + m):
-            return None
-        return n, m, cplx
+        matrix = powersgd_matrix(v.shape, v.is_complex, self.cfg)
+        return None if matrix is None else (matrix[0], matrix[1], matrix[3])
 
     def _warm_q(self, v: ParamView, m: int, r: int, cplx: bool, device: torch.device) -> torch.Tensor:
         """Last step's Q, or a Gaussian one from a generator seeded by (seed, name): the same on every rank."""
