@@ -382,7 +382,7 @@ def _gradient_shapes() -> list[tuple[int, ...]]:
     """The benchmark FNO's parameter shapes in float32 terms (complex weights as (..., 2))."""
     import torch
 
-    from trainer.fno import FNO
+    from trainer.models.fno import FNO
     model = FNO(1, 1, (12, 12), width=32, padding=0)
     return [tuple(torch.view_as_real(p).shape) if p.is_complex() else tuple(p.shape) for p in model.parameters()]
 

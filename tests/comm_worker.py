@@ -26,13 +26,12 @@ class PoisonedTrainer(Trainer):
     """Rank 1's loss becomes NaN at one step: its gradient is non-finite, the others' are not."""
     poison_step = 0
 
-    def forward_backward(self, x, y):
+    def forward_backward(self, batch):
         if self.rank == 1 and self.state.step + 1 == self.poison_step:
-            pred = self.target_norm.decode(self.model(x))
-            loss = (pred * math.nan).mean()
+            loss = (self.model(batch["x"]) * math.nan).mean()
             loss.backward()
             return loss
-        return super().forward_backward(x, y)
+        return super().forward_backward(batch)
 
 
 def main(spec_path: str, out: str) -> None:

@@ -1,11 +1,11 @@
-"""Tests for trainer/fno.py: shapes, analytic Fourier multipliers, weight storage, resolution transfer."""
+"""Tests for trainer/models/fno.py: shapes, analytic Fourier multipliers, weight storage, resolution transfer."""
 
 import math
 
 import pytest
 import torch
 
-from trainer.fno import FNO, SpectralConv, copy_weights, is_spectral_param
+from trainer.models.fno import FNO, SpectralConv, copy_weights, is_spectral_param
 
 
 def _signed_freqs(m: int) -> torch.Tensor:

@@ -224,10 +224,10 @@ def test_a_resumed_run_rewinds_metrics_and_tensorboard_to_its_checkpoint(small_d
     trainer = Trainer(cfg)
     real_step = trainer.train_step
 
-    def crash_at_7(x, y):
+    def crash_at_7(batch):
         if trainer.state.step == 6:
             raise RuntimeError("node lost")
-        return real_step(x, y)
+        return real_step(batch)
 
     monkeypatch.setattr(trainer, "train_step", crash_at_7)
     with pytest.raises(RuntimeError, match="node lost"):

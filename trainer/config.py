@@ -83,7 +83,8 @@ class ModelConfig:
     spectral_weights: str = "complex"   # "real" stores them as (..., 2) float tensors
 
     def __post_init__(self):
-        _choice("model.name", self.name, ("fno",))
+        from trainer.registry import get_model_spec   # the registry lives next to the models
+        get_model_spec(self.name)
         _choice("model.spectral_weights", self.spectral_weights, ("complex", "real"))
         if not self.modes or not all(isinstance(m, int) and m > 0 for m in self.modes):
             raise ValueError(f"config key 'model.modes' = {self.modes!r}; must be a list of positive ints")

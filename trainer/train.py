@@ -3,8 +3,10 @@
     trainer = Trainer(cfg, device)     # validates the store and config; writes nothing before that
     summary = trainer.train()          # resumes from the latest checkpoint when resume=True
 
-Variants override one method (`forward_backward`), as torchtitan's trainers do; a launcher that keeps
-checkpoints elsewhere (Ray Train) overrides `save_checkpoint` and `restore`.
+The model comes from the registry (`trainer/registry.py`, `model.name`): its ModelSpec builds it and gives its
+loss and test error, so this file imports no model. Variants override one method (`forward_backward`), as
+torchtitan's trainers do; a launcher that keeps checkpoints elsewhere (Ray Train) overrides `save_checkpoint`
+and `restore`.
 
 Elastic resume: a checkpoint may be loaded into another world size. The data plan reshards the
 interrupted epoch (data/shards.py), the compressor keeps its replicated state and resets per-rank error
@@ -26,24 +28,18 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from data.loader import ShardedLoader, epoch_batches, evaluation_batches
+from data.loader import ChannelNormalizer, ShardedLoader, epoch_batches, evaluation_batches
 from data.shards import ChunkShardPlan
 from data.store import FieldDataset, format_bad_chunks
 from trainer.checkpoint import CheckpointManager, ModelOptimizerState, RNGState, _Without
 from trainer.comm import GradientExchange
 from trainer.config import RESUME_WHY, Config, resume_changes
-from trainer.fno import FNO
 from trainer.parallelize import parallelize
+from trainer.registry import Batch, DataSpec, get_model_spec
 from trainer.rundir import RunDirLock, check_fresh_run, clear_run_outputs
 from trainer.signals import STOP_SIGNAL, install_stop_handlers
 
 log = logging.getLogger("fieldtrain")
-
-
-def relative_l2(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample ||pred - target||_2 / ||target||_2, shape (batch,) (the FNO paper's metric and loss)."""
-    diff = (pred - target).flatten(1).norm(dim=1)
-    return diff / target.flatten(1).norm(dim=1).clamp_min(1e-12)
 
 
 class TrainState:
@@ -169,11 +165,17 @@ def check_inputs(cfg: Config, world_size: int) -> tuple[FieldDataset, int]:
     if train_stop < world_size * cfg.data.batch_size:
         raise ValueError(f"dataset {ds.url}: {train_stop} training samples cannot fill one batch of "
                          f"{cfg.data.batch_size} on each of {world_size} ranks")
-    grid = ds.input_shape[1:]
-    if len(cfg.model.modes) != len(grid):
-        raise ValueError(f"config key 'model.modes' = {cfg.model.modes} has {len(cfg.model.modes)} entries; "
-                         f"dataset {ds.url} has a {len(grid)}-D grid {tuple(grid)}")
+    try:
+        get_model_spec(cfg.model.name).check(cfg.model, data_spec(ds))
+    except ValueError as e:
+        raise ValueError(f"dataset {ds.url}: {e}") from None
     return ds, train_stop
+
+
+def data_spec(ds: FieldDataset, device: torch.device = torch.device("cpu")) -> DataSpec:
+    """What a model's loss needs from the dataset: sample shapes and the target normaliser (store statistics)."""
+    return DataSpec(ds.input_shape, ds.target_shape,
+                    ChannelNormalizer.from_stats(ds.normalization()["targets"]).to(device))
 
 
 def dataset_identity(ds: FieldDataset) -> dict:
@@ -255,13 +257,13 @@ class Trainer:
         agree_errors(error)
         ds = self.dataset
 
+        self.spec = get_model_spec(cfg.model.name)
+        self.data = data_spec(ds, self.device)
         torch.manual_seed(cfg.run.seed)
-        self.model = FNO(ds.input_shape[0], ds.target_shape[0], tuple(cfg.model.modes), width=cfg.model.width,
-                         n_layers=cfg.model.n_layers, padding=cfg.model.padding,
-                         projection_channels=cfg.model.projection_channels,
-                         spectral_weights=cfg.model.spectral_weights)
-        example = torch.zeros(1, *ds.input_shape)
-        self.model(example)  # modes vs grid are checked here, before any write
+        self.model = self.spec.build(cfg.model, self.data)
+        example = self.spec.example_batch(self.data)
+        with torch.no_grad():
+            self.spec.loss(self.model, example, self.data)   # shapes are checked here, before any write
 
         # One run per run directory: the lock, then the checkpoint's config against this one, then writes.
         self.lock = RunDirLock(cfg.run_dir)
@@ -275,7 +277,9 @@ class Trainer:
             self.saved_config, error = _capture(check_resumable, cfg, self.dataset, self.resume_from)
         agree_errors(error)
 
-        self.model, self.exchange = parallelize(self.model, cfg.comm, self.device, example, seed=cfg.run.seed)
+        example = {k: v.to(self.device) for k, v in example.items()}
+        self.model, self.exchange = parallelize(self.model, cfg.comm, self.device,
+                                                lambda m: self.spec.loss(m, example, self.data)[0], seed=cfg.run.seed)
         self.optimizer = self._build_optimizer()
         plan = ChunkShardPlan(self.train_stop, ds.chunk_size, self.world_size, self.rank, seed=cfg.run.seed,
                               shuffle=cfg.data.shuffle, drop_last=cfg.data.drop_last,
@@ -289,7 +293,6 @@ class Trainer:
         else:
             self.loader = ShardedLoader(ds, plan, cfg.data.batch_size, prefetch=cfg.data.prefetch)
         self._closing.callback(self.loader.close)
-        self.target_norm = self.loader.target_normalizer.to(self.device)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * len(self.loader)
         self.scheduler = self._build_scheduler()
         self.state = TrainState(self.world_size, self.world_size * cfg.data.batch_size, cfg.data.batch_size,
@@ -355,17 +358,16 @@ class Trainer:
         return state
 
     # ---- steps ---------------------------------------------------------------------------------------------
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Relative L2 in physical units (targets decoded with the store's statistics), averaged over the batch."""
-        pred = self.target_norm.decode(self.model(x))
-        loss = relative_l2(pred, self.target_norm.decode(y)).mean()
+    def forward_backward(self, batch: Batch) -> torch.Tensor:
+        """The model's loss (its ModelSpec's) on one batch, backpropagated; the one method variants override."""
+        loss, _metrics = self.spec.loss(self.model, batch, self.data)
         loss.backward()
         return loss
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+    def train_step(self, batch: Batch) -> float:
         """One optimizer step, skipped on every rank when any rank's gradient (or loss) is non-finite."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.forward_backward(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+        loss = self.forward_backward({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
         if self.exchange is not None:
             nonfinite = self.exchange.local_nonfinite or not math.isfinite(loss.item())
         else:
@@ -406,8 +408,7 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         # Fewer test samples than ranks leaves some ranks an empty share: they add nothing to the sums.
         for x, y in (evaluation_batches(ds, lo, hi, self.cfg.data.batch_size) if lo < hi else ()):
-            x, y = x.to(self.device), y.to(self.device)
-            err = relative_l2(self.target_norm.decode(self.model(x)), self.target_norm.decode(y))
+            err = self.spec.evaluate(self.model, {"x": x.to(self.device), "y": y.to(self.device)}, self.data)
             total += torch.stack([err.sum().double(), torch.tensor(float(len(err)), dtype=torch.float64)])
         if dist.is_initialized():
             dist.all_reduce(total)
@@ -520,7 +521,7 @@ class Trainer:
             t_ready = time.perf_counter()
             for x, y in self.loader:
                 t0 = time.perf_counter()
-                loss = self.train_step(x, y)
+                loss = self.train_step({"x": x, "y": y})
                 data_wait, step_time = t0 - t_ready, time.perf_counter() - t0
                 waited, stepped = waited + data_wait, stepped + step_time
                 self.state.step += 1

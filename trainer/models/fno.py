@@ -21,6 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from trainer.models.losses import operator_errors, operator_example_batch, operator_loss
+from trainer.registry import DataSpec, ModelSpec, register_model
+
 SPECTRAL_WEIGHT_FORMS = ("complex", "real")
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -229,3 +232,22 @@ def copy_weights(src: nn.Module, dst: nn.Module) -> None:
         if s.shape != t.shape:
             raise ValueError(f"{name}: shape {tuple(s.shape)} cannot be copied into {tuple(t.shape)}")
         t.copy_(s)
+
+
+# ---- registration (trainer/registry.py) ------------------------------------------------------------------------
+def _check(cfg, data: DataSpec) -> None:
+    grid = data.input_shape[1:]
+    if len(cfg.modes) != len(grid):
+        raise ValueError(f"config key 'model.modes' = {cfg.modes} has {len(cfg.modes)} entries; the dataset has a "
+                         f"{len(grid)}-D grid {tuple(grid)}")
+
+
+def _build(cfg, data: DataSpec) -> FNO:
+    return FNO(data.input_shape[0], data.target_shape[0], tuple(cfg.modes), width=cfg.width, n_layers=cfg.n_layers,
+               padding=cfg.padding, projection_channels=cfg.projection_channels, spectral_weights=cfg.spectral_weights)
+
+
+register_model(ModelSpec(
+    name="fno", check=_check, build=_build, loss=operator_loss, evaluate=operator_errors,
+    example_batch=operator_example_batch,
+    shard_units=lambda model: [model.lifting, *model.blocks, model.projection]))
