@@ -38,12 +38,11 @@ def _setup_logging() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from launch.run import preflight, run_training
-    from trainer.config import load_config
-
-    if not args.nproc or "WORLD_SIZE" in os.environ:   # a rank (torchrun, mpirun, srun, or alone)
+    if not args.nproc or "WORLD_SIZE" in os.environ:   # a rank (torchrun, mpirun, srun, or alone): before torch loads
         from trainer.signals import install_stop_handlers
         install_stop_handlers()
+    from launch.run import preflight, run_training
+    from trainer.config import load_config
 
     cfg = load_config(args.config, args.set)
     if args.nproc and "WORLD_SIZE" not in os.environ:

@@ -27,10 +27,7 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False, unt
     import torch
 
     from launch.rendezvous import destroy_distributed, init_distributed
-    from trainer.signals import install_stop_handlers
     from trainer.train import Trainer
-
-    install_stop_handlers()
     owned = not torch.distributed.is_initialized()   # Ray Train sets up its workers' group itself
     env, device = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
     if not owned:
@@ -57,8 +54,6 @@ def preflight(cfg: Config, nproc: int, resume: bool, overwrite: bool) -> None:
     from trainer.train import check_inputs, check_resumable
     from trainer.checkpoint import CheckpointManager
 
-    if resume and overwrite:
-        raise ValueError("--resume and --overwrite contradict each other: continue the run, or replace it")
     ds, _ = check_inputs(cfg, nproc)
     if cfg.run_dir.is_dir():
         lock = RunDirLock(cfg.run_dir)
@@ -67,4 +62,4 @@ def preflight(cfg: Config, nproc: int, resume: bool, overwrite: bool) -> None:
     check_fresh_run(cfg.run_dir, resume, overwrite)
     latest = CheckpointManager(cfg.run_dir / "checkpoints").latest() if resume else None
     if latest is not None:
-        check_resumable(cfg, ds, latest)
+        check_resumable(cfg, ds, latest, log_changes=False)   # the ranks log what changes

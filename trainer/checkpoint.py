@@ -358,7 +358,8 @@ class CheckpointManager:
 
 
 class _Without(Stateful):
-    """A Stateful minus some top-level keys (for loading per-rank entries a smaller world never saved)."""
+    """A Stateful minus some top-level keys (per-rank entries a smaller world never saved, optional ones an older
+    checkpoint lacks)."""
 
     def __init__(self, obj: Stateful, drop: set[str]):
         self.obj, self.drop = obj, drop
@@ -371,7 +372,8 @@ class _Without(Stateful):
 
 
 def _without_unsaved(name: str, obj, saved) -> Stateful:
-    """Per-rank entries (`per_rank_keys()`) may be absent after a world-size change; everything else must exist."""
-    keys = getattr(obj, "per_rank_keys", lambda: [])()
+    """Per-rank entries (`per_rank_keys()`) may be absent after a world-size change, and `optional_keys()` from a
+    checkpoint written before they existed; everything else must exist."""
+    keys = [*getattr(obj, "per_rank_keys", lambda: [])(), *getattr(obj, "optional_keys", lambda: [])()]
     missing = {k for k in keys if not any(s == f"{name}.{k}" or s.startswith(f"{name}.{k}.") for s in saved)}
     return _Without(obj, missing) if missing else obj

@@ -126,6 +126,8 @@ def has_checkpoints(run_dir: str | Path) -> bool:
 
 def check_fresh_run(run_dir: str | Path, resume: bool, overwrite: bool) -> None:
     """A fresh run into a directory with checkpoints is refused unless `overwrite` (which removes them)."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: continue the run, or replace it")
     run_dir = Path(run_dir)
     if resume or not has_checkpoints(run_dir) or overwrite:
         return

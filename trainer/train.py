@@ -31,7 +31,7 @@ import torch.distributed.checkpoint as dcp
 from data.loader import ChannelNormalizer, ShardedLoader, epoch_batches, evaluation_batches
 from data.shards import ChunkShardPlan
 from data.store import FieldDataset, format_bad_chunks
-from trainer.checkpoint import CheckpointManager, ModelOptimizerState, RNGState, _Without
+from trainer.checkpoint import CheckpointManager, ModelOptimizerState, RNGState
 from trainer.comm import GradientExchange
 from trainer.config import RESUME_WHY, Config, resume_changes
 from trainer.parallelize import parallelize
@@ -66,6 +66,10 @@ class TrainState:
         self.world_size, self.lr_global_batch = int(state["world_size"]), int(state["lr_global_batch"])
         # Checkpoints from before batch_size was recorded: assume it is unchanged. run_meta stays this run's.
         self.batch_size = int(state.get("batch_size", self.batch_size))
+
+    def optional_keys(self) -> list[str]:
+        """Keys that checkpoints written before they were recorded lack (CheckpointManager.load skips them)."""
+        return ["batch_size", "run_meta"]
 
 
 def read_run_meta(path: str | Path) -> dict | None:
@@ -205,9 +209,10 @@ def _capture(fn, *args):
         return None, str(e)
 
 
-def check_resumable(cfg: Config, ds: FieldDataset, path: Path) -> dict:
+def check_resumable(cfg: Config, ds: FieldDataset, path: Path, log_changes: bool = True) -> dict[str, list]:
     """Compare `cfg` with the config checkpoint `path` was written under: refuse (ValueError naming the keys and both
-    values) what cannot load or would make it another run, log what changes; returns the checkpoint's config."""
+    values) what cannot load or would make it another run, log what changes; returns the changes by rule
+    (`resume_changes`; empty for a checkpoint that recorded no config)."""
     meta = read_run_meta(path)
     if meta is None:   # written before checkpoints carried their config
         legacy = cfg.run_dir / "config.json"
@@ -227,10 +232,10 @@ def check_resumable(cfg: Config, ds: FieldDataset, path: Path) -> dict:
         differ = [k for k in now if meta["dataset"].get(k) != now[k]]
         raise ValueError(f"--resume from {path}: data.path {cfg.data.path!r} is not the dataset the run was trained "
                          f"on ({saved['data']['path']!r}); they differ in {differ}")
-    for rule, items in changes.items():
+    for rule, items in changes.items() if log_changes else ():
         for key, a, b in items:
             log.warning("resume: %s changed from %r to %r (%s)", key, a, b, RESUME_WHY[rule])
-    return saved
+    return changes
 
 
 class Trainer:
@@ -247,8 +252,6 @@ class Trainer:
 
     def _build(self) -> None:
         cfg = self.cfg
-        if self.resume and self.overwrite:
-            raise ValueError("--resume and --overwrite contradict each other: continue the run, or replace it")
         # Validate everything that can be wrong with the inputs before anything is written.
         checked, error = _capture(check_inputs, cfg, self.world_size)
         if error is None:
@@ -272,9 +275,9 @@ class Trainer:
         _, error = _capture(self._claim_run_dir)
         agree_errors(error)
         self.resume_from, error = _capture(lambda: self.checkpoints.latest() if self.resume else None)
-        self.saved_config: dict | None = None
+        self.resume_changes: dict[str, list] = {}
         if error is None and self.resume_from is not None:
-            self.saved_config, error = _capture(check_resumable, cfg, self.dataset, self.resume_from)
+            self.resume_changes, error = _capture(check_resumable, cfg, self.dataset, self.resume_from)
         agree_errors(error)
 
         example = {k: v.to(self.device) for k, v in example.items()}
@@ -441,23 +444,16 @@ class Trainer:
     def load_checkpoint(self, path: str | Path) -> Path:
         state = self.stateful()
         saved = dcp.FileSystemReader(Path(path)).read_metadata().state_dict_metadata
-        if "comm" in state and (not any(k.startswith("comm.") for k in saved) or self._comm_changed()):
+        if "comm" in state and (not any(k.startswith("comm.") for k in saved) or self.resume_changes.get("reset")):
             del state["comm"]    # another compressor (or none) saved it: this one starts afresh
-            log.warning("resume: the compressor's state is not restored (the checkpoint was written with %s); "
-                        "error feedback and warm starts begin afresh", (self.saved_config or {}).get("comm", {})
-                        .get("compressor", "another exchange"))
-        legacy = {k for k in ("batch_size", "run_meta") if f"trainer.{k}" not in saved}
-        if legacy:   # written before these were recorded
-            state["trainer"] = _Without(self.state, legacy)
+            log.warning("resume: the compressor's state is not restored (%s); error feedback and warm starts begin "
+                        "afresh", ", ".join(k for k, *_ in self.resume_changes.get("reset", [])) or "none saved")
         path = self.checkpoints.load(state, path)
         log.info("resumed from %s at step %d", path, self.state.step)
         if "comm" not in state and self.exchange is not None and hasattr(self.exchange, "step"):
             self.exchange.step = self.state.step
         self._apply_config_on_resume()
         return path
-
-    def _comm_changed(self) -> bool:
-        return bool(self.saved_config) and bool(resume_changes(self.saved_config, self.cfg.to_dict())["reset"])
 
     def _apply_config_on_resume(self) -> None:
         """After loading a checkpoint: this config's optimizer settings replace the saved ones, the learning rate
