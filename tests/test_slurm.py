@@ -138,14 +138,19 @@ def wait_for_job(job: str, log: Path, restarts: int = 0, timeout: float = 240) -
     """Poll until the job ends (no accounting here: scontrol keeps finished jobs for MinJobAge=300 s). A requeued
     job would wait out a begin-time delay; it is released at once. A job that requeues itself shows FAILED for a
     moment (its Restarts already counted) before it is PENDING again, so only COMPLETED after `restarts`
-    requeues ends the wait at once; any other end must last 20 s to count."""
+    requeues ends the wait at once; any other end must last 20 s, and not follow a requeue its log announced, to
+    count."""
     released, settle = 0, None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = job_info(job)
+        text = log.read_text() if log.exists() else ""
+        # the batch script announced a requeue that has not started yet (each run logs its SLURM_RESTART_COUNT):
+        # under load slurmctld can leave the job FAILED for longer than the settle time before it is PENDING again
+        requeue_pending = text.count("on a signal): requeueing job") >= text.count("SLURM_RESTART_COUNT=") > 0
         if info.get("JobState") in TERMINAL:
             if (info["JobState"] == "COMPLETED" and int(info.get("Restarts", 0)) >= restarts) or \
-                    (settle is not None and time.monotonic() > settle):
+                    (settle is not None and time.monotonic() > settle and not requeue_pending):
                 return info
             settle = settle or time.monotonic() + 20
         else:
