@@ -35,7 +35,7 @@ from bench import netns
 CONFIG = ROOT / "configs" / "darcy_fno.toml"
 DATA = ROOT / "bench" / "results" / "data" / "darcy-n512-res64.zarr"
 # The benchmark's model: FNO-2D, width 32, 12 modes, 64x64 grid, batch 16 per rank, Adam (from the config).
-MODEL = ["model.width=32", "model.modes=[12,12]", "model.padding=0", "data.batch_size=16"]
+MODEL = ["model.fno.width=32", "model.fno.modes=[12,12]", "model.fno.padding=0", "data.batch_size=16"]
 WARMUP_STEPS = 5                 # left out of the median step time
 FLOOR = "skip"
 FP32 = "none"
@@ -62,14 +62,14 @@ class Row:
 
 def parse_row(spec: str) -> Row:
     """NAME[:OPT,...]; OPT is key=value (a comm.* key unless it has a section, e.g. optim.lr=1e-3),
-    or `real`/`complex` for model.spectral_weights."""
+    or `real`/`complex` for model.fno.spectral_weights."""
     name, _, opts = spec.strip().partition(":")
     if not name:
         raise ValueError(f"row {spec!r}: expected NAME[:key=value,...], e.g. powersgd:rank=4")
     sets = [f"comm.compressor={name}"]
     for opt in filter(None, (o.strip() for o in opts.split(","))):
         if opt in ("real", "complex"):
-            sets.append(f"model.spectral_weights={opt}")
+            sets.append(f"model.fno.spectral_weights={opt}")
         elif "=" in opt:
             key, value = opt.split("=", 1)
             sets.append(f"{key if '.' in key else 'comm.' + key}={value}")

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))   # `python bench/data.py` from anywhere
 from bench.comm import DATA, _fmt, ensure_data, print_table, write_results
 
 CONFIG = ROOT / "configs" / "darcy_fno.toml"
-MODEL = ["model.width=32", "model.modes=[12,12]", "model.padding=0", "data.batch_size=16"]
+MODEL = ["model.fno.width=32", "model.fno.modes=[12,12]", "model.fno.padding=0", "data.batch_size=16"]
 BATCH = 16
 WARMUP_STEPS = 5
 TARGETS = {"direct": 0.9, "ray": 0.5}

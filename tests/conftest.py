@@ -19,8 +19,9 @@ def small_darcy(tmp_path_factory) -> str:
     return url
 
 
-SMALL_MODEL = ["model.width=16", "model.modes=[4, 4]", "model.n_layers=2", "model.projection_channels=32", "optim.lr=1e-2",
-               "model.padding=0", "data.batch_size=8", "train.progress=false", "train.log_every=1"]
+SMALL_MODEL = ["model.fno.width=16", "model.fno.modes=[4, 4]", "model.fno.n_layers=2", "model.fno.projection_channels=32",
+               "optim.lr=1e-2",
+               "model.fno.padding=0", "data.batch_size=8", "train.progress=false", "train.log_every=1"]
 
 
 def fieldtrain(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -81,7 +81,7 @@ def test_main_refuses_without_root(monkeypatch, capsys):
 def test_rows():
     row = comm.parse_row("torch_powersgd:rank=1,real")
     assert row.compressor == "torch_powersgd" and row.name == "torch_powersgd-rank-1-real"
-    assert row.overrides == ("comm.compressor=torch_powersgd", "comm.rank=1", "model.spectral_weights=real")
+    assert row.overrides == ("comm.compressor=torch_powersgd", "comm.powersgd.rank=1", "model.fno.spectral_weights=real")
     assert comm.parse_row("none:optim.lr=1e-3").overrides[1] == "optim.lr=1e-3"
     assert comm._split_specs("none,fp16,torch_powersgd:rank=1,real powersgd:rank=4") == \
         ["none", "fp16", "torch_powersgd:rank=1,real", "powersgd:rank=4"]

@@ -10,7 +10,7 @@ from thread_transport import ThreadGroup, run_ranks
 from trainer.compress import COMPRESSORS
 from trainer.compress.base import ParamView
 from trainer.compress.base import bucket_state
-from trainer.config import CommConfig
+from trainer.config import CommConfig, PowerSGDOptions, QuantOptions, RandKOptions, TopKOptions
 
 # A bucket like an FNO's: a linear weight (compressed by PowerSGD), its bias, a complex spectral weight
 # and a conv weight small enough to go uncompressed.
@@ -36,9 +36,17 @@ def make_views(spec=SPEC) -> tuple[list[ParamView], int]:
     return views, offset
 
 
+def comm_config(density=0.1, block_size=64, rank=4, powersgd_complex="complex", min_compression_rate=2.0,
+                randk_unbiased=False, **rest) -> CommConfig:
+    """A CommConfig from the settings these tests vary, placed in their compressors' tables."""
+    return CommConfig(**rest, powersgd=PowerSGDOptions(rank, powersgd_complex, min_compression_rate),
+                      topk=TopKOptions(density), randk=RandKOptions(density, randk_unbiased),
+                      int8=QuantOptions(block_size), int4=QuantOptions(block_size))
+
+
 def build(variant: str, transport, **overrides):
     name, kw = VARIANTS[variant]
-    comp = COMPRESSORS[name](CommConfig(**{"density": 0.1, "block_size": 64, **kw, **overrides}), transport)
+    comp = COMPRESSORS[name](comm_config(**{**kw, **overrides}), transport)
     comp.seed = 0
     return comp
 
@@ -315,12 +323,12 @@ def test_powersgd_cost_model_predicts_the_bytes_it_sends(variant):
     spec = [*SPEC, ("edge.weight", (16, 16), False)]
     views, n = make_views(spec)
     _, kw = VARIANTS[variant]
-    cfg = CommConfig(**{"density": 0.1, "block_size": 64, **kw})
+    cfg = comm_config(**kw)
     matrices, n_small = powersgd_plan([(shape, cplx) for _, shape, cplx in spec], cfg)
     predicted = sum(b for _, b in collectives("powersgd", cfg, n, matrices, n_small, 2))
     sent = run_steps(2, variant, 1, views=(views, n))[0][2][0]
     assert sent == predicted
-    if cfg.rank == 4:   # the edge matrix and the bias go uncompressed
+    if cfg.powersgd.rank == 4:   # the edge matrix and the bias go uncompressed
         assert (16, 16) not in [(p // 4, q // 4) for p, q in matrices] and n_small >= 16 * 16 + 24
 
 
@@ -331,7 +339,7 @@ def test_powersgd_rule_is_torchs(shape, rank, rate):
     from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _should_compress
 
     from trainer.compress.powersgd import powersgd_matrix
-    cfg = CommConfig(rank=rank, min_compression_rate=rate)
+    cfg = comm_config(rank=rank, min_compression_rate=rate)
     ours = powersgd_matrix(shape, False, cfg)
     if len(shape) < 2:
         assert ours is None

@@ -1,5 +1,7 @@
 """The model registry: a model is one ModelSpec; the Trainer trains any registered one without knowing it."""
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from torch import nn
@@ -11,13 +13,18 @@ from trainer.registry import MODELS, ModelSpec, get_model_spec, register_model
 CONFIG = str(REPO / "configs" / "darcy_fno.toml")
 
 
+@dataclass
+class PointwiseConfig:
+    """[model.test_pointwise]: no settings."""
+
+
 def _pointwise(cfg, data) -> nn.Module:
     return nn.Conv2d(data.input_shape[0], data.target_shape[0], 1)
 
 
 @pytest.fixture
 def pointwise_model():
-    spec = register_model(ModelSpec(name="test_pointwise", check=lambda cfg, data: None, build=_pointwise,
+    spec = register_model(ModelSpec(name="test_pointwise", config=PointwiseConfig, check=lambda cfg, data: None, build=_pointwise,
                                     loss=operator_loss, evaluate=operator_errors,
                                     example_batch=operator_example_batch, shard_units=lambda m: [m]))
     yield spec
@@ -43,13 +50,13 @@ def test_unknown_model_names_the_key_and_the_registered_ones():
 
 def test_fno_spec_checks_modes_against_the_grid_and_lists_its_shard_units():
     from data.loader import ChannelNormalizer
-    from trainer.config import ModelConfig
+    from trainer.models.fno import FNOConfig
     from trainer.registry import DataSpec
     spec = get_model_spec("fno")
     data = DataSpec((1, 17, 17), (1, 17, 17), ChannelNormalizer([1.0], [2.0]))
-    with pytest.raises(ValueError, match=r"'model\.modes' = \[4\] has 1 entries"):
-        spec.check(ModelConfig(modes=[4]), data)
-    model = spec.build(ModelConfig(width=8, modes=[4, 4], n_layers=3, projection_channels=8), data)
+    with pytest.raises(ValueError, match=r"'model\.fno\.modes' = \[4\] has 1 entries"):
+        spec.check(FNOConfig(modes=[4]), data)
+    model = spec.build(FNOConfig(width=8, modes=[4, 4], n_layers=3, projection_channels=8), data)
     units = spec.shard_units(model)
     assert len(units) == 5 and units[0] is model.lifting and units[-1] is model.projection
     # every parameter is in exactly one unit, so a sharded engine wrapping the units covers the model

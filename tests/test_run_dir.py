@@ -115,7 +115,7 @@ def test_a_fresh_run_into_a_directory_with_checkpoints_needs_overwrite(small_dar
 
 # ---- 6: resume with a changed config --------------------------------------------------------------------------
 @pytest.mark.parametrize("change, named", [
-    ("model.width=24", "model.width: 16 in the checkpoint, 24 now"),
+    ("model.fno.width=24", "model.fno.width: 16 in the checkpoint, 24 now"),
     ("optim.name='sgd'", "optim.name: 'adam' in the checkpoint, 'sgd' now"),
     ("run.seed=1", "run.seed: 0 in the checkpoint, 1 now"),
 ])
@@ -189,13 +189,13 @@ def test_resume_with_an_unchanged_config_is_bit_identical_in_process(small_darcy
     ("run.threads_per_rank=-1", "run.threads_per_rank"),
     ("run.name='a/b'", "run.name"),
     ("run.seed=-3", "run.seed"),
-    ("model.padding=-1", "model.padding"),
+    ("model.fno.padding=-1", "model.fno.padding"),
     ("optim.betas=[0.9]", "optim.betas"),
     ("optim.momentum=1.5", "optim.momentum"),
     ("data.storage_options=3", "data.storage_options"),
     ("train.keep_checkpoints=0", "train.keep_checkpoints"),
     ("dist.timeout_s=0", "dist.timeout_s"),
-    ("comm.density=2.0", "comm.density"),
+    ("comm.topk.density=2.0", "comm.topk.density"),
 ])
 def test_bad_config_values_are_named_before_any_rank_starts(small_darcy, tmp_path, override, named):
     r = fieldtrain("train", CONFIG, "--nproc", "2", *common(small_darcy, tmp_path, override))

@@ -296,9 +296,9 @@ def test_dry_run_gpu_and_sweep_templates(capsys):
     gpu = dry_run(capsys, "--nodes", "2", "--tasks-per-node", "4", "--gpus-per-node", "4")
     assert "#SBATCH --gpus-per-node=4" in gpu and "dist.backend=nccl" in gpu
     sweep = dry_run(capsys, "--nodes", "1", "--tasks-per-node", "2", "--sweep", "comm.compressor=none",
-                    "--sweep", "comm.compressor=topk comm.density=0.1")
+                    "--sweep", "comm.compressor=topk comm.topk.density=0.1")
     assert "#SBATCH --array=0-1" in sweep
-    assert "SWEEP=(\n  comm.compressor=none\n  'comm.compressor=topk comm.density=0.1'\n)" in sweep
+    assert "SWEEP=(\n  comm.compressor=none\n  'comm.compressor=topk comm.topk.density=0.1'\n)" in sweep
     assert sh("bash", "-n", input=sweep).returncode == 0
 
 

@@ -14,7 +14,7 @@ overlaps the backward of the layers before it). The hook also
   own part under its own key, the replicated part once.
 
 torch's own `fp16_compress_hook` and `powerSGD_hook` are available as `torch_fp16`/`torch_powersgd`, the
-baselines users have today (torch's PowerSGD needs `model.spectral_weights = "real"` to be correct on FNO).
+baselines users have today (torch's PowerSGD needs `model.fno.spectral_weights = "real"` to be correct on FNO).
 """
 
 from __future__ import annotations
@@ -62,15 +62,15 @@ def _unblob(data: bytes):
 class GradientExchange:
     """DDP communication-hook state: the compressor, its transport, byte counters, the non-finite flag."""
 
-    def __init__(self, cfg: CommConfig, module: torch.nn.Module, seed: int = 0):
-        self.cfg = cfg
+    def __init__(self, cfg: CommConfig, module: torch.nn.Module, seed: int = 0, bucket_cap_mb: float = 25.0):
+        self.cfg, self.bucket_cap_mb = cfg, bucket_cap_mb
         self.transport = make_transport(cfg.transport)
         self.compressor: Compressor = self._build(cfg.compressor, module, seed)
         self.warmup = AllReduceCompressor(cfg, self.transport)   # fp32 for the first cfg.start_step steps
         self.step = 0
         self.stats = ExchangeStats()
         self.local_nonfinite = False
-        self.bypass = False          # plain allreduce, nothing counted or stored (see parallelize._settle_buckets)
+        self.bypass = False          # plain allreduce, nothing counted or stored (see trainer/parallel/ddp.py, _settle_buckets)
         self._names = {id(p): name for name, p in module.named_parameters()}
         self._views: dict[tuple, list[ParamView]] = {}
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grad-exchange")
@@ -78,7 +78,7 @@ class GradientExchange:
     def _build(self, name: str, module: torch.nn.Module, seed: int) -> Compressor:
         if name == "auto":
             from trainer.compress.auto import choose_compressor
-            name = choose_compressor(self.cfg, self.transport, module)
+            name = choose_compressor(self.cfg, self.transport, module, self.bucket_cap_mb)
         cls = COMPRESSORS[name]
         assert cls is not None, f"{name} is a torch hook, not one of our compressors"
         compressor = cls(self.cfg, self.transport)
@@ -192,9 +192,9 @@ def register_torch_hook(ddp_model, name: str, cfg: CommConfig) -> TorchHookExcha
         payload = lambda b: b.buffer().numel() * 2   # noqa: E731
     else:
         hook = powerSGD_hook.powerSGD_hook
-        hook_state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=cfg.rank,
+        hook_state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=cfg.powersgd.rank,
                                                  start_powerSGD_iter=max(2, cfg.start_step),
-                                                 min_compression_rate=cfg.min_compression_rate)
+                                                 min_compression_rate=cfg.powersgd.min_compression_rate)
         payload = lambda b: _torch_powersgd_bytes(b, cfg)  # noqa: E731
 
     world = dist.get_world_size()
@@ -214,8 +214,8 @@ def register_torch_hook(ddp_model, name: str, cfg: CommConfig) -> TorchHookExcha
 
 
 def register_gradient_exchange(ddp_model: torch.nn.parallel.DistributedDataParallel, cfg: CommConfig,
-                               seed: int = 0) -> GradientExchange:
-    exchange = GradientExchange(cfg, ddp_model.module, seed)
+                               seed: int = 0, bucket_cap_mb: float = 25.0) -> GradientExchange:
+    exchange = GradientExchange(cfg, ddp_model.module, seed, bucket_cap_mb)
     ddp_model.register_comm_hook(exchange, _ddp_hook)
     log.info("gradient exchange: %s over %s (%d ranks)", exchange.compressor.name, cfg.transport,
              exchange.transport.world_size)

@@ -74,23 +74,34 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """`[model] name = "fno"` and the named model's own table, `[model.fno]`, typed by its registry entry
+    (`ModelSpec.config`). Tables of other registered models may be present (a file switched by --set model.name);
+    each is validated. `cfg.model.fno` is the table; `cfg.model.params` the selected model's."""
     name: str = "fno"
-    width: int = 32
-    modes: list = field(default_factory=lambda: [12, 12])
-    n_layers: int = 4
-    padding: int = 0
-    projection_channels: int = 128
-    spectral_weights: str = "complex"   # "real" stores them as (..., 2) float tensors
+    sections: dict = field(default_factory=dict)   # model name -> its config dataclass
 
     def __post_init__(self):
         from trainer.registry import get_model_spec   # the registry lives next to the models
         get_model_spec(self.name)
-        _choice("model.spectral_weights", self.spectral_weights, ("complex", "real"))
-        if not self.modes or not all(isinstance(m, int) and m > 0 for m in self.modes):
-            raise ValueError(f"config key 'model.modes' = {self.modes!r}; must be a list of positive ints")
-        for k in ("width", "n_layers", "projection_channels"):
-            _positive(f"model.{k}", getattr(self, k))
-        _positive("model.padding", self.padding, zero_ok=True)
+        for name, values in list(self.sections.items()):
+            spec = get_model_spec(name)
+            if isinstance(values, dict):
+                self.sections[name] = _build_section(spec.config, values, f"model.{name}")
+        if self.name not in self.sections:
+            self.sections[self.name] = get_model_spec(self.name).config()
+
+    @property
+    def params(self) -> Any:
+        return self.sections[self.name]
+
+    def __getattr__(self, item: str) -> Any:
+        sections = self.__dict__.get("sections", {})
+        if item in sections:
+            return sections[item]
+        raise AttributeError(f"model config has no table {item!r} (model.name = {self.__dict__.get('name')!r})")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **{n: dataclasses.asdict(c) for n, c in sorted(self.sections.items())}}
 
 
 @dataclass
@@ -137,39 +148,103 @@ class TrainConfig:
 
 
 @dataclass
+class PowerSGDOptions:
+    """[comm.powersgd] (Vogels et al. 2019, "PowerSGD: Practical Low-Rank Gradient Compression")."""
+    rank: int = 4                  # rank r of the P Q^T approximation
+    complex: str = "complex"       # complex weights: complex P/Q, or a "real_view" float matrix
+    min_compression_rate: float = 2.0     # compress a matrix only if n*m >= rate * r*(n+m)
+
+    def __post_init__(self):
+        _positive("comm.powersgd.rank", self.rank)
+        _choice("comm.powersgd.complex", self.complex, ("real_view", "complex"))
+        _positive("comm.powersgd.min_compression_rate", self.min_compression_rate)
+
+
+@dataclass
+class TopKOptions:
+    """[comm.topk]: keep the k = ceil(density * n) largest entries (with error feedback)."""
+    density: float = 0.01
+
+    def __post_init__(self):
+        if not 0 < self.density <= 1:
+            raise ValueError(f"config key 'comm.topk.density' = {self.density!r}; must be in (0, 1]")
+
+
+@dataclass
+class RandKOptions:
+    """[comm.randk]: k = ceil(density * n) random entries, EF21 (or unbiased d/k scaling, no error feedback)."""
+    density: float = 0.01
+    unbiased: bool = False
+
+    def __post_init__(self):
+        if not 0 < self.density <= 1:
+            raise ValueError(f"config key 'comm.randk.density' = {self.density!r}; must be in (0, 1]")
+
+
+@dataclass
+class QuantOptions:
+    """[comm.int8], [comm.int4]: blockwise absmax quantisation."""
+    block_size: int = 256          # elements per absmax scale
+
+    def __post_init__(self):
+        _positive("comm.int8/int4.block_size", self.block_size)
+
+
+@dataclass
 class CommConfig:
-    """The gradient exchange (the DDP communication hook) and its compressor."""
+    """The gradient exchange and its compressor; each compressor's settings are its own table ([comm.powersgd])."""
     compressor: str = "none"
     transport: str = "torch"       # torch.distributed, or "mpi" through mpi4py (under mpirun)
-    bucket_cap_mb: float = 25.0
     start_step: int = 0            # exchange uncompressed fp32 for the first steps (torch's start_powerSGD_iter)
     error_feedback: bool = True    # for the compressors that have it
-    rank: int = 4                  # powersgd: rank of the P Q^T approximation
-    powersgd_complex: str = "complex"     # powersgd on complex weights: complex P/Q, or a "real_view" matrix
-    min_compression_rate: float = 2.0     # powersgd: compress a matrix only if n*m >= rate * r*(n+m)
-    density: float = 0.01          # topk/randk: k = ceil(density * n)
-    randk_unbiased: bool = False   # randk: scale by d/k (unbiased, no error feedback) instead of EF21
-    block_size: int = 256          # int8/int4: elements per absmax scale
+    ef_state: str = "full"         # sharded engines: the error-feedback residual's form (see README, "Error feedback")
     auto_candidates: list = field(default_factory=lambda: ["none", "fp16", "powersgd", "int8", "int4", "sign", "topk"])
+    powersgd: PowerSGDOptions = field(default_factory=PowerSGDOptions)
+    topk: TopKOptions = field(default_factory=TopKOptions)
+    randk: RandKOptions = field(default_factory=RandKOptions)
+    int8: QuantOptions = field(default_factory=QuantOptions)
+    int4: QuantOptions = field(default_factory=QuantOptions)
 
     def __post_init__(self):
         from trainer.compress import COMPRESSORS   # the registry lives next to the compressors
         _choice("comm.compressor", self.compressor, tuple(COMPRESSORS))
         _choice("comm.transport", self.transport, ("torch", "mpi"))
-        _choice("comm.powersgd_complex", self.powersgd_complex, ("real_view", "complex"))
-        _positive("comm.bucket_cap_mb", self.bucket_cap_mb)
+        _choice("comm.ef_state", self.ef_state, EF_STATES)
         _positive("comm.start_step", self.start_step, zero_ok=True)
-        _positive("comm.rank", self.rank)
-        _positive("comm.min_compression_rate", self.min_compression_rate)
-        if not 0 < self.density <= 1:
-            raise ValueError(f"config key 'comm.density' = {self.density!r}; must be in (0, 1]")
-        _positive("comm.block_size", self.block_size)
         from trainer.compress.auto import CANDIDATES
         if not isinstance(self.auto_candidates, list) or not self.auto_candidates:
             raise ValueError(f"config key 'comm.auto_candidates' = {self.auto_candidates!r}; give a non-empty list, "
                              f"e.g. {list(CANDIDATES[:3])}")
         for name in self.auto_candidates:   # auto predicts each one's time: only compressors with a cost model
             _choice("comm.auto_candidates[]", name, CANDIDATES)
+
+    def options(self, compressor: str | None = None) -> Any:
+        """The table of `compressor` (default: the configured one), or None for those without settings."""
+        return getattr(self, compressor or self.compressor, None) if (compressor or self.compressor) in \
+            ("powersgd", "topk", "randk", "int8", "int4") else None
+
+
+EF_STATES = ("full", "bf16", "sharded")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is spread over ranks: `engine` and that engine's keys."""
+    engine: str = "ddp"            # ddp | fsdp2 | deepspeed (trainer/parallel/)
+    zero_stage: int = 1            # deepspeed: ZeRO stage 1, 2 or 3
+    param_dtype: str = "float32"   # fsdp2/deepspeed: compute dtype of forward/backward (mixed precision)
+    reduce_dtype: str = "float32"  # fsdp2/deepspeed: dtype gradients are reduced in (uncompressed path)
+    reshard_after_forward: bool = True    # fsdp2: free gathered parameters after forward (ZeRO-3-like) or keep them
+    bucket_cap_mb: float = 25.0    # ddp gradient buckets; deepspeed reduce bucket size
+
+    def __post_init__(self):
+        from trainer.parallel import ENGINES
+        _choice("parallel.engine", self.engine, tuple(ENGINES))
+        _choice("parallel.zero_stage", self.zero_stage, (1, 2, 3))
+        _choice("parallel.param_dtype", self.param_dtype, DTYPES)
+        _choice("parallel.reduce_dtype", self.reduce_dtype, DTYPES)
+        _positive("parallel.bucket_cap_mb", self.bucket_cap_mb)
 
 
 @dataclass
@@ -190,12 +265,18 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     comm: CommConfig = field(default_factory=CommConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+
+    def __post_init__(self):
+        from trainer.parallel import ENGINES   # what an engine cannot carry, before any process group or file
+        ENGINES[self.parallel.engine].check(self)
 
     def to_dict(self, redact: bool = True) -> dict:
         """The config as plain data; credentials in storage options are replaced by "<redacted>", so a run
         directory, log or checkpoint never holds them."""
         d = dataclasses.asdict(self)
+        d["model"] = self.model.to_dict()
         if redact:
             d["data"]["storage_options"] = redact_secrets(d["data"]["storage_options"])
         return d
@@ -229,22 +310,55 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     return value
 
 
+# Keys of the flat layout (before [model.fno], [parallel] and the per-compressor tables) and where they live now.
+MOVED = {**{f"model.{k}": f"model.fno.{k}" for k in ("width", "modes", "n_layers", "padding", "projection_channels",
+                                                      "spectral_weights")},
+         "comm.rank": "comm.powersgd.rank", "comm.powersgd_complex": "comm.powersgd.complex",
+         "comm.min_compression_rate": "comm.powersgd.min_compression_rate",
+         "comm.density": "comm.topk.density (or comm.randk.density)", "comm.randk_unbiased": "comm.randk.unbiased",
+         "comm.block_size": "comm.int8.block_size (or comm.int4.block_size)",
+         "comm.bucket_cap_mb": "parallel.bucket_cap_mb"}
+
+
+def _build_section(cls: type, values: Any, prefix: str) -> Any:
+    """One dataclass from a TOML table, recursing into fields that are dataclasses themselves."""
+    if not isinstance(values, dict):
+        raise ValueError(f"config section {prefix!r} must be a table, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{prefix}.{key}"
+        if key not in fields:
+            if name in MOVED:
+                raise ValueError(f"config key {name!r} moved to {MOVED[name]!r}")
+            raise ValueError(f"unknown config key {name!r}; allowed: {', '.join(sorted(fields))}")
+        typ = hints[key]
+        kwargs[key] = (_build_section(typ, value, name) if dataclasses.is_dataclass(typ)
+                       else _coerce(name, value, typ))
+    return cls(**kwargs)
+
+
 def config_from_dict(raw: dict) -> Config:
-    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    sections = {f.name for f in dataclasses.fields(Config)}
     hints = typing.get_type_hints(Config)
     built = {}
     for name, values in raw.items():
         if name not in sections:
             raise ValueError(f"unknown config section {name!r}; allowed: {', '.join(sections)}")
-        if not isinstance(values, dict):
-            raise ValueError(f"config section {name!r} must be a table, got {values!r}")
-        cls = hints[name]
-        fields = {f.name: f.type for f in dataclasses.fields(cls)}
-        for key, value in values.items():
-            if key not in fields:
-                raise ValueError(f"unknown config key '{name}.{key}'; allowed: {', '.join(fields)}")
-            values[key] = _coerce(f"{name}.{key}", value, fields[key])
-        built[name] = cls(**values)
+        if name == "model":
+            if not isinstance(values, dict):
+                raise ValueError(f"config section 'model' must be a table, got {values!r}")
+            values = dict(values)
+            for key in [k for k, v in values.items() if k != "name" and not isinstance(v, dict)]:
+                if f"model.{key}" in MOVED:
+                    raise ValueError(f"config key 'model.{key}' moved to {MOVED['model.' + key]!r}")
+                raise ValueError(f"unknown config key 'model.{key}'; allowed: name, and a table per model "
+                                 f"([model.<name>])")
+            name_value = _coerce("model.name", values.pop("name", "fno"), str)
+            built[name] = ModelConfig(name=name_value, sections=values)
+        else:
+            built[name] = _build_section(hints[name], values, name)
     return Config(**built)
 
 
@@ -260,7 +374,8 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), text: str | None = None) -> Config:
-    """The config from a TOML file (or its `text`, as a launcher ships it to remote workers) plus overrides."""
+    """The config from a TOML file (or its `text`, as a launcher ships it to remote workers) plus overrides at any
+    depth (`parallel.zero_stage=3`, `model.fno.width=16`, `comm.powersgd.rank=2`)."""
     raw: dict = {}
     if path is not None and text is None:
         path = Path(path)
@@ -274,9 +389,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), text:
             raise ValueError(f"config file {str(path)!r} is not valid TOML: {e}") from None
     for text in overrides:
         keys, value = _parse_override(text)
-        if len(keys) != 2:
-            raise ValueError(f"override {text!r}: keys are section.key, e.g. optim.lr=1e-3")
-        raw.setdefault(keys[0], {})[keys[1]] = value
+        if len(keys) < 2 or not all(keys):
+            raise ValueError(f"override {text!r}: keys are section.key (or deeper), e.g. optim.lr=1e-3")
+        table = raw
+        for i, k in enumerate(keys[:-1]):
+            table = table.setdefault(k, {})
+            if not isinstance(table, dict):
+                raise ValueError(f"override {text!r}: {'.'.join(keys[:i + 1])!r} is a value, not a table")
+        table[keys[-1]] = value
     return config_from_dict(raw)
 
 
@@ -286,7 +406,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), text:
 # another run (a new data order); "reset": allowed, the compressor state starts afresh; "batch": allowed, handled as
 # an elastic change (learning rate rescaled with the global batch); "allow": takes effect from the resumed step on.
 RESUME_RULES = {
-    "run": {"*": "allow", "seed": "refuse"},        # run.name and run.out_dir name the run directory itself
+    "run": {"*": "allow", "seed": "refuse"},
+    "parallel": {"*": "allow"},   # engines load each other's checkpoints (DCP reshards); see Engine.resume_rules        # run.name and run.out_dir name the run directory itself
     "data": {"*": "allow", "test_fraction": "refuse", "shuffle": "refuse", "drop_last": "refuse",
              "window_chunks": "refuse", "batch_size": "batch"},  # data.path: a copy of the same dataset (checked)
     "model": {"*": "refuse"},
@@ -299,17 +420,58 @@ RESUME_WHY = {"refuse": "cannot change on resume", "reset": "compressor state st
               "batch": "elastic change: learning rate follows the global batch", "allow": "takes effect on resume"}
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "storage_options":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def migrate_config_dict(saved: dict) -> dict:
+    """A saved config (`Config.to_dict()` of an older version) in today's layout: flat model/comm keys moved to
+    their tables (MOVED), so resume compares like with like."""
+    saved = {s: dict(v) if isinstance(v, dict) else v for s, v in saved.items()}
+    model = saved.get("model", {})
+    if model and not any(isinstance(v, dict) for v in model.values()):
+        name = model.get("name", "fno")
+        saved["model"] = {"name": name, name: {k: v for k, v in model.items() if k != "name"}}
+    comm = saved.get("comm", {})
+    table_of = {"rank": ("powersgd", "rank"), "powersgd_complex": ("powersgd", "complex"),
+                "min_compression_rate": ("powersgd", "min_compression_rate"), "randk_unbiased": ("randk", "unbiased"),
+                "density": ("topk", "density"), "block_size": ("int8", "block_size")}
+    for old, (table, key) in table_of.items():
+        if old in comm:
+            value = comm.pop(old)
+            comm.setdefault(table, {})[key] = value
+            if old == "density":
+                comm.setdefault("randk", {})["density"] = value
+            if old == "block_size":
+                comm.setdefault("int4", {})["block_size"] = value
+    if "bucket_cap_mb" in comm:
+        saved.setdefault("parallel", {})["bucket_cap_mb"] = comm.pop("bucket_cap_mb")
+    return saved
+
+
 def resume_changes(saved: dict, new: dict) -> dict[str, list[tuple[str, Any, Any]]]:
-    """Keys whose values differ between a checkpoint's config (`saved`, as `Config.to_dict()`) and `new`, grouped by
-    rule: {"refuse": [(key, saved_value, new_value), ...], "reset": [...], "batch": [...], "allow": [...]}."""
+    """Keys whose values differ between a checkpoint's config (`saved`, as `Config.to_dict()`, any version) and
+    `new`, grouped by rule: {"refuse": [(key, saved_value, new_value), ...], "reset": [...], "batch": [...],
+    "allow": [...]}. Nested tables compare key by key (`model.fno.width`) under their section's rules."""
+    saved = migrate_config_dict(saved)
     out: dict[str, list] = {rule: [] for rule in RESUME_WHY}
     for section, rules in RESUME_RULES.items():
-        old_s, new_s = saved.get(section, {}), new.get(section, {})
+        old_s, new_s = _flatten(saved.get(section, {})), _flatten(new.get(section, {}))
         for key in sorted(set(old_s) | set(new_s)):
             if section == "run" and key in ("name", "out_dir"):
                 continue
             if key not in old_s:   # a key this version added: its default was in force
                 continue
             if old_s.get(key) != new_s.get(key):
-                out[rules.get(key, rules["*"])].append((f"{section}.{key}", old_s.get(key), new_s.get(key)))
+                rule = rules.get(key, rules["*"])
+                table = key.split(".")[0]
+                if section == "comm" and "." in key and table != new.get("comm", {}).get("compressor"):
+                    rule = "allow"   # another compressor's table: no effect on this run's state
+                out[rule].append((f"{section}.{key}", old_s.get(key), new_s.get(key)))
     return out

@@ -1,6 +1,6 @@
 """The model registry: what the trainer needs to know about a model, so that `Trainer` imports none.
 
-    register_model(ModelSpec(name="fno", build=..., loss=..., evaluate=..., example_batch=..., shard_units=...))
+    register_model(ModelSpec(name="fno", config=FNOConfig, build=..., loss=..., evaluate=..., example_batch=..., shard_units=...))
     spec = get_model_spec(cfg.model.name)
 
 A model file defines its module and registers one `ModelSpec`; `trainer/models/__init__.py` imports the built-in
@@ -30,6 +30,7 @@ class DataSpec:
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
+    config: type                                                  # dataclass of its table, [model.<name>]
     check: Callable[[Any, DataSpec], None]                       # (model config, data) -> None or ValueError
     build: Callable[[Any, DataSpec], nn.Module]                  # (model config, data) -> module
     loss: Callable[[nn.Module, Batch, DataSpec], tuple[torch.Tensor, dict[str, float]]]   # mean loss, metrics

@@ -31,10 +31,9 @@ import torch.distributed.checkpoint as dcp
 from data.loader import ChannelNormalizer, ShardedLoader, epoch_batches, evaluation_batches
 from data.shards import ChunkShardPlan
 from data.store import FieldDataset, format_bad_chunks
-from trainer.checkpoint import CheckpointManager, ModelOptimizerState, RNGState
-from trainer.comm import GradientExchange
+from trainer.checkpoint import CheckpointManager, RNGState
 from trainer.config import RESUME_WHY, Config, resume_changes
-from trainer.parallelize import parallelize
+from trainer.parallel import ENGINES
 from trainer.registry import Batch, DataSpec, get_model_spec
 from trainer.rundir import RunDirLock, check_fresh_run, clear_run_outputs
 from trainer.signals import STOP_SIGNAL, install_stop_handlers
@@ -170,7 +169,7 @@ def check_inputs(cfg: Config, world_size: int) -> tuple[FieldDataset, int]:
         raise ValueError(f"dataset {ds.url}: {train_stop} training samples cannot fill one batch of "
                          f"{cfg.data.batch_size} on each of {world_size} ranks")
     try:
-        get_model_spec(cfg.model.name).check(cfg.model, data_spec(ds))
+        get_model_spec(cfg.model.name).check(cfg.model.params, data_spec(ds))
     except ValueError as e:
         raise ValueError(f"dataset {ds.url}: {e}") from None
     return ds, train_stop
@@ -263,7 +262,7 @@ class Trainer:
         self.spec = get_model_spec(cfg.model.name)
         self.data = data_spec(ds, self.device)
         torch.manual_seed(cfg.run.seed)
-        self.model = self.spec.build(cfg.model, self.data)
+        self.model = self.spec.build(cfg.model.params, self.data)
         example = self.spec.example_batch(self.data)
         with torch.no_grad():
             self.spec.loss(self.model, example, self.data)   # shapes are checked here, before any write
@@ -280,10 +279,11 @@ class Trainer:
             self.resume_changes, error = _capture(check_resumable, cfg, self.dataset, self.resume_from)
         agree_errors(error)
 
-        example = {k: v.to(self.device) for k, v in example.items()}
-        self.model, self.exchange = parallelize(self.model, cfg.comm, self.device,
-                                                lambda m: self.spec.loss(m, example, self.data)[0], seed=cfg.run.seed)
-        self.optimizer = self._build_optimizer()
+        example = self._example = {k: v.to(self.device) for k, v in example.items()}
+        self.engine = ENGINES[cfg.parallel.engine](cfg, self.model, self.device, self._build_optimizer,
+                                                   lambda m: self.spec.loss(m, example, self.data)[0])
+        self._closing.callback(self.engine.close)
+        self.model, self.optimizer = self.engine.model, self.engine.optimizer
         plan = ChunkShardPlan(self.train_stop, ds.chunk_size, self.world_size, self.rank, seed=cfg.run.seed,
                               shuffle=cfg.data.shuffle, drop_last=cfg.data.drop_last,
                               window_chunks=cfg.data.window_chunks)
@@ -332,9 +332,9 @@ class Trainer:
         self._closing.close()
 
     # ---- construction --------------------------------------------------------------------------------------
-    def _build_optimizer(self) -> torch.optim.Optimizer:
+    def _build_optimizer(self, params) -> torch.optim.Optimizer:
+        """The configured optimizer over `params` (the engine calls it on its own, possibly sharded, parameters)."""
         o = self.cfg.optim
-        params = self.model.parameters()
         if o.name == "sgd":
             return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
         cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
@@ -354,42 +354,30 @@ class Trainer:
         return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
 
     def stateful(self) -> dict:
-        state = {"model_optim": ModelOptimizerState(self.model, self.optimizer), "scheduler": self.scheduler,
-                 "data": self.loader, "trainer": self.state, "rng": RNGState(self.rank)}
-        if isinstance(self.exchange, GradientExchange):
-            state["comm"] = self.exchange
-        return state
+        return {**self.engine.stateful(), "scheduler": self.scheduler, "data": self.loader, "trainer": self.state,
+                "rng": RNGState(self.rank)}
 
     # ---- steps ---------------------------------------------------------------------------------------------
     def forward_backward(self, batch: Batch) -> torch.Tensor:
         """The model's loss (its ModelSpec's) on one batch, backpropagated; the one method variants override."""
         loss, _metrics = self.spec.loss(self.model, batch, self.data)
-        loss.backward()
+        self.engine.backward(loss)
         return loss
 
     def train_step(self, batch: Batch) -> float:
         """One optimizer step, skipped on every rank when any rank's gradient (or loss) is non-finite."""
-        self.optimizer.zero_grad(set_to_none=True)
+        self.engine.zero_grad()
         loss = self.forward_backward({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
-        if self.exchange is not None:
-            nonfinite = self.exchange.local_nonfinite or not math.isfinite(loss.item())
-        else:
-            nonfinite = not all(bool(torch.isfinite(p.grad).all()) for p in self.model.parameters()
-                                if p.grad is not None)
+        nonfinite = self.engine.local_nonfinite() or not math.isfinite(loss.item())
         # The handler only raises a local flag; the stop itself is agreed here, so every rank checkpoints at one step.
         nonfinite, self.stop_requested = self._agree(nonfinite, STOP_SIGNAL.is_set())
         if nonfinite:
             self.state.skipped_steps += 1
             log.warning("step %d: non-finite gradient on some rank; step skipped on all ranks (%d so far)",
                         self.state.step + 1, self.state.skipped_steps)
-        else:
-            if self.cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-            self.optimizer.step()
+        self.engine.step(apply=not nonfinite)
+        if not nonfinite:
             self.scheduler.step()
-        if self.exchange is not None:
-            self.exchange.end_step(applied=not nonfinite)
-        self.optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
     def _agree(self, *flags: bool) -> list[bool]:
@@ -409,27 +397,28 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        # Fewer test samples than ranks leaves some ranks an empty share: they add nothing to the sums.
-        for x, y in (evaluation_batches(ds, lo, hi, self.cfg.data.batch_size) if lo < hi else ()):
-            err = self.spec.evaluate(self.model, {"x": x.to(self.device), "y": y.to(self.device)}, self.data)
-            total += torch.stack([err.sum().double(), torch.tensor(float(len(err)), dtype=torch.float64)])
+        bs = self.cfg.data.batch_size
+        # Sharded engines gather parameters inside forward, so every rank runs the same number of forwards: a rank
+        # with fewer batches (or, with fewer test samples than ranks, none) repeats the example batch and adds
+        # nothing to the sums.
+        W = self.world_size
+        rounds = max(-(-((r + 1) * n_test // W - r * n_test // W) // bs) for r in range(W))   # the largest share
+        batches = list(evaluation_batches(ds, lo, hi, bs)) if lo < hi else []
+        for i in range(rounds if self.engine.sharded else len(batches)):
+            if i < len(batches):
+                x, y = batches[i]
+                err = self.spec.evaluate(self.model, {"x": x.to(self.device), "y": y.to(self.device)}, self.data)
+                total += torch.stack([err.sum().double(), torch.tensor(float(len(err)), dtype=torch.float64)])
+            else:
+                self.spec.evaluate(self.model, self._example, self.data)
         if dist.is_initialized():
             dist.all_reduce(total)
         self.model.train(was_training)
         return (total[0] / total[1]).item()
 
-    @torch.no_grad()
     def replica_divergence(self) -> float:
-        """Max |w_rank - w_rank0| over all parameters and ranks: 0.0 when data parallelism is intact."""
-        if not dist.is_initialized() or self.world_size == 1:
-            return 0.0
-        flat = torch.cat([torch.view_as_real(p).flatten() if p.is_complex() else p.flatten()
-                          for p in self.model.parameters()])
-        reference = flat.clone()
-        dist.broadcast(reference, src=0)
-        diff = (flat - reference).abs().max().reshape(1)
-        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-        return diff.item()
+        """Max |w_rank - w_rank0| over all (gathered) parameters and ranks: 0.0 when data parallelism is intact."""
+        return self.engine.divergence()
 
     # ---- checkpoints -----------------------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> Path:
@@ -450,8 +439,9 @@ class Trainer:
                         "afresh", ", ".join(k for k, *_ in self.resume_changes.get("reset", [])) or "none saved")
         path = self.checkpoints.load(state, path)
         log.info("resumed from %s at step %d", path, self.state.step)
-        if "comm" not in state and self.exchange is not None and hasattr(self.exchange, "step"):
-            self.exchange.step = self.state.step
+        exchange = self.engine.exchange
+        if "comm" not in state and exchange is not None and hasattr(exchange, "step"):
+            exchange.step = self.state.step
         self._apply_config_on_resume()
         return path
 
@@ -523,8 +513,8 @@ class Trainer:
                 self.state.step += 1
                 self.state.samples_seen += len(x) * self.world_size
                 window.append(loss)
-                if self.exchange is not None:
-                    sent, full = self.exchange.stats.reset()
+                if self.engine.stats is not None:
+                    sent, full = self.engine.stats.reset()
                     bytes_per_step, ratio = sent, full / max(sent, 1)
                 step = self.state.step
                 end_of_epoch = self.loader.plan.cursor == 0   # the plan rolled over with this batch
@@ -569,7 +559,7 @@ class Trainer:
             "test_rel_l2": test_l2, "wall_time_s": time.perf_counter() - t_start,
             "data_wait_share": waited / max(waited + stepped, 1e-12),
             "grad_bytes_per_step": bytes_per_step, "compression_ratio": ratio, "skipped_steps": self.state.skipped_steps,
-            "compressor": getattr(getattr(self.exchange, "compressor", None), "name", cfg.comm.compressor),
+            "compressor": self.engine.compressor_name, "engine": self.engine.name,
         }
         if self.rank == 0:
             tmp = cfg.run_dir / "summary.json.tmp"

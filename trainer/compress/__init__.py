@@ -17,7 +17,7 @@ COMPRESSORS = {
     "int4": Int4Compressor,
     "sign": SignCompressor,
     "auto": None,   # measured and resolved to one of the above at start-up (trainer/compress/auto.py)
-    # torch's own DDP hooks, the baselines users have today (registered by trainer/parallelize.py):
+    # torch's own DDP hooks, the baselines users have today (registered by trainer/parallel/ddp.py):
     "torch_fp16": None,
     "torch_powersgd": None,
 }

@@ -98,12 +98,12 @@ def collectives(name: str, cfg, n: int, matrices: list[tuple[int, int]], n_small
         return [("allreduce", 4 * n_small + 4 * sum(p for p, _ in matrices)),
                 ("allreduce", 4 * sum(q for _, q in matrices))]
     if name in ("int8", "int4"):
-        per = n * (1 if name == "int8" else 0.5) + 4 * n / cfg.block_size
+        per = n * (1 if name == "int8" else 0.5) + 4 * n / cfg.options(name).block_size
         return [("all_to_all", per), ("allgather", per / w)]
     if name == "sign":
         return [("all_to_all", n / 8 + 4 * w), ("allgather", n / 8 / w + 4)]
     if name in ("topk", "randk"):
-        return [("allgather", 8 * math.ceil(cfg.density * n))]
+        return [("allgather", 8 * math.ceil(cfg.options(name).density * n))]
     raise ValueError(f"comm.auto_candidates: no cost model for {name!r}")
 
 
@@ -115,29 +115,30 @@ def _encode_time(name: str, cfg, n: int) -> float:
     if name in ("int8", "int4"):
         bits = 8 if name == "int8" else 4
         def qdq():
-            q, s = quantize_blockwise(x, bits, cfg.block_size)
-            dequantize_blockwise(q, s, cfg.block_size)
+            q, s = quantize_blockwise(x, bits, cfg.options(name).block_size)
+            dequantize_blockwise(q, s, cfg.options(name).block_size)
         return 2 * _timed(qdq, 3)   # worker and server side
     if name == "sign":
         return 2 * _timed(lambda: unpack_signs(pack_signs(x), n), 3)
     if name in ("topk", "randk"):
-        k = math.ceil(cfg.density * n)
+        k = math.ceil(cfg.options(name).density * n)
         return _timed(lambda: topk_select(x, k), 3)
     if name == "powersgd":
         m = max(1, int(math.sqrt(n)))
         mat = x[: m * m].view(m, m)
-        q = torch.randn(m, cfg.rank)
+        q = torch.randn(m, cfg.powersgd.rank)
         return _timed(lambda: (mat.T @ torch.linalg.qr(mat @ q).Q), 3)
     return 0.0
 
 
-def choose_compressor(cfg, transport, module: torch.nn.Module) -> str:
-    """The candidate with the least predicted exchange time per step (ties go to the earlier candidate)."""
+def choose_compressor(cfg, transport, module: torch.nn.Module, bucket_cap_mb: float = 25.0) -> str:
+    """The candidate with the least predicted exchange time per step (ties go to the earlier candidate), for
+    gradients sent in buckets of `bucket_cap_mb`."""
     w = transport.world_size
     shapes = [(p.shape, p.is_complex()) for p in module.parameters() if p.requires_grad]
     n = sum(math.prod(s) * (2 if c else 1) for s, c in shapes)
     matrices, n_small = powersgd_plan(shapes, cfg)
-    buckets = max(1, math.ceil(4 * n / (cfg.bucket_cap_mb * 2**20)))
+    buckets = max(1, math.ceil(4 * n / (bucket_cap_mb * 2**20)))
     alpha, beta = measure_link(transport)
     encode = torch.tensor([_encode_time(c, cfg, n) for c in cfg.auto_candidates], dtype=torch.float64)
     encode = transport.allgather(encode).max(0).values.tolist()

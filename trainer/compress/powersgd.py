@@ -17,7 +17,7 @@ every uncompressed tensor concatenated, every P, every Q. A tensor is sent uncom
 `powersgd_matrix`).
 
 Matrix view: first dim x the rest. Complex parameters (FNO spectral weights (in, out, m1, m2)) by
-`cfg.powersgd_complex`: "real_view" compresses the interleaved float32 (in, out*m1*m2*2) matrix (a
+`cfg.powersgd.complex`: "real_view" compresses the interleaved float32 (in, out*m1*m2*2) matrix (a
 complex rank-r matrix is a real rank-2r one there); "complex" keeps M complex (in, out*m1*m2) with
 complex P, Q, conjugate transposes and a complex QR, and ships their real views.
 """
@@ -34,19 +34,20 @@ from trainer.compress.base import Compressor, ParamView, mixed_seed
 
 def powersgd_matrix(shape: tuple[int, ...], is_complex: bool, cfg, real_view: bool | None = None
                     ) -> tuple[int, int, int, bool] | None:
-    """(n, m, r, complex): the matrix a parameter of `shape` is compressed as and its rank r = min(cfg.rank, n, m), or
+    """(n, m, r, complex): the matrix a parameter of `shape` is compressed as and its rank
+    r = min(cfg.powersgd.rank, n, m), or
     None when it is sent uncompressed: 1-D, or r (n + m) * min_compression_rate >= n m (torch's powerSGD_hook rule).
     The one home of this rule: the compressor, `auto`'s cost model and the byte count of torch's hook all use it.
-    `real_view` overrides cfg.powersgd_complex (torch's hook sees complex gradients as real views)."""
+    `real_view` overrides cfg.powersgd.complex (torch's hook sees complex gradients as real views)."""
     if len(shape) < 2:
         return None
     if real_view is None:
-        real_view = cfg.powersgd_complex == "real_view"
+        real_view = cfg.powersgd.complex == "real_view"
     cplx = is_complex and not real_view
     n = shape[0]
     m = math.prod(shape) * (2 if is_complex else 1) // n // (2 if cplx else 1)
-    r = min(cfg.rank, n, m)
-    if r * (n + m) * cfg.min_compression_rate >= n * m:
+    r = min(cfg.powersgd.rank, n, m)
+    if r * (n + m) * cfg.powersgd.min_compression_rate >= n * m:
         return None
     return n, m, r, cplx
 
@@ -57,7 +58,7 @@ def powersgd_floats(n: int, m: int, r: int, cplx: bool) -> tuple[int, int]:
 
 
 class PowerSGDCompressor(Compressor):
-    """Rank-`cfg.rank` PowerSGD with error feedback and warm start; see the module docstring."""
+    """Rank-`cfg.powersgd.rank` PowerSGD with error feedback and warm start; see the module docstring."""
 
     name = "powersgd"
     error_feedback = True
@@ -110,7 +111,7 @@ class PowerSGDCompressor(Compressor):
                     x += e
             xs.append(x)
             Ms.append(torch.view_as_complex(x.view(-1, 2)).view(n, m) if cplx else x.view(n, m))
-            Qs.append(self._warm_q(v, m, min(self.cfg.rank, n, m), cplx, grad.device))
+            Qs.append(self._warm_q(v, m, min(self.cfg.powersgd.rank, n, m), cplx, grad.device))
 
         # The uncompressed tensors ride along with the P's: two allreduces per bucket, not three.
         summed, nbytes = self._allreduce([dense_flat] + [M @ Q for M, Q in zip(Ms, Qs)])  # (n, r) each

@@ -34,7 +34,7 @@ class QuantizedCompressor(Compressor):
         if self.bits not in (4, 8):
             raise ValueError(f"QuantizedCompressor bits = {self.bits!r}; allowed: 4, 8")
         self.name = f"int{self.bits}"
-        self.block = cfg.block_size
+        self.block = cfg.options(self.name).block_size
 
     def _encode(self, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """(rows, shard) int8 codes and (rows, blocks) scales -> (rows, bytes) uint8; int4 packs 2 per byte."""

@@ -53,10 +53,10 @@ class TopKCompressor(Compressor):
 
     def exchange(self, grad: torch.Tensor, views: list[ParamView]) -> tuple[torch.Tensor, int]:
         n = grad.numel()
-        k = min(max(math.ceil(self.cfg.density * n), 1), n)
+        k = min(max(math.ceil(self.cfg.options(self.name).density * n), 1), n)
         if not self.ef21:
             values, indices = self._select(grad, k)
-            if self.name == "randk" and self.cfg.randk_unbiased:
+            if self.name == "randk" and self.cfg.randk.unbiased:
                 values = values * (n / k)
             mean, sent = self._mean_sparse(n, values, indices)
             return grad.copy_(mean), sent
@@ -89,7 +89,7 @@ class RandKCompressor(TopKCompressor):
 
     @property
     def ef21(self) -> bool:
-        return self.cfg.error_feedback and not self.cfg.randk_unbiased
+        return self.cfg.error_feedback and not self.cfg.randk.unbiased
 
     def _select(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return randk_select(x, k, call_generator(self, x.device))

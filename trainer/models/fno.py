@@ -17,6 +17,8 @@ Spectral parameters are named `...spectral.weight` (see `is_spectral_param`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -235,10 +237,33 @@ def copy_weights(src: nn.Module, dst: nn.Module) -> None:
 
 
 # ---- registration (trainer/registry.py) ------------------------------------------------------------------------
-def _check(cfg, data: DataSpec) -> None:
+@dataclass
+class FNOConfig:
+    """[model.fno]"""
+    width: int = 32
+    modes: list = field(default_factory=lambda: [12, 12])
+    n_layers: int = 4
+    padding: int = 0
+    projection_channels: int = 128
+    spectral_weights: str = "complex"   # "real" stores them as (..., 2) float tensors
+
+    def __post_init__(self):
+        if self.spectral_weights not in SPECTRAL_WEIGHT_FORMS:
+            raise ValueError(f"config key 'model.fno.spectral_weights' = {self.spectral_weights!r}; allowed: "
+                             f"{', '.join(map(repr, SPECTRAL_WEIGHT_FORMS))}")
+        if not self.modes or not all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in self.modes):
+            raise ValueError(f"config key 'model.fno.modes' = {self.modes!r}; must be a list of positive ints")
+        for k in ("width", "n_layers", "projection_channels"):
+            if getattr(self, k) <= 0:
+                raise ValueError(f"config key 'model.fno.{k}' = {getattr(self, k)!r}; must be > 0")
+        if self.padding < 0:
+            raise ValueError(f"config key 'model.fno.padding' = {self.padding!r}; must be >= 0")
+
+
+def _check(cfg: FNOConfig, data: DataSpec) -> None:
     grid = data.input_shape[1:]
     if len(cfg.modes) != len(grid):
-        raise ValueError(f"config key 'model.modes' = {cfg.modes} has {len(cfg.modes)} entries; the dataset has a "
+        raise ValueError(f"config key 'model.fno.modes' = {cfg.modes} has {len(cfg.modes)} entries; the dataset has a "
                          f"{len(grid)}-D grid {tuple(grid)}")
 
 
@@ -248,6 +273,6 @@ def _build(cfg, data: DataSpec) -> FNO:
 
 
 register_model(ModelSpec(
-    name="fno", check=_check, build=_build, loss=operator_loss, evaluate=operator_errors,
+    name="fno", config=FNOConfig, check=_check, build=_build, loss=operator_loss, evaluate=operator_errors,
     example_batch=operator_example_batch,
     shard_units=lambda model: [model.lifting, *model.blocks, model.projection]))

@@ -1,0 +1,47 @@
+"""DDP: every rank holds the whole model; gradients are averaged bucket by bucket during backward by a DDP
+communication hook that runs our compressor (trainer/comm.py), or by torch's own fp16/PowerSGD hooks."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from trainer.comm import GradientExchange, register_gradient_exchange, register_torch_hook
+from trainer.compress import COMPRESSORS
+from trainer.parallel.engine import Engine, ExampleLoss, MakeOptimizer
+
+
+class DDPEngine(Engine):
+    name = "ddp"
+    compressors = tuple(COMPRESSORS)
+
+    def __init__(self, cfg, model: torch.nn.Module, device: torch.device, make_optimizer: MakeOptimizer,
+                 example_loss: ExampleLoss):
+        super().__init__(cfg, model, device, make_optimizer, example_loss)
+        model.to(device)
+        if self.world_size > 1:   # with one rank there is nothing to exchange: the model stays unwrapped
+            comm = cfg.comm
+            self.model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                             bucket_cap_mb=cfg.parallel.bucket_cap_mb)
+            if comm.compressor.startswith("torch_"):
+                self.exchange = register_torch_hook(self.model, comm.compressor, comm)
+            else:
+                self.exchange = register_gradient_exchange(self.model, comm, cfg.run.seed, cfg.parallel.bucket_cap_mb)
+                _settle_buckets(self.model, self.exchange, example_loss)
+        self.optimizer = make_optimizer(self.model.parameters())
+
+    def local_nonfinite(self) -> bool:
+        if self.exchange is not None:   # the hook saw every local gradient before it was averaged
+            return self.exchange.local_nonfinite
+        return super().local_nonfinite()
+
+
+def _settle_buckets(ddp: DDP, exchange: GradientExchange, example_loss: ExampleLoss) -> None:
+    """DDP's first backward runs with one bucket and then re-buckets by gradient-ready order. Compressors that
+    work per bucket (quantisation shards, top-k, server-side residuals) must see the same layout at every step
+    whether a run started at step 0 or resumed at step k, so one throw-away backward (plain allreduce, grads
+    discarded, no optimizer step, no compressor state touched) settles the layout before training starts."""
+    exchange.bypass = True
+    example_loss(ddp).backward()
+    exchange.bypass = False
+    ddp.module.zero_grad(set_to_none=True)
