@@ -7,6 +7,8 @@ compute-only floor). Rows are compared with the floor and with fp32 (`none`) at 
 
     sudo .venv/bin/python bench/comm.py --quick
     sudo .venv/bin/python bench/comm.py --nodes 4 --bandwidths 1gbit,100mbit --compressors none,fp16
+    sudo .venv/bin/python bench/comm.py --engine fsdp2 --bandwidths 1gbit,100mbit     # the sharded path
+    sudo .venv/bin/python bench/comm.py --engine deepspeed --zero-stage 3 --quick
     .venv/bin/python bench/comm.py --codec-only
 """
 
@@ -43,6 +45,7 @@ DEFAULT_ROWS = ["none", "fp16", "torch_fp16", "torch_powersgd:rank=1,real", "tor
                 "torch_powersgd:rank=4", "powersgd:rank=1", "powersgd:rank=4", "topk:density=0.01",
                 "randk:density=0.01", "int8", "int4", "sign", "auto"]
 QUICK = {"nodes": 4, "bandwidths": "100mbit", "steps": 30, "eval_every": 5, "best": "powersgd:rank=4"}
+QUICK_SHARDED = {"best": "int4"}   # --quick's compressed row on the reduce-scatter path
 HARMLESS = "hostname of the client socket cannot be retrieved"
 
 
@@ -61,7 +64,8 @@ class Row:
 
 
 def parse_row(spec: str) -> Row:
-    """NAME[:OPT,...]; OPT is key=value (a comm.* key unless it has a section, e.g. optim.lr=1e-3),
+    """NAME[:OPT,...]; OPT is key=value (the compressor's own table, comm.NAME.key, unless it has a section, e.g.
+    optim.lr=1e-3),
     or `real`/`complex` for model.fno.spectral_weights."""
     name, _, opts = spec.strip().partition(":")
     if not name:
@@ -72,14 +76,19 @@ def parse_row(spec: str) -> Row:
             sets.append(f"model.fno.spectral_weights={opt}")
         elif "=" in opt:
             key, value = opt.split("=", 1)
-            sets.append(f"{key if '.' in key else 'comm.' + key}={value}")
+            table = {"torch_powersgd": "powersgd"}.get(name, name)   # a bare key is the compressor's own setting
+            sets.append(f"{key if '.' in key else f'comm.{table}.{key}'}={value}")
         else:
             raise ValueError(f"row {spec!r}: option {opt!r} is neither key=value nor real/complex")
     return Row(spec.strip(), name, tuple(sets))
 
 
+ENGINE: list[str] = []           # --engine/--zero-stage as overrides, added to every row
+
+
 def check_rows(rows: list[Row]) -> None:
-    """Validate every row against the trainer's config (unknown compressor or key -> ValueError)."""
+    """Validate every row against the trainer's config (unknown compressor or key, or one the engine cannot carry ->
+    ValueError)."""
     from trainer.config import load_config
     names = [r.name for r in rows]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -87,22 +96,24 @@ def check_rows(rows: list[Row]) -> None:
         raise ValueError(f"rows given twice: {', '.join(dup)} (the `skip` floor row is always run)")
     for row in rows:
         try:
-            load_config(CONFIG, [*MODEL, *row.overrides])
+            load_config(CONFIG, [*MODEL, *ENGINE, *row.overrides])
         except ValueError as e:
             raise ValueError(f"row {row.spec!r}: {e}") from None
 
 
 def choose_rows(args: argparse.Namespace) -> list[Row]:
-    from trainer.compress import COMPRESSORS
+    from trainer.parallel import ENGINES
+    carried = ENGINES[args.engine].compressors   # DDP: every registered compressor; sharded engines: fewer
     if args.quick:
-        specs = [FP32, "torch_powersgd:rank=4,real", args.best or QUICK["best"]]
+        best = args.best or (QUICK["best"] if args.engine == "ddp" else QUICK_SHARDED["best"])
+        specs = [FP32, "torch_powersgd:rank=4,real", best] if args.engine == "ddp" else [FP32, best]
     elif args.compressors:
         specs = _split_specs(args.compressors)
-    else:   # the default list, less what is not registered (yet)
-        specs = [s for s in DEFAULT_ROWS if s.partition(":")[0] in COMPRESSORS]
+    else:   # the default list, less what this engine cannot carry
+        specs = [s for s in DEFAULT_ROWS if s.partition(":")[0] in carried]
         left_out = [s for s in DEFAULT_ROWS if s not in specs]
         if left_out:
-            print(f"note: not registered in trainer/compress, left out: {', '.join(left_out)}")
+            print(f"note: not carried by parallel.engine={args.engine}, left out: {', '.join(left_out)}")
     rows = [parse_row(s) for s in specs]
     if FP32 not in [r.spec for r in rows]:
         rows.insert(0, parse_row(FP32))   # the reference for time-to-accuracy and overhead removed
@@ -138,7 +149,7 @@ def rank_command(topo: netns.Topology, i: int, row: Row, run_root: Path, port: i
            "OMP_NUM_THREADS": 1}
     sets = [*MODEL, f"data.path={DATA}", f"run.out_dir={run_root}", f"run.name={row.name}",
             f"train.max_steps={steps}", "train.log_every=1", f"train.eval_every={eval_every}",
-            "train.progress=false", *row.overrides]
+            "train.progress=false", *ENGINE, *row.overrides]
     argv = [sys.executable, "-m", "launch.cli", "train", str(CONFIG), "--overwrite"]   # a rerun replaces the row
     for s in sets:
         argv += ["--set", s]
@@ -255,7 +266,7 @@ def time_to_target(train: list[tuple[int, float]], evals: list[tuple[int, float]
 def summarize(row: Row, outcome: Outcome, run_dir: Path, bandwidth: str, nodes: int) -> dict:
     """One JSON record for `row` (the comparisons with floor/fp32 are added by `compare`)."""
     rec = {"row": row.spec, "compressor": row.compressor, "options": list(row.overrides[1:]),
-           "bandwidth": bandwidth, "nodes": nodes, "status": outcome.status, "error": outcome.error,
+           "engine": " ".join(ENGINE) or "parallel.engine=ddp", "bandwidth": bandwidth, "nodes": nodes, "status": outcome.status, "error": outcome.error,
            "row_wall_s": round(outcome.wall_s, 1), "run_dir": str(run_dir)}
     if outcome.status != "ok":
         return rec
@@ -265,6 +276,7 @@ def summarize(row: Row, outcome: Outcome, run_dir: Path, bandwidth: str, nodes: 
                bytes_per_step=summary.get("grad_bytes_per_step"),
                compression_ratio=summary.get("compression_ratio"),
                test_rel_l2=summary.get("test_rel_l2"), replica_max_abs_diff=summary.get("replica_max_abs_diff"),
+               peak_memory_mb=(summary.get("peak_memory_bytes") or {}).get("total", 0) / 2**20 or None,
                train_wall_s=summary.get("wall_time_s"), _train=train, _evals=evals)
     return rec
 
@@ -290,8 +302,8 @@ def compare(records: list[dict]) -> None:
         r["overhead_removed"] = (t_fp32 - t) / gap if gap and t and gap > 0 else None
 
 
-COLUMNS = ["row", "bandwidth", "nodes", "status", "median_step_s", "floor_step_s", "ratio_to_floor",
-           "bytes_per_step", "compression_ratio", "test_rel_l2", "replica_max_abs_diff", "time_to_fp32_l2_s",
+COLUMNS = ["row", "engine", "bandwidth", "nodes", "status", "median_step_s", "floor_step_s", "ratio_to_floor",
+           "bytes_per_step", "compression_ratio", "peak_memory_mb", "test_rel_l2", "replica_max_abs_diff", "time_to_fp32_l2_s",
            "overhead_removed", "steps", "row_wall_s", "options", "error", "run_dir"]
 
 
@@ -325,7 +337,7 @@ def print_table(headers: list[str], lines: list[list[str]]) -> None:
 
 
 def print_comm_table(records: list[dict]) -> None:
-    headers = ["row", "bw", "W", "step s", "floor s", "x floor", "MB/step", "compr", "test L2",
+    headers = ["row", "bw", "W", "step s", "floor s", "x floor", "MB/step", "compr", "mem MiB", "test L2",
                "replica diff", "t->fp32 L2", "overhead rm"]
     lines, failures = [], []
     for r in records:
@@ -340,7 +352,7 @@ def print_comm_table(records: list[dict]) -> None:
             _fmt(r["median_step_s"], ".3f"), _fmt(r.get("floor_step_s"), ".3f"),
             _fmt(r.get("ratio_to_floor"), ".2f") + ("x" if r.get("ratio_to_floor") else ""),
             "-" if floor else _fmt(r["bytes_per_step"] / 1e6, ".3f"),
-            "-" if floor else _fmt(r["compression_ratio"], ".1f"),
+            "-" if floor else _fmt(r["compression_ratio"], ".1f"), _fmt(r.get("peak_memory_mb"), ".1f"),
             _fmt(r["test_rel_l2"], ".4f"), _fmt(r["replica_max_abs_diff"], ".1e"),
             "-" if floor else (t2 if isinstance(t2, str) else _fmt(t2, ".1f") + (" s" if t2 is not None else "")),
             "-" if floor else (_fmt(100 * r["overhead_removed"], ".0f") + "%" if r.get("overhead_removed") is not None
@@ -516,6 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=None, help="steps between test evaluations (default 10)")
     p.add_argument("--row-timeout", type=float, default=0, help="seconds before a row's ranks are killed "
                                                                 "(default 120 + 10 * steps)")
+    p.add_argument("--engine", default="ddp", help="parallel.engine: ddp (allreduce path), fsdp2 or deepspeed "
+                                                   "(reduce-scatter path); default ddp")
+    p.add_argument("--zero-stage", type=int, default=None, help="parallel.zero_stage with --engine deepspeed "
+                                                                "(default 3)")
     p.add_argument("--quick", action="store_true", help="100mbit, 4 nodes: floor, fp32, torch PowerSGD r4, --best")
     p.add_argument("--best", default=None, help="--quick's row for our compressor (default powersgd:rank=4)")
     p.add_argument("--codec-only", action="store_true", help="only the local encode/decode timing (no root)")
@@ -536,6 +552,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--best only applies to --quick")
         if args.quick and args.codec_only:
             raise ValueError("--quick and --codec-only exclude each other")
+        from trainer.parallel import ENGINES
+        if args.engine not in ENGINES:
+            raise ValueError(f"--engine {args.engine!r}; allowed: {', '.join(ENGINES)}")
+        if args.zero_stage is not None and args.engine != "deepspeed":
+            raise ValueError("--zero-stage only applies to --engine deepspeed")
+        ENGINE[:] = [f"parallel.engine={args.engine}"] + (
+            [f"parallel.zero_stage={args.zero_stage or 3}"] if args.engine == "deepspeed" else [])
         if not 2 <= args.nodes <= netns.MAX_NODES:
             raise ValueError(f"--nodes {args.nodes}: must be in 2..{netns.MAX_NODES}")
         if args.steps <= WARMUP_STEPS:
@@ -568,6 +591,8 @@ def main(argv: list[str] | None = None) -> int:
             records = run_network(args, rows, bandwidths, out)
             print()
             print_comm_table(records)
+            print(f"{args.nodes} ranks (one per namespace, 1 thread each) shared {os.cpu_count()} cores; "
+                  f"{' '.join(ENGINE)}")
         if not args.quick:
             print()
             run_codec(out)

@@ -48,10 +48,10 @@ def main(spec_path: str, out: str) -> None:
         cls.poison_step = run.get("poison_step", 0)
         trainer = cls(cfg, device, resume=run.get("resume", False))
         summary = trainer.train(until_step=run.get("stop_after"))
-        flat = torch.cat([torch.view_as_real(p.detach()).flatten() if p.is_complex() else p.detach().flatten()
-                          for p in trainer.model.parameters()])
+        flat = torch.cat([torch.view_as_real(p).flatten() if p.is_complex() else p.flatten()
+                          for p in trainer.engine.full_parameters()])   # gathered in full under sharded engines
         torch.save(flat, out_dir / f"{run['name']}.rank{env.rank}.pt")
-        comp = getattr(trainer.exchange, "compressor", None)
+        comp = getattr(trainer.engine.exchange, "compressor", None)
         state = comp.state_dict() if comp is not None else {"local": {}, "replicated": {}}
         summary["state_finite"] = all(bool(torch.isfinite(t).all()) for part in state.values() for t in part.values()
                                       if torch.is_tensor(t) and t.is_floating_point())

@@ -301,6 +301,7 @@ class Trainer:
         self.state = TrainState(self.world_size, self.world_size * cfg.data.batch_size, cfg.data.batch_size,
                                 run_meta={"config": cfg.to_dict(), "dataset": dataset_identity(ds)})
         self.stop_requested = False
+        self.peak_memory: dict[str, int] = {}   # this rank's parameters + gradients + optimizer state, in bytes
         self.metrics: MetricsLogger | None = None   # opened by train(), once the step to resume from is known
         if self.rank == 0:
             (cfg.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -369,6 +370,10 @@ class Trainer:
         self.engine.zero_grad()
         loss = self.forward_backward({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
         nonfinite = self.engine.local_nonfinite() or not math.isfinite(loss.item())
+        if self.state.step < 3:   # parameters, gradients and (from the second step) optimizer state all live here
+            mem = self.engine.memory()
+            if mem["total"] > self.peak_memory.get("total", -1):
+                self.peak_memory = mem
         # The handler only raises a local flag; the stop itself is agreed here, so every rank checkpoints at one step.
         nonfinite, self.stop_requested = self._agree(nonfinite, STOP_SIGNAL.is_set())
         if nonfinite:
@@ -379,6 +384,14 @@ class Trainer:
         if not nonfinite:
             self.scheduler.step()
         return loss.item()
+
+    def _max_over_ranks(self, counts: dict[str, int]) -> dict[str, int]:
+        """Each count's maximum over ranks (the most loaded rank is what must fit)."""
+        keys = sorted(counts)
+        t = torch.tensor([counts[k] for k in keys], dtype=torch.float64, device=self.device)
+        if dist.is_initialized() and keys:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return {k: int(v) for k, v in zip(keys, t.tolist())}
 
     def _agree(self, *flags: bool) -> list[bool]:
         """Any rank's flag holds for all ranks (one small allreduce per step)."""
@@ -560,6 +573,7 @@ class Trainer:
             "data_wait_share": waited / max(waited + stepped, 1e-12),
             "grad_bytes_per_step": bytes_per_step, "compression_ratio": ratio, "skipped_steps": self.state.skipped_steps,
             "compressor": self.engine.compressor_name, "engine": self.engine.name,
+            "peak_memory_bytes": self._max_over_ranks(self.peak_memory),
         }
         if self.rank == 0:
             tmp = cfg.run_dir / "summary.json.tmp"
