@@ -18,7 +18,7 @@ SPEC = [("lin.weight", (24, 40), False), ("lin.bias", (24,), False), ("odd.weigh
         ("spec.weight", (12, 12, 6, 4), True), ("conv.weight", (16, 12, 1, 1), False)]
 
 VARIANTS = {
-    "none": ("none", {}), "fp16": ("fp16", {}), "powersgd": ("powersgd", {"powersgd_complex": "real_view"}),
+    "none": ("none", {}), "fp16": ("fp16", {}), "bf16": ("bf16", {}), "powersgd": ("powersgd", {"powersgd_complex": "real_view"}),
     "powersgd_complex": ("powersgd", {"powersgd_complex": "complex"}),
     "powersgd_r1": ("powersgd", {"rank": 1}),   # odd-sized P/Q ahead of complex ones in one flat buffer
     "topk": ("topk", {}),
@@ -89,6 +89,10 @@ def test_identical_on_every_rank(variant, world):
     if variant in ("none", "fp16"):
         true = sum(rank_grad(r, n, 2) for r in range(world)) / world
         torch.testing.assert_close(outs[0], true, atol=1e-2 if variant == "fp16" else 1e-6, rtol=1e-3)
+    if variant == "bf16":   # W roundings to 8 mantissa bits (the cast of x_i / W, then each of the W - 1 sums)
+        grads = [rank_grad(r, n, 2) / world for r in range(world)]
+        bound = world * 2.0 ** -8 * sum(g.abs() for g in grads)   # 2^-8: rounding to nearest of an 8-bit mantissa
+        assert ((outs[0] - sum(grads)).abs() <= bound + 1e-30).all()
 
 
 @pytest.mark.parametrize("mode,complex_rank,exact", [("complex", 4, True), ("real_view", 2, True),

@@ -69,6 +69,17 @@ class ThreadTransport:
     def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         return t.copy_(self.group._exchange(self.rank, f"broadcast{src}", t, lambda xs: xs[src]))
 
+    def reduce_scatter(self, t: torch.Tensor) -> torch.Tensor:
+        assert t.dim() == 2 and t.shape[0] == self.world_size, \
+            f"reduce_scatter wants (world, m) rows, got {tuple(t.shape)}"
+
+        def total(xs):
+            acc = xs[0][self.rank].clone()
+            for x in xs[1:]:
+                acc += x[self.rank]
+            return acc
+        return self.group._exchange(self.rank, "reduce_scatter", t, total)
+
 
 def run_ranks(world: int, fn: Callable[[int, ThreadTransport], Any], group: ThreadGroup | None = None) -> list:
     """Run fn(rank, transport) on `world` threads; return the results in rank order, re-raising the

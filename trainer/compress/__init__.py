@@ -3,12 +3,13 @@
 from trainer.compress.powersgd import PowerSGDCompressor
 from trainer.compress.quant import Int4Compressor, Int8Compressor
 from trainer.compress.sign import SignCompressor
-from trainer.compress.simple import AllReduceCompressor, FP16Compressor, SkipCompressor
+from trainer.compress.simple import AllReduceCompressor, BF16Compressor, FP16Compressor, SkipCompressor
 from trainer.compress.sparse import RandKCompressor, TopKCompressor
 
 COMPRESSORS = {
     "none": AllReduceCompressor,
     "fp16": FP16Compressor,
+    "bf16": BF16Compressor,
     "skip": SkipCompressor,
     "powersgd": PowerSGDCompressor,
     "topk": TopKCompressor,

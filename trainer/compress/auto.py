@@ -71,7 +71,7 @@ def _collective_time(kind: str, nbytes: float, w: int, alpha: float, beta: float
     return messages * alpha + _wire_bytes(kind, nbytes, w) * beta
 
 
-CANDIDATES = ("none", "fp16", "powersgd", "int8", "int4", "sign", "topk", "randk")   # those with a cost model below
+CANDIDATES = ("none", "fp16", "bf16", "powersgd", "int8", "int4", "sign", "topk", "randk")   # those with a cost model below
 
 
 def powersgd_plan(shapes: list[tuple[tuple[int, ...], bool]], cfg) -> tuple[list[tuple[int, int]], int]:
@@ -92,7 +92,7 @@ def collectives(name: str, cfg, n: int, matrices: list[tuple[int, int]], n_small
     `matrices` holds PowerSGD's (P floats, Q floats) per compressed matrix, `n_small` the floats it sends as they are."""
     if name == "none":
         return [("allreduce", 4 * n)]
-    if name == "fp16":
+    if name in ("fp16", "bf16"):
         return [("allreduce", 2 * n)]
     if name == "powersgd":   # the uncompressed tensors ride with the P's (trainer/compress/powersgd.py)
         return [("allreduce", 4 * n_small + 4 * sum(p for p, _ in matrices)),
@@ -110,8 +110,9 @@ def collectives(name: str, cfg, n: int, matrices: list[tuple[int, int]], n_small
 def _encode_time(name: str, cfg, n: int) -> float:
     """Seconds of local encode+decode work per step, measured with the kernels the compressor uses."""
     x = torch.randn(n)
-    if name in ("none", "fp16"):
-        return 0.0 if name == "none" else _timed(lambda: x.half().float(), 3)
+    if name in ("none", "fp16", "bf16"):
+        dtype = torch.bfloat16 if name == "bf16" else torch.float16
+        return 0.0 if name == "none" else _timed(lambda: x.to(dtype).float(), 3)
     if name in ("int8", "int4"):
         bits = 8 if name == "int8" else 4
         def qdq():

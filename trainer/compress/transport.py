@@ -38,6 +38,14 @@ class TorchTransport:
         dist.broadcast(t, src=src, group=self.group)
         return t
 
+    def reduce_scatter(self, t: torch.Tensor) -> torch.Tensor:
+        """t (world, m) -> (m,): the sum over ranks of row `rank` (reduce_scatter_single: the non-deprecated path)."""
+        assert t.dim() == 2 and t.shape[0] == self.world_size, \
+            f"reduce_scatter wants (world, m) rows, got {tuple(t.shape)}"
+        out = torch.empty(t.shape[1], dtype=t.dtype, device=t.device)
+        dist.reduce_scatter_single(out, t.reshape(-1), group=self.group)     # gloo wants the concatenated (W*m,) form
+        return out
+
 
 class MPITransport:
     name = "mpi"
@@ -82,6 +90,18 @@ class MPITransport:
         self.comm.Bcast(h.view(torch.uint8).numpy(), root=src)
         return t.copy_(h)
 
+    def reduce_scatter(self, t: torch.Tensor) -> torch.Tensor:
+        """t (world, m) -> (m,): the sum over ranks of row `rank`. MPI has no fp16/bf16 sum: all_to_all, then
+        sum in fp32 in rank order."""
+        assert t.dim() == 2 and t.shape[0] == self.world_size, \
+            f"reduce_scatter wants (world, m) rows, got {tuple(t.shape)}"
+        if t.dtype in (torch.float16, torch.bfloat16):
+            return self.all_to_all(t).float().sum(0).to(t.dtype)
+        h = self._host(t)
+        out = torch.empty(h.shape[1], dtype=h.dtype)
+        self.comm.Reduce_scatter_block(h.numpy(), out.numpy(), op=self.MPI.SUM)
+        return out.to(t.device)
+
 
 def ring_allreduce_bytes(nbytes: int, world_size: int) -> int:
     """Bytes one rank sends in a ring allreduce of `nbytes` (reduce-scatter + allgather)."""
@@ -113,6 +133,10 @@ class CountingTransport:
     def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         self.bytes_sent += t.numel() * t.element_size() if self.rank == src else 0
         return self.inner.broadcast_(t, src)
+
+    def reduce_scatter(self, t: torch.Tensor) -> torch.Tensor:   # like all_to_all: (W-1)/W of the (W, m) buffer
+        self.bytes_sent += (self.world_size - 1) * t.numel() * t.element_size() // self.world_size
+        return self.inner.reduce_scatter(t)
 
 
 def make_transport(name: str) -> CountingTransport:

@@ -15,6 +15,15 @@ class DDPEngine(Engine):
     name = "ddp"
     compressors = tuple(COMPRESSORS)
 
+    @classmethod
+    def check(cls, cfg) -> None:
+        super().check(cfg)
+        for key in ("param_dtype", "reduce_dtype"):
+            if getattr(cfg.parallel, key) != "float32":
+                raise ValueError(f"config key 'parallel.{key}' = {getattr(cfg.parallel, key)!r} needs a sharded "
+                                 "engine (parallel.engine = 'fsdp2' or 'deepspeed'); under 'ddp' allowed: 'float32' "
+                                 "(reduced-precision exchange there: comm.compressor = 'fp16')")
+
     def __init__(self, cfg, model: torch.nn.Module, device: torch.device, make_optimizer: MakeOptimizer,
                  example_loss: ExampleLoss):
         super().__init__(cfg, model, device, make_optimizer, example_loss)
