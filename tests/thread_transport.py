@@ -11,6 +11,7 @@ gets the bit-identical result a real allreduce gives.
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any, Callable
 
@@ -50,6 +51,11 @@ class ThreadTransport:
 
     def __init__(self, group: ThreadGroup, rank: int):
         self.group, self.rank, self.world_size = group, rank, group.world_size
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes this rank has passed into collectives so far (what `auto`'s cost model predicts per collective)."""
+        return sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in self.group.calls[self.rank])
 
     def allreduce_(self, t: torch.Tensor) -> torch.Tensor:
         def total(xs):

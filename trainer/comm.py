@@ -106,7 +106,7 @@ class GradientExchange:
             self.local_nonfinite = True
         compressor = self.warmup if self.step < self.cfg.start_step else self.compressor
         before = self.transport.bytes_sent
-        out, _payload = compressor.exchange(buf, views)
+        out = compressor.exchange(buf, views)
         if out is not buf:
             buf.copy_(out)
         self.stats.bytes_sent += self.transport.bytes_sent - before

@@ -62,9 +62,9 @@ class Compressor:
         self._pending_replicated: dict[str, torch.Tensor] = {}
 
     # ---- the work ----
-    def exchange(self, grad: torch.Tensor, views: list[ParamView]) -> tuple[torch.Tensor, int]:
-        """Return (the rank-average of `grad` as this compressor approximates it, identical on every
-        rank; bytes this rank passed into collectives). `grad` may be modified in place."""
+    def exchange(self, grad: torch.Tensor, views: list[ParamView]) -> torch.Tensor:
+        """Return the rank-average of `grad` as this compressor approximates it, identical on every rank. `grad`
+        may be modified in place. Bytes are counted by the transport (CountingTransport), nowhere else."""
         raise NotImplementedError
 
     # ---- transactional state ----

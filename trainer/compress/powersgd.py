@@ -78,7 +78,7 @@ class PowerSGDCompressor(Compressor):
         g.manual_seed(mixed_seed(getattr(self, "seed", 0), zlib.crc32(v.name.encode())))
         return torch.randn(m, r, generator=g, dtype=dtype, device=device)
 
-    def _allreduce(self, mats: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+    def _allreduce(self, mats: list[torch.Tensor]) -> list[torch.Tensor]:
         """Sum a list of (real or complex) matrices over ranks with one allreduce of their float32 views."""
         real = [torch.view_as_real(t) if t.is_complex() else t for t in mats]
         flat = self.transport.allreduce_(torch.cat([t.reshape(-1) for t in real]))
@@ -86,10 +86,10 @@ class PowerSGDCompressor(Compressor):
         out = [p.view(t.shape) for p, t in zip(parts, real)]
         # a complex view needs an even storage offset: copy the (small) complex parts out
         out = [torch.view_as_complex(o.clone()) if m.is_complex() else o for o, m in zip(out, mats)]
-        return out, flat.numel() * flat.element_size()
+        return out
 
-    def exchange(self, grad: torch.Tensor, views: list[ParamView]) -> tuple[torch.Tensor, int]:
-        W, ef, sent = self.transport.world_size, self.cfg.error_feedback, 0
+    def exchange(self, grad: torch.Tensor, views: list[ParamView]) -> torch.Tensor:
+        W, ef = self.transport.world_size, self.cfg.error_feedback
         shapes = [self.matrix_shape(v) for v in views]
         dense = [v for v, s in zip(views, shapes) if s is None]
         low_rank = [(v, s) for v, s in zip(views, shapes) if s is not None]
@@ -97,10 +97,9 @@ class PowerSGDCompressor(Compressor):
         dense_flat = torch.cat([v.slice(grad) for v in dense]) if dense else grad.new_zeros(0)
         if not low_rank:
             self.transport.allreduce_(dense_flat).div_(W)
-            sent += dense_flat.numel() * dense_flat.element_size()
             for v, part in zip(dense, dense_flat.split([v.numel for v in dense])):
                 v.slice(grad).copy_(part)
-            return grad, sent
+            return grad
 
         xs, Ms, Qs = [], [], []
         for v, (n, m, cplx) in low_rank:
@@ -114,14 +113,12 @@ class PowerSGDCompressor(Compressor):
             Qs.append(self._warm_q(v, m, min(self.cfg.powersgd.rank, n, m), cplx, grad.device))
 
         # The uncompressed tensors ride along with the P's: two allreduces per bucket, not three.
-        summed, nbytes = self._allreduce([dense_flat] + [M @ Q for M, Q in zip(Ms, Qs)])  # (n, r) each
-        sent += nbytes
+        summed = self._allreduce([dense_flat] + [M @ Q for M, Q in zip(Ms, Qs)])  # (n, r) each
         dense_sum, Ps = summed[0].div_(W), summed[1:]
         for v, part in zip(dense, dense_sum.split([v.numel for v in dense])):
             v.slice(grad).copy_(part)
         Ps = [torch.linalg.qr(P).Q for P in Ps]
-        Qs, nbytes = self._allreduce([M.mH @ P for M, P in zip(Ms, Ps)])                  # (m, r) each
-        sent += nbytes
+        Qs = self._allreduce([M.mH @ P for M, P in zip(Ms, Ps)])                  # (m, r) each
 
         for (v, _), x, P, Q in zip(low_rank, xs, Ps, Qs):
             Q = Q / W
@@ -131,4 +128,4 @@ class PowerSGDCompressor(Compressor):
                 self.put(v.name + "/e", x - approx)
             self.put(v.name + "/q", Q, local=False)
             v.slice(grad).copy_(approx)
-        return grad, sent
+        return grad

@@ -49,7 +49,7 @@ class QuantizedCompressor(Compressor):
         q = unpack_int4(codes.reshape(-1), rows * shard) if self.bits == 4 else from_bytes(codes, torch.int8).reshape(-1)
         return dequantize_blockwise(q, scales.reshape(-1), self.block).view(rows, shard)
 
-    def exchange(self, grad: torch.Tensor, views: list[ParamView]) -> tuple[torch.Tensor, int]:
+    def exchange(self, grad: torch.Tensor, views: list[ParamView]) -> torch.Tensor:
         W, B, n, ef = self.transport.world_size, self.block, grad.numel(), self.cfg.error_feedback
         unit = B if self.bits == 8 or B % 2 == 0 else 2 * B     # int4 shards must pack to whole bytes
         shard = shard_length(n, W, unit)
@@ -79,7 +79,7 @@ class QuantizedCompressor(Compressor):
         # phase 2: everyone gets every averaged shard
         from_server = self._encode(q2.view(1, shard), s2.view(1, -1))[0]
         out = self._decode(self.transport.allgather(from_server), shard).reshape(-1)[:n]
-        return grad.copy_(out), to_servers.numel() + from_server.numel()
+        return grad.copy_(out)
 
 
 class Int8Compressor(QuantizedCompressor):

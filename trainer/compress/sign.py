@@ -40,7 +40,7 @@ class SignCompressor(Compressor):
         scale = from_bytes(msg[:, nb:], torch.float32)                  # (rows, 1)
         return unpack_signs(msg[:, :nb].reshape(-1), rows * shard).view(rows, shard) * scale
 
-    def exchange(self, grad: torch.Tensor, views: list[ParamView]) -> tuple[torch.Tensor, int]:
+    def exchange(self, grad: torch.Tensor, views: list[ParamView]) -> torch.Tensor:
         W, r, n, ef = self.transport.world_size, self.transport.rank, grad.numel(), self.cfg.error_feedback
         shard = shard_length(n, W, 8)
         valid = (torch.arange(W * shard, device=grad.device) < n).view(W, shard)
@@ -68,4 +68,4 @@ class SignCompressor(Compressor):
         # phase 2: everyone gets every server's (bits, scale); padding decodes to +-scale and is cut off
         from_server = torch.cat([pack_signs(y), as_bytes(scale_s[0])])
         out = self._decode(self.transport.allgather(from_server), shard).reshape(-1)[:n]
-        return grad.copy_(out), to_servers.numel() + from_server.numel()
+        return grad.copy_(out)

@@ -11,9 +11,8 @@ class AllReduceCompressor(Compressor):
     """fp32 allreduce, then divide by the world size: exactly DDP's default."""
     name = "none"
 
-    def exchange(self, grad: torch.Tensor, views: list[ParamView]) -> tuple[torch.Tensor, int]:
-        self.transport.allreduce_(grad).div_(self.transport.world_size)
-        return grad, grad.numel() * grad.element_size()
+    def exchange(self, grad: torch.Tensor, views: list[ParamView]) -> torch.Tensor:
+        return self.transport.allreduce_(grad).div_(self.transport.world_size)
 
 
 class FP16Compressor(Compressor):
@@ -21,10 +20,10 @@ class FP16Compressor(Compressor):
     No error feedback, like torch's fp16_compress_hook."""
     name, dtype = "fp16", torch.float16
 
-    def exchange(self, grad: torch.Tensor, views: list[ParamView]) -> tuple[torch.Tensor, int]:
+    def exchange(self, grad: torch.Tensor, views: list[ParamView]) -> torch.Tensor:
         half = grad.div(self.transport.world_size).to(self.dtype)
         self.transport.allreduce_(half)
-        return grad.copy_(half), half.numel() * half.element_size()
+        return grad.copy_(half)
 
 
 class BF16Compressor(FP16Compressor):
@@ -38,5 +37,5 @@ class SkipCompressor(Compressor):
     (replicas drift apart; the run's summary reports by how much)."""
     name = "skip"
 
-    def exchange(self, grad: torch.Tensor, views: list[ParamView]) -> tuple[torch.Tensor, int]:
-        return grad, 0
+    def exchange(self, grad: torch.Tensor, views: list[ParamView]) -> torch.Tensor:
+        return grad

@@ -38,8 +38,8 @@ class TopKCompressor(Compressor):
     def _select(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return topk_select(x, k)
 
-    def _mean_sparse(self, n: int, values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """mean_j of every rank's sparse (values, indices), dense (n,); and the bytes sent (one allgather)."""
+    def _mean_sparse(self, n: int, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """mean_j of every rank's sparse (values, indices), dense (n,), through one allgather."""
         k = values.numel()
         payload = torch.cat([values.float().view(torch.int32), indices])           # (2k,) int32
         got = self.transport.allgather(payload)                                       # (W, 2k)
@@ -49,27 +49,25 @@ class TopKCompressor(Compressor):
         # uses atomics) and the sum order is fixed -> bit-identical on every rank, and g never drifts.
         for j in range(got.shape[0]):
             scatter_dense(n, idx[j], vals[j], out=out)
-        return out / got.shape[0], payload.numel() * payload.element_size()
+        return out / got.shape[0]
 
-    def exchange(self, grad: torch.Tensor, views: list[ParamView]) -> tuple[torch.Tensor, int]:
+    def exchange(self, grad: torch.Tensor, views: list[ParamView]) -> torch.Tensor:
         n = grad.numel()
         k = min(max(math.ceil(self.cfg.options(self.name).density * n), 1), n)
         if not self.ef21:
             values, indices = self._select(grad, k)
             if self.name == "randk" and self.cfg.randk.unbiased:
                 values = values * (n / k)
-            mean, sent = self._mean_sparse(n, values, indices)
-            return grad.copy_(mean), sent
+            return grad.copy_(self._mean_sparse(n, values, indices))
 
         g_i = bucket_state(self, views, "/g_i", grad)
         g = bucket_state(self, views, "/g", grad, local=False)
         values, indices = self._select(grad - g_i, k)
         scatter_dense(n, indices, values, out=g_i)                                    # g_i += c_i
-        mean, sent = self._mean_sparse(n, values, indices)
-        g += mean                                                                      # g += mean_j c_j
+        g += self._mean_sparse(n, values, indices)                                    # g += mean_j c_j
         put_bucket_state(self, views, "/g_i", g_i)
         put_bucket_state(self, views, "/g", g, local=False)
-        return grad.copy_(g), sent
+        return grad.copy_(g)
 
     def load_state_dict(self, state: dict, same_world: bool) -> str | None:
         """With a different world size g = mean_i g_i no longer holds: reset g_i and g together."""
