@@ -9,6 +9,7 @@ Each rank saves its final flat parameters to OUT_DIR/<name>.rank<r>.pt; rank 0 w
 """
 
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -34,6 +35,22 @@ class PoisonedTrainer(Trainer):
         return super().forward_backward(batch)
 
 
+class WarningRecorder(logging.Handler):
+    """Collects the warnings of the "fieldtrain" logger until closed (they go to the run's summary)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+        logging.getLogger("fieldtrain").addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def close(self) -> None:
+        logging.getLogger("fieldtrain").removeHandler(self)
+        super().close()
+
+
 def main(spec_path: str, out: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     out_dir = Path(out)
@@ -46,11 +63,15 @@ def main(spec_path: str, out: str) -> None:
             env, device = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
         cls = PoisonedTrainer if run.get("poison_step") else Trainer
         cls.poison_step = run.get("poison_step", 0)
+        warnings = WarningRecorder()   # this run's "fieldtrain" warnings, on this rank
         trainer = cls(cfg, device, resume=run.get("resume", False))
         summary = trainer.train(until_step=run.get("stop_after"))
+        warnings.close()
+        summary["warnings"] = warnings.messages
         flat = torch.cat([torch.view_as_real(p).flatten() if p.is_complex() else p.flatten()
                           for p in trainer.engine.full_parameters()])   # gathered in full under sharded engines
-        torch.save(flat, out_dir / f"{run['name']}.rank{env.rank}.pt")
+        if spec.get("save_params", True):
+            torch.save(flat, out_dir / f"{run['name']}.rank{env.rank}.pt")
         comp = getattr(trainer.engine.exchange, "compressor", None)
         state = comp.state_dict() if comp is not None else {"local": {}, "replicated": {}}
         summary["state_finite"] = all(bool(torch.isfinite(t).all()) for part in state.values() for t in part.values()

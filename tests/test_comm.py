@@ -52,7 +52,8 @@ def run_ranks(world: int, spec: dict, tmp_path, launcher: str = "torchrun") -> d
     for run in spec["runs"]:
         name = run["name"]
         results[name] = json.loads((out / f"{name}.json").read_text())
-        results[name]["params"] = [torch.load(out / f"{name}.rank{r}.pt") for r in range(world)]
+        if spec.get("save_params", True):
+            results[name]["params"] = [torch.load(out / f"{name}.rank{r}.pt") for r in range(world)]
     return results
 
 
