@@ -234,7 +234,8 @@ class ParallelConfig:
     engine: str = "ddp"            # ddp | fsdp2 | deepspeed (trainer/parallel/)
     zero_stage: int = 1            # deepspeed: ZeRO stage 1, 2 or 3
     param_dtype: str = "float32"   # fsdp2/deepspeed: compute dtype of forward/backward (mixed precision)
-    reduce_dtype: str = "float32"  # fsdp2/deepspeed: dtype gradients are reduced in (uncompressed path)
+    reduce_dtype: str = "float32"  # fsdp2/deepspeed: dtype gradients are cast to before the exchange; the wire
+                                   # format is comm.compressor's ("bf16"/"fp16" for 16-bit reduction)
     reshard_after_forward: bool = True    # fsdp2: free gathered parameters after forward (ZeRO-3-like) or keep them
     bucket_cap_mb: float = 25.0    # ddp gradient buckets; deepspeed reduce bucket size
 
@@ -407,7 +408,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), text:
 # an elastic change (learning rate rescaled with the global batch); "allow": takes effect from the resumed step on.
 RESUME_RULES = {
     "run": {"*": "allow", "seed": "refuse"},
-    "parallel": {"*": "allow"},   # engines load each other's checkpoints (DCP reshards); see Engine.resume_rules        # run.name and run.out_dir name the run directory itself
+    # Engines load each other's checkpoints (DCP reshards parameters and optimizer state); compressor state is kept
+    # per parameter by DDP and per reduce-scatter shard by sharded engines, so an engine change starts it afresh.
+    "parallel": {"*": "allow", "engine": "reset", "zero_stage": "reset"},        # run.name and run.out_dir name the run directory itself
     "data": {"*": "allow", "test_fraction": "refuse", "shuffle": "refuse", "drop_last": "refuse",
              "window_chunks": "refuse", "batch_size": "batch"},  # data.path: a copy of the same dataset (checked)
     "model": {"*": "refuse"},

@@ -526,6 +526,10 @@ class ScatterExchange:
     def per_rank_keys(self) -> list[str]:
         return [f"rank{self.transport.rank}"]
 
+    def optional_keys(self) -> list[str]:
+        """What DDP's GradientExchange checkpoints lack (CheckpointManager.load skips these when absent)."""
+        return ["ef_state"]
+
 
 def ef_state_bytes(exchange: ScatterExchange) -> int:
     """Bytes of error-feedback state this rank holds (committed residuals and EF21 estimates; not RNG counters)."""

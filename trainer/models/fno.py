@@ -76,8 +76,12 @@ class SpectralConv(nn.Module):
         self.weight = nn.Parameter(w if weights == "complex" else torch.view_as_real(w).clone())
 
     def complex_weight(self) -> torch.Tensor:
-        """The weights as a complex tensor (a view for the real form), (in, out, 2m_1, ..., m_d)."""
-        return self.weight if self.weight.is_complex() else torch.view_as_complex(self.weight)
+        """The weights as a complex tensor (a view for the real form), (in, out, 2m_1, ..., m_d). Real weights cast to
+        16 bits by mixed precision (FSDP2's param_dtype) are upcast first: there is no bf16/fp16 complex dtype."""
+        if self.weight.is_complex():
+            return self.weight
+        w = self.weight if self.weight.dtype in (torch.float32, torch.float64) else self.weight.float()
+        return torch.view_as_complex(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = len(self.modes)

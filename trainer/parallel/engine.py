@@ -37,11 +37,12 @@ class Engine:
         if cfg.comm.compressor not in cls.compressors:
             raise ValueError(f"config key 'comm.compressor' = {cfg.comm.compressor!r} cannot run under "
                              f"parallel.engine = {cls.name!r}; allowed there: {', '.join(map(repr, cls.compressors))}")
-        for name in cfg.comm.auto_candidates if cfg.comm.compressor == "auto" else ():
-            if name not in cls.compressors:
-                raise ValueError(f"config key 'comm.auto_candidates' holds {name!r}, which cannot run under "
-                                 f"parallel.engine = {cls.name!r}; allowed there: "
-                                 f"{', '.join(repr(c) for c in cls.compressors if c not in ('auto', 'skip'))}")
+        # `auto` chooses among the candidates this engine carries (the default list holds powersgd, which sharded
+        # engines cannot carry); none at all is an error.
+        if cfg.comm.compressor == "auto" and not any(c in cls.compressors for c in cfg.comm.auto_candidates):
+            raise ValueError(f"config key 'comm.auto_candidates' = {cfg.comm.auto_candidates!r}: none can run under "
+                             f"parallel.engine = {cls.name!r}; allowed there: "
+                             f"{', '.join(repr(c) for c in cls.compressors if c not in ('auto', 'skip'))}")
 
     def __init__(self, cfg, model: nn.Module, device: torch.device, make_optimizer: MakeOptimizer,
                  example_loss: ExampleLoss):
