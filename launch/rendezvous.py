@@ -173,8 +173,11 @@ def read_dist_env() -> DistEnv:
     if not 0 <= rank < world:
         raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
     local_rank = _int_env("LOCAL_RANK") if "LOCAL_RANK" in os.environ else 0
-    local_world = _int_env("LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in os.environ else 1
-    return DistEnv(rank, world, local_rank, local_world, "torchrun")
+    # The `deepspeed` launcher sets LOCAL_SIZE (and CROSS_RANK) where torchrun sets LOCAL_WORLD_SIZE.
+    local_key = next((k for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE") if k in os.environ), None)
+    local_world = _int_env(local_key) if local_key else 1
+    return DistEnv(rank, world, local_rank, local_world, "deepspeed launcher" if "CROSS_RANK" in os.environ
+                   and not from_torchrun else "torchrun")
 
 
 def _check_port_free(port: int) -> None:

@@ -71,3 +71,32 @@ def test_auto_under_a_sharded_engine_chooses_among_what_it_carries():
     with pytest.raises(ValueError, match=r"'comm.auto_candidates' = \['powersgd'\]: none can run under "
                                          r"parallel.engine = 'fsdp2'; allowed there: 'none', 'fp16'"):
         load_config(None, ["parallel.engine=fsdp2", "comm.compressor=auto", "comm.auto_candidates=['powersgd']"])
+
+
+@pytest.mark.parametrize("saved, now, refused", [
+    (["parallel.engine=ddp"], ["parallel.engine=fsdp2"], False),
+    (["parallel.engine=fsdp2"], ["parallel.engine=ddp"], False),
+    (["parallel.engine=ddp"], ["parallel.engine=deepspeed"], True),
+    (["parallel.engine=deepspeed", "parallel.zero_stage=3"], ["parallel.engine=fsdp2"], True),
+    (["parallel.engine=deepspeed", "parallel.zero_stage=1"], ["parallel.engine=deepspeed", "parallel.zero_stage=2"],
+     True),
+    (["parallel.engine=deepspeed", "parallel.zero_stage=3"], ["parallel.engine=deepspeed", "parallel.zero_stage=3"],
+     False),
+])
+def test_which_engine_changes_a_checkpoint_survives(small_darcy, tmp_path, monkeypatch, saved, now, refused):
+    """DDP and FSDP2 checkpoints are plain DCP state dicts (each resumes the other, tested in test_fsdp2.py); ZeRO
+    keeps flat per-stage partitions: refused, before anything loads, naming both sides."""
+    import trainer.train as train
+    from data.store import FieldDataset
+    from trainer.config import load_config
+    old = load_config(None, [f"data.path={small_darcy}", *saved]).to_dict()
+    monkeypatch.setattr(train, "read_run_meta", lambda path: {"config": old, "dataset": None})
+    cfg = load_config(None, [f"data.path={small_darcy}", *now])
+    ds = FieldDataset(small_darcy)
+    if not refused:
+        train.check_resumable(cfg, ds, tmp_path, log_changes=False)
+        return
+    with pytest.raises(ValueError, match=r"parallel\.engine '(ddp|fsdp2|deepspeed)' \(zero_stage \d\) in the "
+                                         r"checkpoint, '(ddp|fsdp2|deepspeed)' \(zero_stage \d\) now: a DeepSpeed "
+                                         r"checkpoint resumes only under the same"):
+        train.check_resumable(cfg, ds, tmp_path, log_changes=False)

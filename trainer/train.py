@@ -221,6 +221,14 @@ def check_resumable(cfg: Config, ds: FieldDataset, path: Path, log_changes: bool
         meta = {"config": json.loads(legacy.read_text()), "dataset": None}
     saved = meta["config"]
     changes = resume_changes(saved, cfg.to_dict())
+    old_p = {"engine": "ddp", "zero_stage": 1, **saved.get("parallel", {})}   # before [parallel], every run was DDP
+    new_p = cfg.to_dict()["parallel"]
+    for engine in dict.fromkeys([old_p["engine"], new_p["engine"]]):
+        why = ENGINES[engine].resume_refusal(old_p, new_p) if engine in ENGINES else None
+        if why:
+            raise ValueError(f"--resume from {path}: parallel.engine {old_p['engine']!r} (zero_stage "
+                             f"{old_p['zero_stage']}) in the checkpoint, {new_p['engine']!r} (zero_stage "
+                             f"{new_p['zero_stage']}) now: {why}")
     if changes["refuse"]:
         listed = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in changes["refuse"])
         raise ValueError(f"--resume from {path}: the config differs in keys that cannot change on resume: {listed}. "

@@ -44,6 +44,12 @@ class Engine:
                              f"parallel.engine = {cls.name!r}; allowed there: "
                              f"{', '.join(repr(c) for c in cls.compressors if c not in ('auto', 'skip'))}")
 
+    @classmethod
+    def resume_refusal(cls, saved: dict, new: dict) -> str | None:
+        """Why a checkpoint written under the `[parallel]` table `saved` cannot resume under `new` (either side being
+        this engine), or None. DDP and FSDP2 checkpoints are plain DCP state dicts: each resumes the other."""
+        return None
+
     def __init__(self, cfg, model: nn.Module, device: torch.device, make_optimizer: MakeOptimizer,
                  example_loss: ExampleLoss):
         self.cfg, self.device = cfg, device
