@@ -14,7 +14,6 @@ differ from ZeRO's by an ulp from step 1: measured 1e-8 after one step and 4e-7.
 agreeing to ~1e-7 relative. There: losses to 1e-6 relative, parameters to 1e-5 absolute.
 """
 
-import csv
 import json
 import os
 import shutil
@@ -27,6 +26,8 @@ import torch
 
 from conftest import REPO, SMALL_MODEL, fieldtrain
 from test_comm import COMPRESSORS as DDP_COMPRESSORS
+from test_comm import assert_consistent, run_losses
+from test_comm import engine_parity as assert_parity
 
 CONFIG = str(REPO / "configs" / "darcy_fno.toml")
 WORKER = str(REPO / "tests" / "comm_worker.py")
@@ -89,27 +90,7 @@ def launch(world: int, spec: dict, out: Path, launcher: str = "torchrun", worker
 
 
 def losses(runs_dir: Path, name: str) -> list[float]:
-    with (runs_dir / name / "metrics.csv").open(newline="") as f:
-        return [float(r["train_loss"]) for r in csv.DictReader(f) if r["train_loss"]]
-
-
-def assert_consistent(r: dict, name: str) -> None:
-    """Every rank gathered the same full parameters."""
-    assert r["replica_max_abs_diff"] == 0.0, name
-    assert all(torch.equal(r["params"][0], p) for p in r["params"][1:]), name
-
-
-def assert_parity(results: dict, runs_dir: Path, a: str, b: str, exact: bool) -> None:
-    la, lb = losses(runs_dir, a), losses(runs_dir, b)
-    pa, pb = results[a]["params"][0], results[b]["params"][0]
-    assert len(la) == len(lb) == results[a]["steps"] == results[b]["steps"], (a, b)
-    if exact:
-        assert la == lb, (a, b, la, lb)
-        assert torch.equal(pa, pb), (a, b, (pa - pb).abs().max())
-    else:
-        assert max(abs(x - y) / abs(x) for x, y in zip(la, lb)) <= 1e-6, (a, b, la, lb)
-        assert (pa - pb).abs().max() <= 1e-5, (a, b, (pa - pb).abs().max())
-    assert lb[-1] < 0.5 * lb[0], (b, lb)
+    return run_losses(runs_dir / name)
 
 
 @pytest.fixture(scope="module")

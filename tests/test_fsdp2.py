@@ -16,7 +16,6 @@ halved; one element of each shard zeroed) moved parameters by 3e-3 to 0.15 (SGD 
 ignores a gradient's scale).
 """
 
-import csv
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from torch import nn
 
 from conftest import REPO, SMALL_MODEL, fieldtrain
 from test_comm import COMPRESSORS as DDP_COMPRESSORS
-from test_comm import run_ranks
+from test_comm import assert_consistent, engine_parity, run_losses, run_ranks
 
 CONFIG = str(REPO / "configs" / "darcy_fno.toml")
 FSDP2, DDP = ["parallel.engine=fsdp2"], ["parallel.engine=ddp"]
@@ -110,27 +109,11 @@ def four_ranks(small_darcy, runs_dir, two_ranks) -> dict:
 
 
 def losses(runs_dir: Path, name: str) -> list[float]:
-    with (runs_dir / "runs" / name / "metrics.csv").open(newline="") as f:
-        return [float(r["train_loss"]) for r in csv.DictReader(f) if r["train_loss"]]
-
-
-def assert_consistent(r: dict, name: str) -> None:
-    """Every rank gathered the same full parameters."""
-    assert r["replica_max_abs_diff"] == 0.0, name
-    assert all(torch.equal(r["params"][0], p) for p in r["params"][1:]), name
+    return run_losses(runs_dir / "runs" / name)
 
 
 def assert_parity(results: dict, runs_dir: Path, a: str, b: str, exact: bool, trains: bool = True) -> None:
-    la, lb = losses(runs_dir, a), losses(runs_dir, b)
-    pa, pb = results[a]["params"][0], results[b]["params"][0]
-    assert len(la) == len(lb) == results[a]["steps"], (a, b)
-    if exact:
-        assert la == lb, (a, b, la, lb)
-        assert torch.equal(pa, pb), (a, b, (pa - pb).abs().max())
-    else:
-        assert max(abs(x - y) / abs(x) for x, y in zip(la, lb)) <= 1e-6, (a, b, la, lb)
-        assert (pa - pb).abs().max() <= 1e-5, (a, b, (pa - pb).abs().max())
-    assert not trains or lb[-1] < 0.5 * lb[0], (b, lb)
+    engine_parity(results, runs_dir / "runs", a, b, exact, trains)
 
 
 # ---- no processes ---------------------------------------------------------------------------------------------

@@ -175,6 +175,25 @@ def test_ray_train_workers_read_through_ray_data(ray_cluster, small_darcy, tmp_p
     assert len(losses) == 12 and losses[-1] < losses[0]
 
 
+@pytest.mark.slow
+def test_ray_train_workers_run_a_sharded_engine(ray_cluster, small_darcy, tmp_path):
+    """FSDP2 and DeepSpeed join the process group Ray Train set up, like DDP: ZeRO-2 with int8 here."""
+    address, env = ray_cluster
+    proc = launch_ray(env, "--address", address, "--workers", "2", "--storage-path", str(tmp_path / "storage"),
+                      *sets(f"data.path={small_darcy}", f"run.out_dir={tmp_path}", "run.name=zero2", *SMALL_MODEL,
+                            "parallel.engine=deepspeed", "parallel.zero_stage=2", "comm.compressor=int8",
+                            "train.max_steps=8"))
+    try:
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-5000:]
+    summary = json.loads((tmp_path / "zero2" / "summary.json").read_text())
+    assert summary["engine"] == "deepspeed" and summary["compressor"] == "int8" and summary["world_size"] == 2
+    assert summary["steps"] == 8 and summary["finished"] and summary["replica_max_abs_diff"] == 0.0
+
+
 @pytest.mark.parametrize("args, named", [
     (["--workers", "3..2"], "--workers '3..2'"),
     (["--workers", "two"], "MIN..MAX"),

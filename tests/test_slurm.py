@@ -206,6 +206,21 @@ def test_two_task_job_trains_through_slurm(straight):
 
 
 @pytest.mark.slow
+def test_deepspeed_zero3_with_int8_trains_through_slurm(slurm, small_darcy, tmp_path):
+    """The sharded engines run under every launcher: DeepSpeed joins the process group Slurm's variables made."""
+    sets = run_sets(small_darcy, tmp_path, "zero3") + [a for o in ("parallel.engine=deepspeed", "parallel.zero_stage=3",
+                                                                   "comm.compressor=int8", "train.max_steps=30")
+                                                  for a in ("--set", o)]
+    job, log = submit(tmp_path, "zero3", *sets)
+    info = wait_for_job(job, log)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log.read_text()[-3000:]
+    summary = json.loads((tmp_path / "zero3" / "summary.json").read_text())
+    assert summary["engine"] == "deepspeed" and summary["compressor"] == "int8" and summary["world_size"] == 2
+    assert summary["steps"] == 30 and summary["finished"] and summary["replica_max_abs_diff"] == 0.0
+    assert summary["compression_ratio"] > 3   # int8 codes + one fp32 scale per 256: ~3.9x fewer bytes than fp32
+
+
+@pytest.mark.slow
 def test_slurm_and_torchrun_give_the_same_loss_trajectory(straight, small_darcy, tmp_path):
     r = fieldtrain("train", CONFIG, "--nproc", "2", *run_sets(small_darcy, tmp_path, "torchrun"))
     assert r.returncode == 0, r.stderr[-3000:]

@@ -59,6 +59,26 @@ def _unblob(data: bytes):
     return torch.load(io.BytesIO(data), weights_only=True)
 
 
+def save_compressor_state(compressor: Compressor, transport, step: int, **extra) -> dict:
+    """An exchange's checkpoint entry: the replicated state once, this rank's own under `rank<r>` (DCP keeps every
+    rank's entry under a distinct key), with what `restore_compressor_state` needs to judge it."""
+    state = compressor.state_dict()
+    return {"world_size": transport.world_size, "step": step, "compressor": compressor.name, **extra,
+            "replicated": _blob(state["replicated"]), f"rank{transport.rank}": _blob(state["local"])}
+
+
+def restore_compressor_state(compressor: Compressor, transport, state: dict) -> None:
+    """Load what `save_compressor_state` wrote into a compressor of the same name; on another world size the
+    compressor drops (or re-partitions) per-rank state, and the log says what was reset."""
+    same_world = int(state["world_size"]) == transport.world_size
+    mine = state.get(f"rank{transport.rank}")
+    local = _unblob(mine) if mine is not None else {}   # absent: this rank did not exist in the saving run
+    reset = compressor.load_state_dict({"local": local, "replicated": _unblob(state["replicated"])},
+                                       same_world=same_world)
+    if reset:
+        log.warning("world size %s -> %d: %s", state["world_size"], transport.world_size, reset)
+
+
 class GradientExchange:
     """DDP communication-hook state: the compressor, its transport, byte counters, the non-finite flag."""
 
@@ -122,10 +142,7 @@ class GradientExchange:
 
     # ---- Stateful ----
     def state_dict(self) -> dict:
-        state = self.compressor.state_dict()
-        rank = self.transport.rank
-        return {"world_size": self.transport.world_size, "step": self.step, "compressor": self.compressor.name,
-                "replicated": _blob(state["replicated"]), f"rank{rank}": _blob(state["local"])}
+        return save_compressor_state(self.compressor, self.transport, self.step)
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
@@ -133,13 +150,7 @@ class GradientExchange:
             log.warning("checkpoint's compressor was %s, this run uses %s: starting its state afresh",
                         state["compressor"], self.compressor.name)
             return
-        same_world = int(state["world_size"]) == self.transport.world_size
-        mine = state.get(f"rank{self.transport.rank}")
-        local = _unblob(mine) if mine is not None else {}   # the compressor drops it when the world changed
-        reset = self.compressor.load_state_dict({"local": local, "replicated": _unblob(state["replicated"])},
-                                                same_world=same_world)
-        if reset:
-            log.warning("world size %s -> %d: %s", state["world_size"], self.transport.world_size, reset)
+        restore_compressor_state(self.compressor, self.transport, state)
 
     def per_rank_keys(self) -> list[str]:
         return [f"rank{self.transport.rank}"]

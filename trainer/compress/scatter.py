@@ -65,7 +65,7 @@ import torch
 
 from kernels import dequantize_blockwise, pack_int4, pack_signs, quantize_blockwise, scatter_dense, topk_select
 from kernels import unpack_int4, unpack_signs
-from trainer.comm import ExchangeStats, _blob, _unblob
+from trainer.comm import ExchangeStats, restore_compressor_state, save_compressor_state
 from trainer.compress import COMPRESSORS
 from trainer.compress.base import Compressor, as_bytes, from_bytes, mixed_seed
 from trainer.compress.sign import _scaled_sign
@@ -437,7 +437,11 @@ def choose_scatter_compressor(cfg: CommConfig, transport, numel: int, buffers: i
 
 # ---- the engine-facing state ------------------------------------------------------------------------------------
 class _Undecided:
+    """`auto` before its choice: no state yet."""
     name = "auto"
+
+    def state_dict(self) -> dict:
+        return {"local": {}, "replicated": {}}
 
 
 class ScatterExchange:
@@ -495,14 +499,7 @@ class ScatterExchange:
 
     # ---- Stateful (the layout of GradientExchange's) ----
     def state_dict(self) -> dict:
-        if isinstance(self.compressor, _Undecided):
-            state = {"local": {}, "replicated": {}}
-        else:
-            state = self.compressor.state_dict()
-        rank = self.transport.rank
-        return {"world_size": self.transport.world_size, "step": self.step, "compressor": self.compressor.name,
-                "ef_state": self.cfg.ef_state, "replicated": _blob(state["replicated"]),
-                f"rank{rank}": _blob(state["local"])}
+        return save_compressor_state(self.compressor, self.transport, self.step, ef_state=self.cfg.ef_state)
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
@@ -515,13 +512,7 @@ class ScatterExchange:
                         "starting its state afresh", state["compressor"], state.get("ef_state"),
                         self.compressor.name, self.cfg.ef_state)
             return
-        same_world = int(state["world_size"]) == self.transport.world_size
-        mine = state.get(f"rank{self.transport.rank}")
-        local = _unblob(mine) if mine is not None else {}
-        reset = self.compressor.load_state_dict({"local": local, "replicated": _unblob(state["replicated"])},
-                                                same_world=same_world)
-        if reset:
-            log.warning("world size %s -> %d: %s", state["world_size"], self.transport.world_size, reset)
+        restore_compressor_state(self.compressor, self.transport, state)
 
     def per_rank_keys(self) -> list[str]:
         return [f"rank{self.transport.rank}"]
