@@ -153,20 +153,27 @@ def test_killed_worker_restarts_from_the_last_checkpoint_with_identical_paramete
     assert a["data"] == b["data"]
 
 
-@pytest.mark.slow
-def test_ray_train_workers_read_through_ray_data(ray_cluster, small_darcy, tmp_path):
-    """data.loader = "ray" inside Ray Train: the workers' read tasks run on the same cluster, each worker gets
-    its equal share of every epoch through streaming_split, and the replicas stay identical."""
+def two_workers(ray_cluster, small_darcy: str, tmp_path: Path, name: str, *overrides: str) -> str:
+    """`fieldtrain launch ray` with 2 workers on the test cluster, run to its end; returns its output."""
     address, env = ray_cluster
     proc = launch_ray(env, "--address", address, "--workers", "2", "--storage-path", str(tmp_path / "storage"),
-                      *sets(f"data.path={small_darcy}", f"run.out_dir={tmp_path}", "run.name=raydata", *SMALL_MODEL,
-                            "data.loader=ray", "data.chunks_per_block=2", "train.max_steps=12"))
+                      *sets(f"data.path={small_darcy}", f"run.out_dir={tmp_path}", f"run.name={name}", *SMALL_MODEL,
+                            *overrides))
     try:
         out, _ = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, out[-5000:]
+    return out
+
+
+@pytest.mark.slow
+def test_ray_train_workers_read_through_ray_data(ray_cluster, small_darcy, tmp_path):
+    """data.loader = "ray" inside Ray Train: the workers' read tasks run on the same cluster, each worker gets
+    its equal share of every epoch through streaming_split, and the replicas stay identical."""
+    out = two_workers(ray_cluster, small_darcy, tmp_path, "raydata", "data.loader=ray", "data.chunks_per_block=2",
+                      "train.max_steps=12")
     assert "from Ray Train" in out
     summary = json.loads((tmp_path / "raydata" / "summary.json").read_text())
     assert summary["steps"] == 12 and summary["finished"] and summary["replica_max_abs_diff"] == 0.0
@@ -178,17 +185,8 @@ def test_ray_train_workers_read_through_ray_data(ray_cluster, small_darcy, tmp_p
 @pytest.mark.slow
 def test_ray_train_workers_run_a_sharded_engine(ray_cluster, small_darcy, tmp_path):
     """FSDP2 and DeepSpeed join the process group Ray Train set up, like DDP: ZeRO-2 with int8 here."""
-    address, env = ray_cluster
-    proc = launch_ray(env, "--address", address, "--workers", "2", "--storage-path", str(tmp_path / "storage"),
-                      *sets(f"data.path={small_darcy}", f"run.out_dir={tmp_path}", "run.name=zero2", *SMALL_MODEL,
-                            "parallel.engine=deepspeed", "parallel.zero_stage=2", "comm.compressor=int8",
-                            "train.max_steps=8"))
-    try:
-        out, _ = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, out[-5000:]
+    two_workers(ray_cluster, small_darcy, tmp_path, "zero2", "parallel.engine=deepspeed", "parallel.zero_stage=2",
+                "comm.compressor=int8", "train.max_steps=8")
     summary = json.loads((tmp_path / "zero2" / "summary.json").read_text())
     assert summary["engine"] == "deepspeed" and summary["compressor"] == "int8" and summary["world_size"] == 2
     assert summary["steps"] == 8 and summary["finished"] and summary["replica_max_abs_diff"] == 0.0

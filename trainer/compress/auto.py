@@ -149,9 +149,14 @@ def choose_compressor(cfg, transport, module: torch.nn.Module, bucket_cap_mb: fl
         comm = sum(_collective_time(k, b / buckets, w, alpha, beta) * buckets for k, b in ops)
         sent = sum(_wire_bytes(k, b, w) for k, b in ops)
         rows.append((comm + enc, name, comm, enc, sent))
+    return log_choice(rows, f"auto compressor: link alpha {alpha * 1e6:.1f} us, {8 / beta / 1e9:.3f} Gbit/s over {w} "
+                            f"ranks, {n} floats in {buckets} bucket(s)")
+
+
+def log_choice(rows: list[tuple[float, str, float, float, float]], header: str) -> str:
+    """The name of the least predicted (step seconds, name, comm s, encode s, bytes sent) row, the table logged."""
     best = min(rows, key=lambda r: r[0])
     lines = [f"  {name:9s} predicted {t * 1e3:8.2f} ms/step (comm {c * 1e3:8.2f}, encode {e * 1e3:6.2f}) "
              f"sends {s / 1e6:7.3f} MB" for t, name, c, e, s in rows]
-    log.info("auto compressor: link alpha %.1f us, %.3f Gbit/s over %d ranks, %d floats in %d bucket(s)\n%s\n"
-             "  -> %s", alpha * 1e6, 8 / beta / 1e9, w, n, buckets, "\n".join(lines), best[1])
+    log.info("%s\n%s\n  -> %s", header, "\n".join(lines), best[1])
     return best[1]

@@ -402,7 +402,7 @@ def choose_scatter_compressor(cfg: CommConfig, transport, numel: int, buffers: i
     """The candidate (cfg.auto_candidates that have a scatter form and fit cfg.ef_state) with the least predicted
     time for `buffers` reduce-scatters of numel/buffers floats each, on the link measured by `measure_link`
     (Hockney alpha-beta; a ring reduce-scatter and an all-to-all both cost (W-1) alpha + (W-1)/W b beta)."""
-    from trainer.compress.auto import _collective_time, _encode_time, measure_link
+    from trainer.compress.auto import _collective_time, _encode_time, log_choice, measure_link
     w = transport.world_size
     per = max(numel // buffers // w, 1) * w
     candidates = []
@@ -427,12 +427,8 @@ def choose_scatter_compressor(cfg: CommConfig, transport, numel: int, buffers: i
         kinds = [("all_to_all" if k == "reduce_scatter" else k, b) for k, b in ops]
         comm = buffers * sum(_collective_time(k, b, w, alpha, beta) for k, b in kinds)
         rows.append((comm + enc, name, comm, enc, buffers * wire_bytes(ops, w)))
-    best = min(rows, key=lambda r: r[0])
-    lines = [f"  {name:6s} predicted {t * 1e3:8.2f} ms/step (comm {c * 1e3:8.2f}, encode {e * 1e3:6.2f}) "
-             f"sends {s / 1e6:7.3f} MB" for t, name, c, e, s in rows]
-    log.info("auto reduce-scatter compressor: link alpha %.1f us, %.3f Gbit/s over %d ranks, %d floats in %d "
-             "buffer(s)\n%s\n  -> %s", alpha * 1e6, 8 / beta / 1e9, w, numel, buffers, "\n".join(lines), best[1])
-    return best[1]
+    return log_choice(rows, f"auto reduce-scatter compressor: link alpha {alpha * 1e6:.1f} us, "
+                            f"{8 / beta / 1e9:.3f} Gbit/s over {w} ranks, {numel} floats in {buffers} buffer(s)")
 
 
 # ---- the engine-facing state ------------------------------------------------------------------------------------
