@@ -1,5 +1,6 @@
 import pytest
 
+from conftest import REPO
 from trainer.config import load_config
 
 
@@ -90,3 +91,9 @@ def test_missing_or_broken_file_is_named(tmp_path):
     bad.write_text("[optim\n")
     with pytest.raises(ValueError, match="bad.toml"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    """`make demo` and the README's commands start from these files: each must pass today's validation."""
+    load_config(path)
