@@ -424,14 +424,13 @@ class Trainer:
         # nothing to the sums.
         W = self.world_size
         rounds = max(-(-((r + 1) * n_test // W - r * n_test // W) // bs) for r in range(W))   # the largest share
-        batches = list(evaluation_batches(ds, lo, hi, bs)) if lo < hi else []
-        for i in range(rounds if self.engine.sharded else len(batches)):
-            if i < len(batches):
-                x, y = batches[i]
-                err = self.spec.evaluate(self.model, {"x": x.to(self.device), "y": y.to(self.device)}, self.data)
-                total += torch.stack([err.sum().double(), torch.tensor(float(len(err)), dtype=torch.float64)])
-            else:
-                self.spec.evaluate(self.model, self._example, self.data)
+        done = 0
+        for x, y in (evaluation_batches(ds, lo, hi, bs) if lo < hi else ()):   # streamed: the split may be large
+            err = self.spec.evaluate(self.model, {"x": x.to(self.device), "y": y.to(self.device)}, self.data)
+            total += torch.stack([err.sum().double(), torch.tensor(float(len(err)), dtype=torch.float64)])
+            done += 1
+        for _ in range(rounds - done if self.engine.sharded else 0):
+            self.spec.evaluate(self.model, self._example, self.data)
         if dist.is_initialized():
             dist.all_reduce(total)
         self.model.train(was_training)
