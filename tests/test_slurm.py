@@ -140,7 +140,7 @@ def wait_for_job(job: str, log: Path, restarts: int = 0, timeout: float = 240) -
     moment (its Restarts already counted) before it is PENDING again, so only COMPLETED after `restarts`
     requeues ends the wait at once; any other end must last 20 s, and not follow a requeue its log announced, to
     count."""
-    released, settle = 0, None
+    released, settle, pending_since = 0, None, None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = job_info(job)
@@ -155,9 +155,13 @@ def wait_for_job(job: str, log: Path, restarts: int = 0, timeout: float = 240) -
             settle = settle or time.monotonic() + 20
         else:
             settle = None
-        if info.get("JobState") == "PENDING" and int(info.get("Restarts", 0)) > released \
-                and sh("scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0:
-            released = int(info["Restarts"])
+        # Not in the second of the requeue: slurmd revoked the old run's credential then, and refuses a new one with
+        # the same timestamp (seconds): "Killing non-startable batch JobId=3: Job credential revoked", job FAILED.
+        if info.get("JobState") == "PENDING" and int(info.get("Restarts", 0)) > released:
+            pending_since = pending_since or time.monotonic()
+            if time.monotonic() > pending_since + 2 and \
+                    sh("scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0:
+                released, pending_since = int(info["Restarts"]), None
         time.sleep(0.5)
     pytest.fail(f"job {job} did not finish in {timeout} s: {job_info(job)}\n{_tail(log)}")
 
@@ -229,7 +233,7 @@ def test_slurm_and_torchrun_give_the_same_loss_trajectory(straight, small_darcy,
 
 
 @pytest.mark.slow
-def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_parameters(straight, small_darcy, tmp_path):
+def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_parameters(slurm, straight, small_darcy, tmp_path):
     run = tmp_path / "preempted"
     job, log = submit(tmp_path, "preempted", *run_sets(small_darcy, tmp_path, "preempted"))
     # the warning Slurm sends before the time limit (--signal=B:USR1@120) goes to the batch shell only: the same here
@@ -237,7 +241,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_parameters(s
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
     info = wait_for_job(job, log, restarts=1)
     text = log.read_text()
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-4000:]
+    daemons = "\n".join(f"--- {p.name}\n{_tail(p, 2000)}" for p in sorted(slurm.glob("*.log")))
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, text[-4000:], daemons)
     assert info["Restarts"] == "1", text[-4000:]
     assert "SLURM_RESTART_COUNT=0" in text and "SLURM_RESTART_COUNT=1" in text
     # every rank exited 75 (EX_TEMPFAIL) after its checkpoint, srun passed that on, and only that requeued the job
