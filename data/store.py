@@ -112,6 +112,30 @@ def _progress_markers(store, read: bool = True) -> dict[int, dict | None]:
         return {}
 
 
+def write_progress_marker(store, chunk: int, stats: dict) -> None:
+    """Mark chunk `chunk` complete, with its statistics. Written after the chunk's data: a chunk with a marker is
+    whole, so a resumed writer skips exactly the chunks that have one."""
+    marker = json.dumps(stats).encode()
+    sync(store.set(f"{PROGRESS_PREFIX}/{chunk}.json", default_buffer_prototype().buffer.from_bytes(marker)))
+
+
+def require_all_chunks(url: str, num_chunks: int, done) -> None:
+    """Refuse to finish a store while some of its chunks 0..num_chunks-1 have no completion marker."""
+    missing = sorted(set(range(num_chunks)) - set(done))
+    if missing:
+        shown = missing[:10] + (["..."] if len(missing) > 10 else [])
+        raise ValueError(f"{url}: cannot finish, {len(missing)} chunk(s) never written: {shown}")
+
+
+def create_row_chunked_array(group: zarr.Group, name: str, num_rows: int, row_shape: tuple, chunk_size: int,
+                             compressors: list) -> zarr.Array:
+    """A float32 array (num_rows, *row_shape) chunked along its first axis only, NaN until written."""
+    return group.create_array(name, shape=(num_rows, *row_shape), dtype="float32", chunks=(chunk_size, *row_shape),
+                              compressors=compressors, fill_value=np.nan,
+                              # Store every chunk, even all-fill ones, so readers can treat an absent key as an error.
+                              config={"write_empty_chunks": True})
+
+
 def format_bad_chunks(url: str, bad: list[dict]) -> str:
     """verify()'s findings as lines: one per bad (array, chunk), naming the chunk, array and key."""
     lines = [f"{url}: {len(bad)} bad chunk(s):"]
@@ -411,14 +435,9 @@ class FieldDatasetWriter:
             raise ValueError(f"{url}: store already exists and is not empty; pass overwrite=True to replace it "
                              "(or resume=True to continue an interrupted generation)")
         self._group = zarr.open_group(store, mode="w", zarr_format=3, attributes=attrs)
-        self._arrays = {
-            name: self._group.create_array(
-                name, shape=(self.num_samples, *shape), dtype="float32", chunks=(self.chunk_size, *shape),
-                compressors=compressors, fill_value=np.nan,
-                # Store every chunk, even all-fill ones, so readers can treat an absent key as an error.
-                config={"write_empty_chunks": True})
-            for name, shape in (("inputs", input_shape), ("targets", target_shape))
-        }
+        self._arrays = {name: create_row_chunked_array(self._group, name, self.num_samples, shape, self.chunk_size,
+                                                       compressors)
+                        for name, shape in (("inputs", input_shape), ("targets", target_shape))}
 
     def _resume(self, attrs: dict) -> None:
         """Continue an unfinished dataset written with the same generator, parameters and layout."""
@@ -479,17 +498,12 @@ class FieldDatasetWriter:
             self._arrays[name][start:stop] = x
             count, mean, m2 = _channel_stats(x)
             stats[name] = {"count": count, "mean": mean.tolist(), "m2": m2.tolist()}
-        # The marker is written after the chunk's data: a chunk with a marker is complete.
-        marker = json.dumps(stats).encode()
-        sync(self._store.set(f"{PROGRESS_PREFIX}/{chunk}.json", default_buffer_prototype().buffer.from_bytes(marker)))
+        write_progress_marker(self._store, chunk, stats)
 
     def finish(self) -> None:
         """Check every chunk was written, then store per-channel mean/std (population, ddof=0)."""
         done = self.completed_chunks()
-        missing = sorted(set(range(self.num_chunks)) - set(done))
-        if missing:
-            shown = missing[:10] + (["..."] if len(missing) > 10 else [])
-            raise ValueError(f"{self.url}: cannot finish, {len(missing)} chunk(s) never written: {shown}")
+        require_all_chunks(self.url, self.num_chunks, done)
         norm = {}
         for name in ARRAY_NAMES:
             parts = [(done[c][name]["count"], np.array(done[c][name]["mean"]), np.array(done[c][name]["m2"]))

@@ -1,7 +1,8 @@
 """The `fieldtrain` command: a thin entry point that parses arguments, builds, runs and tears down.
 
     fieldtrain train CONFIG [--set section.key=value ...] [--nproc N] [--resume | --overwrite]
-    fieldtrain demo [--out runs/demo] [--nproc 2]
+    fieldtrain demo [diffusion] [--out runs/demo] [--nproc 2]
+    fieldtrain sample RUN_OR_CHECKPOINT --n N --out URL [--cond URL] [--sampler S] [--steps K] [--workers W] [...]
     fieldtrain data generate darcy --n N --res R --out URL [--seed S] [--chunk-size C] [--workers W]
     fieldtrain data inspect URL
     fieldtrain data verify URL [--storage-options JSON]
@@ -57,6 +58,57 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_PREEMPTED if summary["preempted"] else 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    """Samples of a trained diffusion model into a Zarr store, chunk by chunk (resumable: rerun the same command)."""
+    from launch.sample import run_sampling
+    from trainer.diffusion.sampling import SampleJob, evaluate_samples, find_checkpoint
+    storage_options = _json_arg(args.storage_options, "--storage-options") or {}
+    if args.n < 1:
+        raise ValueError(f"--n = {args.n}; must be >= 1")
+    if args.observe and not 0 < args.observe <= 1:
+        raise ValueError(f"--observe = {args.observe}; the observed fraction of grid points must be in (0, 1]")
+    ckpt = find_checkpoint(args.run)
+    rows = args.conditions if args.cond else args.n
+    if args.cond and not rows:
+        from data.store import FieldDataset
+        rows = FieldDataset(args.cond, storage_options).num_samples - args.cond_start
+    job = SampleJob(str(ckpt), num_rows=rows, chunk_size=args.chunk_size, members=args.n if args.cond else 1,
+                    sampler=args.sampler, schedule=args.schedule, steps=args.steps, seed=args.seed,
+                    cond_url=args.cond, cond_start=args.cond_start, storage_options=storage_options,
+                    weights=args.weights, observe_fraction=args.observe, zeta=args.zeta)
+    distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    if distributed:
+        from launch.rendezvous import destroy_distributed, init_distributed
+        init_distributed("gloo", 1800)
+    try:
+        summary = run_sampling(job, args.out, workers=args.workers, storage_options=storage_options,
+                               ray_address=args.ray_address or None, progress=not args.no_progress)
+    finally:
+        if distributed:
+            destroy_distributed()
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if not rank0:
+        return 0
+    table = [("store", args.out), ("mode", f"{summary['mode']} x {summary['workers']}"),
+             ("rows (chunks sampled / already there)", f"{summary['rows']} ({summary['done']} / {summary['skipped']})"),
+             ("sampler", f"{args.sampler}, {args.schedule} schedule, {args.steps} steps, {job.meta['nfe']} NFE"),
+             ("weights", f"{job.meta['weights']} (step {job.meta['step']})"),
+             ("samples / s", f"{summary['samples_per_s'] * job.sample_shape[0] if args.cond else summary['samples_per_s']:.2f}")]
+    if args.cond:
+        report = Path(args.report) if args.report else (ckpt.parents[1] if ckpt.parent.name == "checkpoints"
+                                                        else ckpt.parent) / "samples" / Path(args.out).stem
+        result = evaluate_samples(args.out, report, storage_options)
+        table += [("conditions x members", f"{result['conditions']} x {result['members']}"),
+                  ("ensemble-mean relative L2", f"{result['ens_mean_rel_l2']:.4f}"),
+                  ("CRPS", f"{result['crps']:.4g}"), ("spread-skill ratio", f"{result['spread_skill']:.3f}"),
+                  ("energy-spectrum error", f"{result['spectrum_error']:.3f}")]
+        if args.observe:
+            table.append(("observed (DPS)", f"{args.observe:.1%} of grid points, zeta {args.zeta}"))
+        table += [("figures", ", ".join(result["figures"])), ("report", str(report / "eval.json"))]
+    print_table(table)
+    return 0
+
+
 def print_table(rows: list[tuple[str, str]]) -> None:
     kw, vw = max(len(k) for k, _ in rows), max(len(v) for _, v in rows)
     line = f"+{'-' * (kw + 2)}+{'-' * (vw + 2)}+"
@@ -66,10 +118,10 @@ def print_table(rows: list[tuple[str, str]]) -> None:
     print(line)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def _demo_data(args: argparse.Namespace) -> Path:
+    """The demos' Darcy store (generated once, reused while its parameters match)."""
     from data.darcy import write_darcy_dataset
     from data.store import FieldDataset
-
     out = Path(args.out)
     store = out / "darcy.zarr"
     want = {"n": args.samples, "res": args.res, "seed": 0}
@@ -84,6 +136,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
                             workers=args.nproc, overwrite=True, progress=True)
     else:
         print(f"reusing {store}")
+    return store
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if args.kind == "diffusion":
+        return cmd_demo_diffusion(args)
+    out = Path(args.out)
+    store = _demo_data(args)
     overrides = [f"data.path={store}", f"run.out_dir={out}", "run.name=fno"]
     argv = ["train", str(REPO_CONFIGS / "demo.toml"), *sum((["--set", s] for s in overrides), []), "--overwrite"]
     from launch.local import spawn_local
@@ -108,6 +168,49 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print_table([(k, str(v)) for k, v in summary.items()])
     (out / "summary.json").write_text(json.dumps({**s, "table": summary}, indent=2))
     print(f"wrote {out / 'summary.json'}; metrics in {out / 'fno' / 'metrics.csv'}, TensorBoard in {out / 'fno' / 'tb'}")
+    return 0
+
+
+def cmd_demo_diffusion(args: argparse.Namespace) -> int:
+    """Train a small conditional EDM-FNO on the demo's Darcy data (2 ranks), then sample an ensemble for held-out
+    permeabilities in 10 steps of DPM-Solver++(2M) and score it against the true pressure."""
+    from launch.local import spawn_local
+    from launch.sample import run_sampling
+    from trainer.diffusion.sampling import SampleJob, evaluate_samples, find_checkpoint
+    out = Path(args.out)
+    store = _demo_data(args)
+    run_dir = out / "edm"
+    overrides = [f"data.path={store}", f"run.out_dir={out}", "run.name=edm"]
+    argv = ["train", str(REPO_CONFIGS / "demo_diffusion.toml"), *sum((["--set", s] for s in overrides), []),
+            "--overwrite"]
+    rc = spawn_local(args.nproc, argv)
+    if rc != 0:
+        print(f"training failed (exit code {rc})", file=sys.stderr)
+        return rc
+    s = json.loads((run_dir / "summary.json").read_text())
+    n_test, conditions, members = s["test_samples"], 16, 8
+    job = SampleJob(str(find_checkpoint(run_dir)), num_rows=min(conditions, n_test), chunk_size=4, members=members,
+                    sampler="dpmpp_2m", steps=10, cond_url=str(store), cond_start=s["train_samples"])
+    samples = run_dir / "samples.zarr"
+    print(f"sampling {job.num_rows} held-out conditions x {members} members into {samples}")
+    sampled = run_sampling(job, str(samples), overwrite=True)
+    result = evaluate_samples(str(samples), run_dir / "samples")
+    table = [("data", f"{store} ({s['train_samples']} train / {s['test_samples']} test)"),
+             ("training", f"{s['steps']} steps on {s['world_size']} ranks, {s['wall_time_s']:.0f} s, "
+                          f"{s['compressor']} ({s['compression_ratio']:.1f}x fewer bytes)"),
+             ("EDM loss (last steps)", f"{s['train_loss']:.4f}"),
+             ("weights sampled", f"{job.meta['weights']} (EDM2 power profile)"),
+             ("sampler", f"DPM-Solver++(2M), EDM schedule, {job.meta['nfe']} NFE"),
+             ("held-out conditions x members", f"{result['conditions']} x {result['members']}"),
+             ("ensemble-mean relative L2", f"{result['ens_mean_rel_l2']:.4f}"),
+             ("CRPS", f"{result['crps']:.4g}"), ("spread-skill ratio", f"{result['spread_skill']:.3f}"),
+             ("energy-spectrum error", f"{result['spectrum_error']:.3f}"),
+             ("samples / s (1 process)", f"{sampled['samples_per_s'] * members:.1f}")]
+    print_table(table)
+    figures = [str(p) for p in sorted((run_dir / "figures").glob("*.png"))] + result["figures"]
+    print("figures:\n  " + "\n  ".join(figures))
+    (out / "summary_diffusion.json").write_text(json.dumps({"train": s, "samples": result,
+                                                              "table": dict(table)}, indent=2))
     return 0
 
 
@@ -201,12 +304,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint and stop after step N (a staged run; --resume continues it)")
     t.set_defaults(func=cmd_train)
 
-    d = sub.add_parser("demo", help="generate Darcy data and train an FNO on 2 ranks")
+    d = sub.add_parser("demo", help="generate Darcy data and train an FNO (or, `demo diffusion`, an EDM) on 2 ranks")
+    d.add_argument("kind", nargs="?", default="fno", choices=["fno", "diffusion"])
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--nproc", type=int, default=2)
     d.add_argument("--samples", type=int, default=1000)
     d.add_argument("--res", type=int, default=33)
     d.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("sample", help="sample a trained diffusion model into a Zarr store (resumable, fanned out)")
+    sp.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run directory (its latest checkpoint) or a checkpoint")
+    sp.add_argument("--n", type=int, required=True,
+                    help="samples; with --cond, ensemble members per condition")
+    sp.add_argument("--out", required=True, help="the sample store (path or fsspec URL)")
+    sp.add_argument("--cond", default=None, metavar="URL",
+                    help="a dataset store: its inputs condition the samples, its targets are kept as the truth")
+    sp.add_argument("--conditions", type=int, default=0, help="with --cond: how many (0: all from --cond-start)")
+    sp.add_argument("--cond-start", type=int, default=0, help="with --cond: the first sample index used")
+    sp.add_argument("--sampler", default="dpmpp_2m")
+    sp.add_argument("--schedule", default="edm")
+    sp.add_argument("--steps", type=int, default=10)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--weights", default="ema", help="ema (the run's average, when kept) or raw")
+    sp.add_argument("--observe", type=float, default=0.0, metavar="FRACTION",
+                    help="inverse problem: observe --cond's targets at this fraction of grid points, sample the "
+                         "posterior with DPS guidance")
+    sp.add_argument("--zeta", type=float, default=1.0, help="DPS step size (with --observe)")
+    sp.add_argument("--chunk-size", type=int, default=8, help="rows per chunk (the unit of work and of resuming)")
+    sp.add_argument("--workers", type=int, default=1, help="1: in this process; N: up to N Ray tasks at once")
+    sp.add_argument("--ray-address", default="")
+    sp.add_argument("--storage-options", default="", help="fsspec options as JSON, for --out and --cond")
+    sp.add_argument("--report", default="", help="where figures and eval.json go (default: RUN/samples/<out name>)")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.set_defaults(func=cmd_sample)
 
     data = sub.add_parser("data", help="dataset generation and inspection").add_subparsers(dest="data_command", required=True)
     g = data.add_parser("generate", help="generate a PDE dataset into a Zarr store, one Ray task per chunk")

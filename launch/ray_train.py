@@ -127,7 +127,11 @@ def train_worker(args: dict) -> None:
     workers.mkdir(parents=True, exist_ok=True)
     (workers / f"rank{ctx_rank}.json").write_text(json.dumps(
         {"pid": os.getpid(), "rank": ctx_rank, "world_size": ctx.get_world_size(), "node": socket.gethostname()}))
-    run_training(cfg, resume=True, trainer_cls=RayTrainTrainer)
+    from trainer.registry import get_model_spec
+    model_trainer = get_model_spec(cfg.model.name).trainer_class()   # e.g. the diffusion trainer's evaluate
+    trainer_cls = RayTrainTrainer if model_trainer is None else type(
+        f"RayTrain{model_trainer.__name__}", (RayTrainTrainer, model_trainer), {})
+    run_training(cfg, resume=True, trainer_cls=trainer_cls)
 
 
 def launch_ray(config: str, overrides: list[str], address: str, workers: str, storage_path: str | None = None,

@@ -38,7 +38,9 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False, unt
         torch.set_num_threads(threads)
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True)
-        summary = (trainer_cls or Trainer)(cfg, device, resume=resume, overwrite=overwrite).train(until_step=until_step)
+        from trainer.registry import get_model_spec
+        trainer_cls = trainer_cls or get_model_spec(cfg.model.name).trainer_class() or Trainer
+        summary = trainer_cls(cfg, device, resume=resume, overwrite=overwrite).train(until_step=until_step)
         if env.rank == 0:
             log.info("summary: %s", json.dumps(summary))
         return summary

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launch.rendezvous import destroy_distributed, init_distributed  # noqa: E402
 from trainer.config import load_config  # noqa: E402
+from trainer.registry import get_model_spec  # noqa: E402
 from trainer.train import Trainer  # noqa: E402
 
 
@@ -61,7 +62,7 @@ def main(spec_path: str, out: str) -> None:
         cfg = load_config(spec["config"], spec["base"] + run.get("overrides", []) + [f"run.name={run['name']}"])
         if env is None:
             env, device = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
-        cls = PoisonedTrainer if run.get("poison_step") else Trainer
+        cls = PoisonedTrainer if run.get("poison_step") else (get_model_spec(cfg.model.name).trainer_class() or Trainer)
         cls.poison_step = run.get("poison_step", 0)
         warnings = WarningRecorder()   # this run's "fieldtrain" warnings, on this rank
         trainer = cls(cfg, device, resume=run.get("resume", False))
@@ -72,6 +73,9 @@ def main(spec_path: str, out: str) -> None:
                           for p in trainer.engine.full_parameters()])   # gathered in full under sharded engines
         if spec.get("save_params", True):
             torch.save(flat, out_dir / f"{run['name']}.rank{env.rank}.pt")
+            if trainer.ema is not None:   # this rank's piece of the average (whole for DDP, its shard when sharded)
+                torch.save({n: t.to_local() if hasattr(t, "to_local") else t for n, t in trainer.ema.shadow.items()},
+                           out_dir / f"{run['name']}.ema.rank{env.rank}.pt")
         comp = getattr(trainer.engine.exchange, "compressor", None)
         state = comp.state_dict() if comp is not None else {"local": {}, "replicated": {}}
         summary["state_finite"] = all(bool(torch.isfinite(t).all()) for part in state.values() for t in part.values()

@@ -89,6 +89,11 @@ class ModelConfig:
                 self.sections[name] = _build_section(spec.config, values, f"model.{name}")
         if self.name not in self.sections:
             self.sections[self.name] = get_model_spec(self.name).config()
+        backbone = getattr(self.params, "backbone", None)   # a model built over another (EDM over an operator)
+        if backbone is not None:
+            if backbone not in self.sections:
+                self.sections[backbone] = get_model_spec(backbone).config()
+            self.params.backbone_config = self.sections[backbone]   # not a field: saved once, as [model.<backbone>]
 
     @property
     def params(self) -> Any:
@@ -145,6 +150,22 @@ class TrainConfig:
             _positive(f"train.{k}", getattr(self, k), zero_ok=True)
         _positive("train.log_every", self.log_every)
         _positive("train.keep_checkpoints", self.keep_checkpoints)
+
+
+@dataclass
+class EMAConfig:
+    """[ema]: an exponential moving average of the weights (trainer/ema.py), used for evaluation and sampling."""
+    kind: str = "none"             # "power" (EDM2), "halflife" (EDM) or "none"
+    std: float = 0.10              # power: EDM2's sigma_rel, the profile's width relative to the run
+    halflife_steps: float = 500.0  # halflife: steps for the average's weight on a step to halve
+    rampup_ratio: float = 0.05     # halflife: the half-life is at most this fraction of the steps so far (0: none)
+
+    def __post_init__(self):
+        _choice("ema.kind", self.kind, ("none", "power", "halflife"))
+        if not 0 < self.std < 0.2887:   # sigma_rel -> 1/sqrt(12) as gamma -> -1 (a uniform average)
+            raise ValueError(f"config key 'ema.std' = {self.std!r}; must be in (0, 0.2887) (EDM2 uses 0.05-0.15)")
+        _positive("ema.halflife_steps", self.halflife_steps)
+        _positive("ema.rampup_ratio", self.rampup_ratio, zero_ok=True)
 
 
 @dataclass
@@ -265,6 +286,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     dist: DistConfig = field(default_factory=DistConfig)
@@ -416,6 +438,7 @@ RESUME_RULES = {
     "model": {"*": "refuse"},
     "optim": {"*": "allow", "name": "refuse"},
     "train": {"*": "allow"},
+    "ema": {"*": "allow", "kind": "refuse"},   # the average so far is of one kind; its settings shape what follows
     "comm": {"*": "reset", "transport": "allow", "start_step": "allow", "auto_candidates": "allow"},
     "dist": {"*": "allow"},
 }

@@ -10,6 +10,7 @@ with the store's statistics); `DataSpec` carries what a loss needs from the data
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,16 @@ class ModelSpec:
     evaluate: Callable[[nn.Module, Batch, DataSpec], torch.Tensor]    # per-sample test error, shape (batch,)
     example_batch: Callable[[DataSpec], Batch]                   # one small batch (for shape checks, warm-up)
     shard_units: Callable[[nn.Module], list[nn.Module]]         # submodules a sharded engine wraps one by one
+    # optional: this operator as a diffusion backbone, (model config, in_channels, out_channels, emb_dim) -> module
+    # whose forward(x, emb) takes a noise embedding (B, emb_dim) that modulates each layer
+    backbone: Callable[[Any, int, int, int], nn.Module] | None = None
+    trainer: str | None = None             # "module:Class", a Trainer subclass this model trains with (lazy import)
+
+    def trainer_class(self) -> type | None:
+        if self.trainer is None:
+            return None
+        module, _, cls = self.trainer.partition(":")
+        return getattr(importlib.import_module(module), cls)
 
 
 MODELS: dict[str, ModelSpec] = {}

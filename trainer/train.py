@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import time
+import contextlib
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -32,7 +33,9 @@ from data.loader import ChannelNormalizer, ShardedLoader, epoch_batches, evaluat
 from data.shards import ChunkShardPlan
 from data.store import FieldDataset, format_bad_chunks
 from trainer.checkpoint import CheckpointManager, RNGState
+from trainer.compress.base import mixed_seed
 from trainer.config import RESUME_WHY, Config, resume_changes
+from trainer.ema import WeightEMA
 from trainer.parallel import ENGINES
 from trainer.registry import Batch, DataSpec, get_model_spec
 from trainer.rundir import RunDirLock, check_fresh_run, clear_run_outputs
@@ -107,7 +110,7 @@ class MetricsLogger:
     """
 
     COLUMNS = ("step", "epoch", "train_loss", "test_rel_l2", "lr", "step_time_s", "data_wait_s", "bytes_per_step",
-               "compression_ratio", "skipped_steps")
+               "compression_ratio", "skipped_steps", "test_crps", "test_spread_skill", "test_spectrum_error")
 
     def __init__(self, run_dir: Path, enabled: bool, start_step: int = 0):
         self.enabled = enabled
@@ -292,6 +295,9 @@ class Trainer:
                                                    lambda m: self.spec.loss(m, example, self.data)[0])
         self._closing.callback(self.engine.close)
         self.model, self.optimizer = self.engine.model, self.engine.optimizer
+        self.ema = WeightEMA(cfg.ema, self.engine) if cfg.ema.kind != "none" else None
+        # The model is built: from here each rank draws its own random numbers (a loss's noise, e.g. EDM's sigmas).
+        torch.manual_seed(mixed_seed(cfg.run.seed, self.rank))
         plan = ChunkShardPlan(self.train_stop, ds.chunk_size, self.world_size, self.rank, seed=cfg.run.seed,
                               shuffle=cfg.data.shuffle, drop_last=cfg.data.drop_last,
                               window_chunks=cfg.data.window_chunks)
@@ -309,6 +315,7 @@ class Trainer:
         self.state = TrainState(self.world_size, self.world_size * cfg.data.batch_size, cfg.data.batch_size,
                                 run_meta={"config": cfg.to_dict(), "dataset": dataset_identity(ds)})
         self.stop_requested = False
+        self.eval_extra: dict = {}   # numbers an evaluate() override adds to summary.json
         self.peak_memory: dict[str, int] = {}   # this rank's parameters + gradients + optimizer state, in bytes
         self.metrics: MetricsLogger | None = None   # opened by train(), once the step to resume from is known
         if self.rank == 0:
@@ -363,8 +370,8 @@ class Trainer:
         return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
 
     def stateful(self) -> dict:
-        return {**self.engine.stateful(), "scheduler": self.scheduler, "data": self.loader, "trainer": self.state,
-                "rng": RNGState(self.rank)}
+        return {**self.engine.stateful(), **({"ema": self.ema} if self.ema is not None else {}),
+                "scheduler": self.scheduler, "data": self.loader, "trainer": self.state, "rng": RNGState(self.rank)}
 
     # ---- steps ---------------------------------------------------------------------------------------------
     def forward_backward(self, batch: Batch) -> torch.Tensor:
@@ -391,6 +398,8 @@ class Trainer:
         self.engine.step(apply=not nonfinite)
         if not nonfinite:
             self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update()
         return loss.item()
 
     def _max_over_ranks(self, counts: dict[str, int]) -> dict[str, int]:
@@ -550,7 +559,8 @@ class Trainer:
                                      bytes_per_step=bytes_per_step, compression_ratio=ratio)
                 if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or \
                         (not cfg.train.eval_every and end_of_epoch) or step == self.total_steps:
-                    test_l2 = self.evaluate()
+                    with self.ema.swapped() if self.ema is not None else contextlib.nullcontext():
+                        test_l2 = self.evaluate()
                     self.metrics.log(step, epoch=epoch_at_start, test_rel_l2=test_l2)
                     if pbar is not None:
                         pbar.write(f"step {step} epoch {epoch_at_start}: test relative L2 {test_l2:.4f}")
@@ -579,8 +589,8 @@ class Trainer:
             "test_rel_l2": test_l2, "wall_time_s": time.perf_counter() - t_start,
             "data_wait_share": waited / max(waited + stepped, 1e-12),
             "grad_bytes_per_step": bytes_per_step, "compression_ratio": ratio, "skipped_steps": self.state.skipped_steps,
-            "compressor": self.engine.compressor_name, "engine": self.engine.name,
-            "peak_memory_bytes": self._max_over_ranks(self.peak_memory),
+            "compressor": self.engine.compressor_name, "engine": self.engine.name, "ema": self.cfg.ema.kind,
+            "peak_memory_bytes": self._max_over_ranks(self.peak_memory), **self.eval_extra,
         }
         if self.rank == 0:
             tmp = cfg.run_dir / "summary.json.tmp"

@@ -1,3 +1,4 @@
 """Built-in models: importing this package registers each one (trainer/registry.py)."""
 
 from trainer.models import fno  # noqa: F401
+from trainer.diffusion import edm  # noqa: F401  (EDM over a registered operator backbone)

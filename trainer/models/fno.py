@@ -119,15 +119,25 @@ class SpectralConv(nn.Module):
 
 
 class FNOBlock(nn.Module):
-    """One Fourier layer without its activation: K v + W v, W a pointwise (1x1) conv with bias."""
+    """One Fourier layer without its activation: K v + W v, W a pointwise (1x1) conv with bias. With `emb_dim` > 0
+    a noise embedding modulates it, (K v + W v) (1 + a) + b with (a, b) = Linear(emb) per channel (FiLM, Perez et
+    al. 2018; zero-initialised, so the block starts as the plain layer)."""
 
-    def __init__(self, width: int, modes: tuple[int, ...], weights: str = "complex"):
+    def __init__(self, width: int, modes: tuple[int, ...], weights: str = "complex", emb_dim: int = 0):
         super().__init__()
         self.spectral = SpectralConv(width, width, modes, weights)
         self.skip = _CONV[len(modes)](width, width, kernel_size=1)
+        self.film = nn.Linear(emb_dim, 2 * width) if emb_dim else None
+        if self.film is not None:
+            nn.init.zeros_(self.film.weight)
+            nn.init.zeros_(self.film.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.spectral(x) + self.skip(x)
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.spectral(x) + self.skip(x)
+        if self.film is None:
+            return y
+        scale, shift = self.film(emb).to(y.dtype).view(*emb.shape[:1], 2, -1, *(1,) * (y.ndim - 2)).unbind(1)
+        return y * (1 + scale) + shift
 
 
 class FNO(nn.Module):
@@ -150,6 +160,7 @@ class FNO(nn.Module):
         positional_embedding: bool = True,
         spectral_weights: str = "complex",
         dim: int | None = None,
+        emb_dim: int = 0,
     ):
         super().__init__()
         if isinstance(modes, int):
@@ -182,7 +193,8 @@ class FNO(nn.Module):
         else:
             self.lifting = nn.Sequential(conv(c_lift, lifting_channels, 1), nn.GELU(),
                                          conv(lifting_channels, width, 1))
-        self.blocks = nn.ModuleList(FNOBlock(width, modes, spectral_weights) for _ in range(n_layers))
+        self.emb_dim = emb_dim
+        self.blocks = nn.ModuleList(FNOBlock(width, modes, spectral_weights, emb_dim) for _ in range(n_layers))
         self.projection = nn.Sequential(conv(width, projection_channels, 1), nn.GELU(),
                                         conv(projection_channels, out_channels, 1))
 
@@ -193,8 +205,11 @@ class FNO(nn.Module):
         coords = torch.stack(torch.meshgrid(*axes, indexing="ij"))  # (d, *grid)
         return coords.expand(x.shape[0], *coords.shape)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        """emb: (B, emb_dim), the noise embedding of a diffusion backbone (required iff emb_dim > 0)."""
         d = self.dim
+        if (emb is None) != (self.emb_dim == 0):
+            raise ValueError(f"FNO built with emb_dim={self.emb_dim} called with emb={'None' if emb is None else 'a tensor'}")
         if x.ndim != d + 2 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"expected input (batch, {self.in_channels}, <{d} grid dims>), got shape {tuple(x.shape)}"
@@ -213,7 +228,7 @@ class FNO(nn.Module):
             # Zero-pad the high side of every grid axis: the domain need not be periodic (Darcy).
             x = F.pad(x, [0, self.padding] * d)
         for i, block in enumerate(self.blocks):
-            x = block(x)
+            x = block(x, emb)
             if i < len(self.blocks) - 1:
                 x = F.gelu(x)
         if self.padding:
@@ -272,11 +287,16 @@ def _check(cfg: FNOConfig, data: DataSpec) -> None:
 
 
 def _build(cfg, data: DataSpec) -> FNO:
-    return FNO(data.input_shape[0], data.target_shape[0], tuple(cfg.modes), width=cfg.width, n_layers=cfg.n_layers,
-               padding=cfg.padding, projection_channels=cfg.projection_channels, spectral_weights=cfg.spectral_weights)
+    return _backbone(cfg, data.input_shape[0], data.target_shape[0], 0)
+
+
+def _backbone(cfg, in_channels: int, out_channels: int, emb_dim: int) -> FNO:
+    return FNO(in_channels, out_channels, tuple(cfg.modes), width=cfg.width, n_layers=cfg.n_layers,
+               padding=cfg.padding, projection_channels=cfg.projection_channels, spectral_weights=cfg.spectral_weights,
+               emb_dim=emb_dim)
 
 
 register_model(ModelSpec(
     name="fno", config=FNOConfig, check=_check, build=_build, loss=operator_loss, evaluate=operator_errors,
-    example_batch=operator_example_batch,
+    example_batch=operator_example_batch, backbone=_backbone,
     shard_units=lambda model: [model.lifting, *model.blocks, model.projection]))

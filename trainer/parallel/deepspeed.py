@@ -322,6 +322,31 @@ class DeepSpeedEngine(Engine):
             full = [p.detach().clone() for p in params]
         return [self.names.original_form(n, t) for n, t in zip(self.names.order, full)]
 
+    def master_weights(self) -> dict[str, torch.Tensor]:
+        """ZeRO-1/2: the module's (full) parameters in their stored form (complex ones as real (..., 2) views).
+        ZeRO-3: this rank's piece of each parameter's fp32 master partition."""
+        if self.stage == 3:
+            return {n: flat.narrow(0, offset, valid) for n, _, flat, offset, valid in _zero3_pieces(self)}
+        return {n: self.names.by_name[n] for n in self.names.order}
+
+    def load_master_weights(self, values: dict[str, torch.Tensor]) -> None:
+        super().load_master_weights(values)
+        if self.stage == 3:   # 16-bit parameter partitions are a copy of the fp32 master: forward reads them
+            for n, p, flat, offset, valid in _zero3_pieces(self):
+                if p.ds_tensor.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr():
+                    p.ds_tensor.view(-1).narrow(0, 0, valid).copy_(values[n])
+
+    def master_weights_for_checkpoint(self, values: dict[str, torch.Tensor]) -> dict:
+        if self.stage != 3:
+            return values
+        return {n: _dtensor(self, values[n], p.ds_numel) for n, p, *_ in _zero3_pieces(self)}
+
+    def load_master_weights_from_checkpoint(self, values: dict[str, torch.Tensor], loaded: dict) -> None:
+        for n, t in values.items():
+            v = loaded[n].to_local() if self.stage == 3 else loaded[n]
+            if v.data_ptr() != t.data_ptr():
+                t.copy_(v)
+
     def memory(self) -> dict[str, int]:
         """Bytes this rank holds. ZeRO-1/2: the full (compute-dtype) parameters, gradients while they live (full in
         ZeRO-1 until averaged, then this rank's partition) and this rank's fp32 master + optimizer-state partition.

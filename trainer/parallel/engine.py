@@ -120,6 +120,25 @@ class Engine:
         """Every parameter in full on this rank (collective for sharded engines), in `named_parameters` order."""
         return [p.detach() for p in self.model.parameters()]
 
+    # ---- the weights an EMA averages (trainer/ema.py) -----------------------------------------------------------
+    def master_weights(self) -> dict[str, torch.Tensor]:
+        """This rank's authoritative copy of each parameter (what the optimizer writes and forward reads), by name:
+        whole parameters for DDP, this rank's DTensor shards for FSDP2."""
+        return dict(_unwrap(self.model).named_parameters())
+
+    def load_master_weights(self, values: dict[str, torch.Tensor]) -> None:
+        for n, w in self.master_weights().items():
+            w.copy_(values[n])
+
+    def master_weights_for_checkpoint(self, values: dict[str, torch.Tensor]) -> dict:
+        """`values` (shaped as master_weights) as DCP entries: replicated tensors or DTensors are saved as they are."""
+        return values
+
+    def load_master_weights_from_checkpoint(self, values: dict[str, torch.Tensor], loaded: dict) -> None:
+        for n, t in values.items():
+            if t is not loaded[n]:
+                t.copy_(loaded[n])
+
     def memory(self) -> dict[str, int]:
         """Bytes this rank holds of parameters, gradients and optimizer state (its shards, for sharded engines)."""
         params = sum(_nbytes(p) for p in self.model.parameters())
@@ -144,3 +163,8 @@ def _nbytes(t: torch.Tensor) -> int:
     t = _local(t)
     return t.numel() * t.element_size() if t.numel() and not t.is_meta else 0
 
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside a DDP wrapper (parameter names without 'module.')."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
