@@ -75,7 +75,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     job = SampleJob(str(ckpt), num_rows=rows, chunk_size=args.chunk_size, members=args.n if args.cond else 1,
                     sampler=args.sampler, schedule=args.schedule, steps=args.steps, seed=args.seed,
                     cond_url=args.cond, cond_start=args.cond_start, storage_options=storage_options,
-                    weights=args.weights, observe_fraction=args.observe, zeta=args.zeta)
+                    weights=args.weights, observe_fraction=args.observe, zeta=args.zeta, rollout=args.rollout,
+                    rollout_from=args.rollout_from)
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     if distributed:
         from launch.rendezvous import destroy_distributed, init_distributed
@@ -102,6 +103,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
                   ("ensemble-mean relative L2", f"{result['ens_mean_rel_l2']:.4f}"),
                   ("CRPS", f"{result['crps']:.4g}"), ("spread-skill ratio", f"{result['spread_skill']:.3f}"),
                   ("energy-spectrum error", f"{result['spectrum_error']:.3f}")]
+        if job.trajectory:
+            table.append(("rollout", f"{job.rollout} steps from state {args.rollout_from}; scores at the last step"))
         if args.observe:
             table.append(("observed (DPS)", f"{args.observe:.1%} of grid points, zeta {args.zeta}"))
         table += [("figures", ", ".join(result["figures"])), ("report", str(report / "eval.json"))]
@@ -330,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="inverse problem: observe --cond's targets at this fraction of grid points, sample the "
                          "posterior with DPS guidance")
     sp.add_argument("--zeta", type=float, default=1.0, help="DPS step size (with --observe)")
+    sp.add_argument("--rollout", type=int, default=0,
+                    help="trajectory models: autoregressive steps from --rollout-from (0: to the stored end)")
+    sp.add_argument("--rollout-from", type=int, default=0, help="trajectory models: the stored state to start from")
     sp.add_argument("--chunk-size", type=int, default=8, help="rows per chunk (the unit of work and of resuming)")
     sp.add_argument("--workers", type=int, default=1, help="1: in this process; N: up to N Ray tasks at once")
     sp.add_argument("--ray-address", default="")

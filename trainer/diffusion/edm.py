@@ -12,6 +12,11 @@ The network is trained as a denoiser D(x; sigma) ~ E[y | y + sigma n = x] of the
 per channel with the store's statistics, as the operator models see them); with `conditional = true` the store's
 inputs are the conditioning fields (Darcy: pressure given the coefficient), given to the backbone as extra input
 channels. The noise level reaches every layer through an embedding of c_noise (trainer/models/fno.py's FiLM).
+
+`pairs = "trajectory"`: the targets are a trajectory, one channel per recorded time (Navier-Stokes vorticity,
+Burgers), and the model learns the next state given the current one, w_{k+1} | w_k, from pairs at a random k per
+sample; fields are standardised with statistics pooled over the time channels (one mean and std for every step, so
+a state means the same whatever k it is), and sampling rolls out autoregressively (trainer/diffusion/sampling.py).
 """
 
 from __future__ import annotations
@@ -91,12 +96,43 @@ def edm_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
 def edm_loss(model: nn.Module, batch: Batch, data: DataSpec) -> tuple[torch.Tensor, dict]:
     """E_sigma E_n lambda(sigma) |D(y + sigma n; sigma) - y|^2, averaged over batch and elements (EDM Eq. 2, 8)."""
     core = unwrap_edm(model)
-    y = batch["y"]
+    cond, y = model_pairs(core, batch, data)
     sigma = edm_sigmas(len(y), core.cfg.p_mean, core.cfg.p_std, y.device)
     s = sigma.reshape(-1, *(1,) * (y.ndim - 1))
-    denoised = model(y + s * torch.randn_like(y), sigma, batch["x"] if core.cfg.conditional else None)
+    denoised = model(y + s * torch.randn_like(y), sigma, cond)
     loss = (edm_weight(s, core.sigma_data) * (denoised - y) ** 2).mean()
     return loss, {"edm_loss": loss.item()}
+
+
+def model_pairs(core: "EDMPrecond", batch: Batch, data: DataSpec,
+                k: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(condition or None, target) in the model's space from a loader batch. Trajectories: (w_k, w_{k+1}) with k
+    random per sample (the rank's RNG stream) or the given k, standardised with the pooled statistics."""
+    if core.cfg.pairs == "fields":
+        return (batch["x"] if core.cfg.conditional else None), batch["y"]
+    mean, std = trajectory_stats(data)
+    traj = (data.target_norm.decode(batch["y"]) - mean) / std            # (B, T, *grid)
+    B, T = traj.shape[:2]
+    ks = (torch.randint(0, T - 1, (B,), device=traj.device) if k is None
+          else torch.full((B,), k, device=traj.device))
+    rows = torch.arange(B, device=traj.device)
+    return traj[rows, ks].unsqueeze(1), traj[rows, ks + 1].unsqueeze(1)
+
+
+def trajectory_stats(data: DataSpec) -> tuple[float, float]:
+    """One mean and std over all time channels from the store's per-channel statistics (equal counts per channel):
+    m = mean_c m_c, s^2 = mean_c (s_c^2 + m_c^2) - m^2."""
+    m_c, s_c = data.target_norm.mean.double(), data.target_norm.std.double()
+    m = m_c.mean()
+    return float(m), float(((s_c ** 2 + m_c ** 2).mean() - m ** 2).clamp_min(0).sqrt()) + data.target_norm.eps
+
+
+def to_physical(core: "EDMPrecond", data: DataSpec, t: torch.Tensor) -> torch.Tensor:
+    """Model-space targets (B, C, *grid) in the store's units."""
+    if core.cfg.pairs == "fields":
+        return data.target_norm.decode(t)
+    mean, std = trajectory_stats(data)
+    return t * std + mean
 
 
 def unwrap_edm(model: nn.Module) -> EDMPrecond:
@@ -104,6 +140,11 @@ def unwrap_edm(model: nn.Module) -> EDMPrecond:
     while not isinstance(model, EDMPrecond):
         model = model.module
     return model
+
+
+def eval_step(time_channels: int) -> int:
+    """The trajectory step k evaluated (w_{k+1} given w_k): the middle of the recorded times."""
+    return max(0, (time_channels - 1) // 2)
 
 
 # Fixed noise levels (spanning EDM's training distribution, ln sigma = P_mean +- 2 P_std) for a test error that does
@@ -114,14 +155,15 @@ EVAL_SIGMAS = (0.05, 0.3, 1.0, 3.0)
 def edm_denoising_errors(model: nn.Module, batch: Batch, data: DataSpec) -> torch.Tensor:
     """Per-sample relative L2 of D(y + sigma n; sigma) against y, averaged over EVAL_SIGMAS; the noise n is drawn
     from a generator seeded by the data (the same for every evaluation of the same samples)."""
-    cfg, y = unwrap_edm(model).cfg, batch["y"]
+    core = unwrap_edm(model)
+    cond, y = model_pairs(core, batch, data, k=eval_step(batch["y"].shape[1]))
     g = torch.Generator(device=y.device).manual_seed(int(y.shape[0]) * 7919 + len(EVAL_SIGMAS))
     errs = []
     for sigma in EVAL_SIGMAS:
         s = torch.full((len(y),), sigma, device=y.device)
         noise = torch.randn(y.shape, generator=g, device=y.device, dtype=y.dtype)
-        denoised = model(y + sigma * noise, s, batch["x"] if cfg.conditional else None)
-        errs.append(relative_l2(data.target_norm.decode(denoised), data.target_norm.decode(y)))
+        denoised = model(y + sigma * noise, s, cond)
+        errs.append(relative_l2(to_physical(core, data, denoised), to_physical(core, data, y)))
     return torch.stack(errs).mean(0)
 
 
@@ -131,6 +173,7 @@ class EDMConfig:
     """[model.edm]"""
     backbone: str = "fno"          # a registered operator; its own table ([model.fno]) sets its size
     conditional: bool = True       # the store's inputs condition the model (extra input channels)
+    pairs: str = "fields"          # "fields": targets given inputs; "trajectory": w_{k+1} given w_k of the targets
     sigma_data: float = 0.0        # 0: from the store's statistics (see _sigma_data)
     p_mean: float = -1.2           # training ln sigma ~ N(p_mean, p_std^2)
     p_std: float = 1.2
@@ -144,6 +187,11 @@ class EDMConfig:
     eval_steps: int = 10
 
     def __post_init__(self):
+        if self.pairs not in ("fields", "trajectory"):
+            raise ValueError(f"config key 'model.edm.pairs' = {self.pairs!r}; allowed: 'fields', 'trajectory'")
+        if self.pairs == "trajectory" and not self.conditional:
+            raise ValueError("config key 'model.edm.pairs' = 'trajectory' conditions each state on the previous one: "
+                             "model.edm.conditional must be true")
         for k in ("sigma_min", "sigma_max", "p_std", "emb_dim", "eval_conditions", "eval_members", "eval_steps"):
             if getattr(self, k) <= 0:
                 raise ValueError(f"config key 'model.edm.{k}' = {getattr(self, k)!r}; must be > 0")
@@ -173,6 +221,8 @@ def _sigma_data(cfg: EDMConfig, data: DataSpec) -> float:
     their mean over channels (1 up to eps for non-constant channels)."""
     if cfg.sigma_data > 0:
         return cfg.sigma_data
+    if cfg.pairs == "trajectory":   # standardised with the pooled statistics themselves
+        return 1.0
     norm = data.target_norm
     var = (norm.std / (norm.std + norm.eps)) ** 2
     return math.sqrt(float(var.mean()))
@@ -180,15 +230,18 @@ def _sigma_data(cfg: EDMConfig, data: DataSpec) -> float:
 
 def _check(cfg: EDMConfig, data: DataSpec) -> None:
     get_model_spec(cfg.backbone).check(cfg.backbone_config, data)
+    if cfg.pairs == "trajectory" and data.target_shape[0] < 2:
+        raise ValueError(f"model.edm.pairs = 'trajectory' reads the targets as a trajectory (one channel per time); "
+                         f"they have {data.target_shape[0]} channel: no pair of consecutive states")
     if _sigma_data(cfg, data) <= 0:
         raise ValueError("the store's target statistics give sigma_data = 0 (constant targets): nothing to model; "
                          "set model.edm.sigma_data")
 
 
 def _build(cfg: EDMConfig, data: DataSpec) -> EDMPrecond:
-    cond = data.input_shape[0] if cfg.conditional else 0
-    backbone = get_model_spec(cfg.backbone).backbone(cfg.backbone_config, data.target_shape[0] + cond,
-                                                     data.target_shape[0], cfg.emb_dim)
+    out = 1 if cfg.pairs == "trajectory" else data.target_shape[0]
+    cond = out if cfg.pairs == "trajectory" else data.input_shape[0] if cfg.conditional else 0
+    backbone = get_model_spec(cfg.backbone).backbone(cfg.backbone_config, out + cond, out, cfg.emb_dim)
     model = EDMPrecond(backbone, _sigma_data(cfg, data), cfg.emb_dim, cond)
     model.cfg = cfg
     return model

@@ -88,7 +88,8 @@ def plot_spectra(path, k, spectra: dict[str, object], *, title: str = "energy sp
     return _save(fig, path)
 
 
-def plot_error_vs_nfe(path, rows: list[dict], *, title: str = "error vs NFE", ylabel: str = "error") -> Path:
+def plot_error_vs_nfe(path, rows: list[dict], *, title: str = "error vs NFE", ylabel: str = "error",
+                      xlabel: str = "NFE") -> Path:
     """One log-log line per rows' "method", through its ("nfe", "error") points sorted by nfe."""
     for row in rows:
         missing = {"method", "nfe", "error"} - set(row)
@@ -99,6 +100,6 @@ def plot_error_vs_nfe(path, rows: list[dict], *, title: str = "error vs NFE", yl
     for method in dict.fromkeys(row["method"] for row in rows):
         points = sorted((row["nfe"], row["error"]) for row in rows if row["method"] == method)
         ax.loglog(*zip(*points), "o-", ms=3, label=str(method))
-    ax.set_xlabel("NFE"), ax.set_ylabel(ylabel), ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel), ax.set_ylabel(ylabel), ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     return _save(fig, path)

@@ -12,7 +12,8 @@ The exponential-integrator samplers work in lambda = -log sigma, h = lambda_{i+1
 parameterisation the exact solution of the ODE is
     x(lambda_t) = e^{-h} x(lambda_s) + int_0^h e^{-(h - tau)} D(lambda_s + tau) dtau,
 and a method of order p replaces D by its interpolating polynomial through the last p denoised values, which needs
-    C_0 = 1 - e^{-h},  C_1 = int_0^h e^{-(h-tau)} tau dtau = h - 1 + e^{-h},  C_2 = int e^{-(h-tau)} tau^2/2 = h^2/2 - C_1.
+    C_0 = 1 - e^{-h},  C_1 = int_0^h e^{-(h-tau)} tau dtau = h - 1 + e^{-h},  C_2 = int_0^h e^{-(h-tau)} tau^2/2 dtau
+    = h^2/2 - C_1.
 Into sigma = 0 (lambda = inf) every sampler takes the first-order step x = D(x; sigma_i), which is also Euler's step
 (EDM Algorithms 1 and 2 do the same); its error is O(sigma_i^2) (the flow is smooth in sigma^2), not a function of
 the step count when sigma_min is fixed. Multistep methods start with lower orders (no extra denoiser calls).
@@ -40,7 +41,9 @@ def _full(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    # Drawn on the generator's device, so a CPU generator also serves a CUDA x.
+    device = x.device if generator is None else generator.device
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
 
 
 def _after(callback: Callback | None, i: int, x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor:
@@ -131,7 +134,7 @@ def sample_dpmpp_3m(denoiser: Denoiser, x: torch.Tensor, sigmas, *, generator: t
     for i in range(len(s) - 1):
         d = denoiser(x, _full(x, s[i]))
         if len(hist) == 1:
-            # Revise step 0 to second order now that D at its end is known: an Euler start alone is O(h^2).
+            # Revise step 0 to second order.
             x = x + c1_first * (d - hist[0][1]) / (-math.log(s[i]) - hist[0][0])
         if s[i + 1] == 0:
             x_next = d
@@ -165,8 +168,10 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas, *, generator: torc
       predictor (UniP-2)  x_pred = x_lin - B rho_p D1 with rho_p = 1/2 (first step: x_lin);
       corrector (UniC)    D_t = D(x_pred; s_{i+1}), x_{i+1} = x_lin - B (rho_1 D1 + rho_t (D_t - D_i)) with
                           [[1, 1], [r, 1]] (rho_1, rho_t) = (b_1, b_2) (first step: rho_t = 1/2).
-    D_t is the next step's D_i (the corrected x is not re-evaluated), so the corrector costs no call; it is skipped
-    on the last step, where it would. Order 3 (the predictor's 2 plus one from the corrector).
+    D_t is the next step's D_i (the corrected x is not re-evaluated), so the corrector costs no call; on the last
+    step it is skipped, as it would cost one. Order 3 (the predictor's 2 plus one from the corrector). Into sigma = 0
+    the step is x = D_i, taken at the previous step's predicted point: that step's correction is lost, a negligible
+    amount at the small sigmas where schedules end.
     """
     s = _levels(sigmas)
     n = len(s) - 1
@@ -178,18 +183,20 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas, *, generator: torc
         else:
             lam, h = -math.log(s[i]), math.log(s[i] / s[i + 1])
             big_b = math.expm1(-h)
-            b1 = (big_b + h) / (-h * big_b)
-            b2 = 2 * (big_b + h - h * h / 2) / (h * h * big_b)
             x_lin = math.exp(-h) * x - big_b * d
-            d1 = None if d_prev is None else (d_prev - d) / ((lam_prev - lam) / h)
+            r = None if d_prev is None else (lam_prev - lam) / h
+            d1 = None if r is None else (d_prev - d) / r
+            # Predictor.
             x_next = x_lin if d1 is None else x_lin - big_b * 0.5 * d1
             d_next = None
             if i + 1 < n:
+                # Corrector.
                 d_next = denoiser(x_next, _full(x, s[i + 1]))
                 if d1 is None:
                     x_next = x_lin - big_b * 0.5 * (d_next - d)
                 else:
-                    r = (lam_prev - lam) / h
+                    b1 = (big_b + h) / (-h * big_b)
+                    b2 = 2 * (big_b + h - h * h / 2) / (h * h * big_b)
                     rho_1 = (b1 - b2) / (1 - r)
                     x_next = x_lin - big_b * (rho_1 * d1 + (b1 - rho_1) * (d_next - d))
             d_prev, lam_prev = d, lam

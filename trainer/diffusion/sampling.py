@@ -74,7 +74,7 @@ def load_edm(path: str | Path, weights: str = "ema") -> tuple[EDMPrecond, dict]:
     _load_params(model, source, ckpt)
     model.eval()
     meta = {**meta, "weights": used, "checkpoint": str(ckpt), "step": int(state["trainer"]["step"]),
-            "input_norm": norm["inputs"], "target_norm": norm["targets"]}
+            "input_norm": norm["inputs"], "target_norm": norm["targets"], "data_spec": data}
     return model, meta
 
 
@@ -113,7 +113,7 @@ def sample_ensemble(model: nn.Module, cond: torch.Tensor | None, members: int, s
     or None (then B = len(seeds)). guidance(denoiser, x, sigmas, generator) replaces the sampler (DPS)."""
     B = len(seeds)
     x = torch.stack([torch.randn(members, *target_shape, generator=torch.Generator().manual_seed(s))
-                     for s in seeds]).flatten(0, 1) * sigmas[0]
+                     for s in seeds]).flatten(0, 1).to(sigmas.device) * sigmas[0]
     c = None if cond is None else cond.repeat_interleave(members, dim=0)
     denoiser = lambda x_, sigma: model(x_, sigma.to(x_.dtype).expand(len(x_)), c)   # noqa: E731
     g = torch.Generator().manual_seed(mixed_seed(*seeds))
@@ -144,6 +144,8 @@ class SampleJob:
     cond_start: int = 0
     storage_options: dict = field(default_factory=dict)
     weights: str = "ema"
+    rollout: int = 0              # trajectory models: steps rolled out from state `rollout_from` (0: to the end)
+    rollout_from: int = 0
     observe_fraction: float = 0.0
     zeta: float = 1.0
     noise_std: float = 0.0        # assumed observation noise (only reported; DPS's step does not use it)
@@ -153,6 +155,7 @@ class SampleJob:
         model, meta = self._loaded()
         self.target_shape = tuple(meta["dataset"]["target_shape"])
         self.conditional = model.cond_channels > 0
+        self.trajectory = model.cfg.pairs == "trajectory"
         if self.conditional and self.cond_url is None:
             raise ValueError(f"{self.checkpoint}: the model is conditional ({model.cond_channels} input channels): "
                              "give --cond URL, a store whose inputs are the conditions")
@@ -160,6 +163,20 @@ class SampleJob:
             raise ValueError("--observe needs --cond URL: a store whose targets are the fields to observe")
         self.sample_shape = (self.members, *self.target_shape) if self.cond_url else self.target_shape
         self.extra_arrays = {"truth": self.target_shape} if self.cond_url else {}
+        if self.trajectory:   # row: `members` rollouts of K states, (members, K, 1, *grid); truth (K, 1, *grid)
+            T = self.target_shape[0]
+            if not 0 <= self.rollout_from < T - 1:
+                raise ValueError(f"--rollout-from = {self.rollout_from}; the trajectories hold states 0..{T - 1}, "
+                                 f"a rollout starts at one of 0..{T - 2}")
+            self.rollout = self.rollout or T - 1 - self.rollout_from
+            if not 1 <= self.rollout <= T - 1 - self.rollout_from:
+                raise ValueError(f"--rollout = {self.rollout}; from state {self.rollout_from} the store holds the "
+                                 f"truth for at most {T - 1 - self.rollout_from} steps")
+            if self.observe_fraction:
+                raise ValueError("--observe is for field models (pairs = 'fields'), not trajectory rollouts")
+            state = (1, *self.target_shape[1:])
+            self.sample_shape = (self.members, self.rollout, *state)
+            self.extra_arrays = {"truth": (self.rollout, *state)}
         if self.cond_url:
             available = conditions_available(self)
             if self.num_rows > available:
@@ -172,7 +189,9 @@ class SampleJob:
                      "nfe": nfe(self.sampler, self.sigmas), "sigmas": [float(s) for s in self.sigmas],
                      "seed": self.seed, "members": self.members, "cond_url": self.cond_url,
                      "cond_start": self.cond_start, "observe_fraction": self.observe_fraction,
-                     "zeta": self.zeta if self.observe_fraction else None, "target_norm": meta["target_norm"]}
+                     "zeta": self.zeta if self.observe_fraction else None, "target_norm": meta["target_norm"],
+                     "rollout": self.rollout if self.trajectory else None,
+                     "rollout_from": self.rollout_from if self.trajectory else None}
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_cache"}
@@ -204,6 +223,8 @@ class SampleJob:
             return {"samples": tnorm.decode(ens).numpy()}
         ds = self._cond_store()
         x, y = ds.read(self.cond_start + start, self.cond_start + stop)
+        if self.trajectory:
+            return self._rollout(model, meta, y, start)
         inorm = ChannelNormalizer.from_stats(meta["input_norm"])
         cond = inorm.encode(torch.from_numpy(x)) if self.conditional else None
         truth = torch.from_numpy(y)
@@ -214,6 +235,23 @@ class SampleJob:
                               guidance=guidance)
         samples = tnorm.decode(ens.flatten(0, 1)).reshape(ens.shape)
         return {"samples": samples.numpy(), "truth": y.astype(np.float32)}
+
+    def _rollout(self, model, meta, traj: np.ndarray, start: int) -> dict[str, np.ndarray]:
+        """Autoregressive ensembles: member m of row r steps from the stored state `rollout_from`, each step a sample
+        of w_{k+1} given its own previous sample (seeded by (seed, row, member, step))."""
+        from trainer.diffusion.edm import trajectory_stats
+        mean, std = trajectory_stats(meta["data_spec"])
+        rows, M, K = len(traj), self.members, self.rollout
+        state = ((torch.from_numpy(traj[:, self.rollout_from]) - mean) / std)[:, None]   # (rows, 1, *grid)
+        state = state.repeat_interleave(M, dim=0)
+        out = []
+        for j in range(K):
+            seeds = [mixed_seed(self.seed, start + r, m, j) for r in range(rows) for m in range(M)]
+            state = sample_ensemble(model, state, 1, self.sampler, self.sigmas, seeds, tuple(state.shape[1:]))[:, 0]
+            out.append(state)
+        samples = torch.stack(out, dim=1).reshape(rows, M, K, *state.shape[1:]) * std + mean
+        truth = traj[:, self.rollout_from + 1:self.rollout_from + 1 + K, None]
+        return {"samples": samples.numpy().astype(np.float32), "truth": truth.astype(np.float32)}
 
     def _dps(self, truth_normed: torch.Tensor, ds):
         from trainer.diffusion.inverse import PointObservation, dps_sample, random_points
@@ -247,8 +285,14 @@ def evaluate_samples(url: str, report_dir: Path, storage_options: dict | None = 
     from trainer.diffusion.metrics import (crps_ensemble, energy_spectrum, ensemble_mean_rel_l2, spectrum_error,
                                            spread_skill_ratio)
     store = open_samples(url, storage_options)
-    ens = torch.from_numpy(store.read()).transpose(0, 1)      # (M, B, C, *grid)
+    ens = torch.from_numpy(store.read()).transpose(0, 1)      # (M, B, C, *grid), or (M, B, K, 1, *grid) rollouts
     truth = torch.from_numpy(store.read(name="truth"))
+    steps = None
+    if store.meta.get("rollout"):   # per rollout step, then the last step's ensemble scored like a field model's
+        steps = [{"step": j + 1, "ens_mean_rel_l2": ensemble_mean_rel_l2(ens[:, :, j], truth[:, j]).mean().item(),
+                  "crps": crps_ensemble(ens[:, :, j], truth[:, j], fair=ens.shape[0] > 1).mean().item()}
+                 for j in range(truth.shape[1])]
+        ens, truth = ens[:, :, -1], truth[:, -1]
     k, e_true = energy_spectrum(truth)
     _, e_ens = energy_spectrum(ens.flatten(0, 1))
     result = {"conditions": int(truth.shape[0]), "members": int(ens.shape[0]),
@@ -260,5 +304,12 @@ def evaluate_samples(url: str, report_dir: Path, storage_options: dict | None = 
     result["figures"] = [
         str(plot_samples(report_dir / "samples.png", None, truth[0], ens[:, 0], title=f"{url}: row 0")),
         str(plot_spectra(report_dir / "spectra.png", k, {"truth": e_true.mean((0, 1)), "samples": e_ens.mean((0, 1))}))]
+    if steps is not None:
+        from trainer.diffusion.figures import plot_error_vs_nfe
+        result["rollout"] = steps
+        rows = [{"method": m, "nfe": r["step"], "error": r[key]} for r in steps
+                for m, key in (("ensemble-mean rel. L2", "ens_mean_rel_l2"), ("CRPS", "crps"))]
+        result["figures"].append(str(plot_error_vs_nfe(report_dir / "rollout.png", rows, title="rollout error by step",
+                                                       xlabel="rollout step")))
     (report_dir / "eval.json").write_text(json.dumps({"url": url, **result}, indent=2))
     return result

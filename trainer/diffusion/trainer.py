@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from data.loader import evaluation_batches
 from trainer.compress.base import mixed_seed
-from trainer.diffusion.edm import unwrap_edm
+from trainer.diffusion.edm import eval_step, model_pairs, to_physical, unwrap_edm
 from trainer.diffusion.metrics import (crps_ensemble, energy_spectrum, ensemble_mean_rel_l2, spectrum_error,
                                        spread_skill_ratio)
 from trainer.diffusion.sampling import sample_ensemble, sigmas_for
@@ -35,8 +35,11 @@ class DiffusionTrainer(Trainer):
         n = min(cfg.eval_conditions, ds.num_samples - self.train_stop)
         lo = self.train_stop + self.rank * n // self.world_size
         hi = self.train_stop + (self.rank + 1) * n // self.world_size
-        cond, truth = (next(evaluation_batches(ds, lo, hi, hi - lo)) if hi > lo else
-                       (self._example["x"][:0].cpu(), self._example["y"][:0].cpu()))
+        x, y = (next(evaluation_batches(ds, lo, hi, hi - lo)) if hi > lo else
+                (self._example["x"][:0], self._example["y"][:0]))
+        cond, truth = model_pairs(core, {"x": x.to(self.device), "y": y.to(self.device)}, self.data,
+                                  k=eval_step(y.shape[1]))
+        example_cond = model_pairs(core, self._example, self.data, k=eval_step(y.shape[1]))[0]
         sigmas = sigmas_for(core, "edm", cfg.eval_steps)
         seeds = [mixed_seed(self.cfg.run.seed, i) for i in range(lo, hi)]
         was_training = self.model.training
@@ -44,16 +47,15 @@ class DiffusionTrainer(Trainer):
         # Sharded engines gather parameters inside forward: every rank samples as many rows as the largest share
         # (a shorter share is padded with copies of its first row, or of the example batch, and the pad dropped).
         rows = -(-n // self.world_size)
-        pad_c = cond[:1] if len(cond) else self._example["x"].cpu()
+        pad_c = cond[:1] if len(cond) else example_cond
         cond_p = torch.cat([cond, pad_c.expand(rows - len(cond), *pad_c.shape[1:])]) if self.engine.sharded else cond
         seeds_p = seeds + [0] * (len(cond_p) - len(seeds))
-        ens = (sample_ensemble(self.model, cond_p.to(self.device), cfg.eval_members, cfg.eval_sampler,
-                               sigmas.to(self.device), seeds_p, tuple(truth.shape[1:]))[:len(cond)].cpu()
-               if len(cond_p) else torch.zeros(0, cfg.eval_members, *truth.shape[1:]))
+        ens = (sample_ensemble(self.model, cond_p, cfg.eval_members, cfg.eval_sampler, sigmas.to(self.device),
+                               seeds_p, tuple(truth.shape[1:]))[:len(cond)]
+               if len(cond_p) else truth.new_zeros(0, cfg.eval_members, *truth.shape[1:]))
         self.model.train(was_training)
-        norm = self.data.target_norm.cpu()
-        ens_phys = norm.decode(ens.flatten(0, 1)).reshape(ens.shape).transpose(0, 1)   # (M, B, C, *grid)
-        truth_phys = norm.decode(truth)
+        ens_phys = to_physical(core, self.data, ens.flatten(0, 1)).reshape(ens.shape).transpose(0, 1).cpu()
+        truth_phys = to_physical(core, self.data, truth).cpu()   # ensembles (M, B, C, *grid), truth (B, C, *grid)
         sums = torch.zeros(4, dtype=torch.float64)
         if len(truth):
             sums += torch.tensor([ensemble_mean_rel_l2(ens_phys, truth_phys).sum().item(),
@@ -73,7 +75,7 @@ class DiffusionTrainer(Trainer):
                                "eval_members": cfg.eval_members, "eval_sampler": cfg.eval_sampler,
                                "eval_steps": cfg.eval_steps}
             if self.state.step >= self.total_steps:
-                self._figures(cond if self.world_size == 1 else None, ens_all, truth_all)
+                self._figures(ens_all, truth_all)
         return rel_l2
 
     def _gather_eval(self, ens: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,10 +86,10 @@ class DiffusionTrainer(Trainer):
         dist.all_gather_object(parts, (ens, truth))
         return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts])
 
-    def _figures(self, cond, ens: torch.Tensor, truth: torch.Tensor) -> None:
+    def _figures(self, ens: torch.Tensor, truth: torch.Tensor) -> None:
         from trainer.diffusion.figures import plot_samples, plot_spectra
         out = self.cfg.run_dir / "figures"
-        paths = [plot_samples(out / "samples.png", None if cond is None else cond[0], truth[0], ens[:, 0],
+        paths = [plot_samples(out / "samples.png", None, truth[0], ens[:, 0],
                               title=f"step {self.state.step}: held-out condition 0, {ens.shape[0]} members")]
         k, e_true = energy_spectrum(truth)
         _, e_ens = energy_spectrum(ens.flatten(0, 1))

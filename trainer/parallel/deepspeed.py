@@ -330,6 +330,10 @@ class DeepSpeedEngine(Engine):
         return {n: self.names.by_name[n] for n in self.names.order}
 
     def load_master_weights(self, values: dict[str, torch.Tensor]) -> None:
+        if self.stage == 3:
+            # ZeRO-3 keeps parameters gathered after a forward while it expects to reuse them (stage3_max_reuse_
+            # distance): release them, or the next forward would use the weights from before this load
+            self.ds.empty_partition_cache()
         super().load_master_weights(values)
         if self.stage == 3:   # 16-bit parameter partitions are a copy of the fp32 master: forward reads them
             for n, p, flat, offset, valid in _zero3_pieces(self):
