@@ -254,9 +254,8 @@ class SampleJob:
         return {"samples": samples.numpy().astype(np.float32), "truth": truth.astype(np.float32)}
 
     def _dps(self, truth_normed: torch.Tensor, ds):
-        from trainer.diffusion.inverse import PointObservation, dps_sample, random_points
-        points = random_points(self.target_shape, self.observe_fraction, torch.Generator().manual_seed(self.seed))
-        obs = PointObservation(points, self.target_shape)
+        from trainer.diffusion.inverse import dps_sample, random_points
+        obs = random_points(self.target_shape, self.observe_fraction, torch.Generator().manual_seed(self.seed))
         y = obs.observe(truth_normed).repeat_interleave(self.members, dim=0)
         return lambda denoiser, x, sigmas, g: dps_sample(denoiser, x, sigmas, obs, y, self.zeta, generator=g)
 
