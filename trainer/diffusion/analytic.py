@@ -21,16 +21,20 @@ def _as(t, like: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_denoiser(mu: torch.Tensor, cov: torch.Tensor) -> Denoiser:
-    """D(x; sigma) = mu + S (S + sigma^2 I)^-1 (x - mu) for data N(mu, cov), via cov = Q diag(ev) Q^T."""
+    """D(x; sigma) = mu + S (S + sigma^2 I)^-1 (x - mu) for data N(mu, S), S = cov = U diag(lam) U^T (symmetric PSD:
+    a posterior covariance with exact observations is singular), so a different sigma per sample costs nothing:
+    S (S + sigma^2 I)^-1 = U diag(lam / (lam + sigma^2)) U^T. mu (d,) or (B, d); x (B, *shape), prod(shape) = d.
+    With (mu_p, S_p) from `inverse.gaussian_posterior` it is the exact posterior denoiser."""
     mu = torch.as_tensor(mu, dtype=torch.float64)
-    ev, q = torch.linalg.eigh(torch.as_tensor(cov, dtype=torch.float64))
-    assert (ev > 0).all(), "cov must be positive definite"
+    lam, U = torch.linalg.eigh(torch.as_tensor(cov, dtype=torch.float64))
+    lam = lam.clamp_min(0)
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        m, e, qq = _as(mu, x), _as(ev, x), _as(q, x)
-        z = (x.reshape(len(x), -1) - m) @ qq                               # (B, d) in the eigenbasis
-        gain = e / (e + sigma.reshape(-1, 1).to(x.dtype) ** 2)
-        return (m + (z * gain) @ qq.T).reshape(x.shape)
+        b = x.shape[0]
+        assert x[0].numel() == U.shape[0], f"field of {x[0].numel()} values for data of dimension {U.shape[0]}"
+        u, e, m = _as(U, x), _as(lam, x), _as(mu, x)
+        gain = e / (e + sigma.to(x.dtype).reshape(b, 1) ** 2)              # (B, d) in the eigenbasis
+        return (m + (((x.reshape(b, -1) - m) @ u) * gain) @ u.T).reshape(x.shape)
     return denoise
 
 

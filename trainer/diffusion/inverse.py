@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from trainer.diffusion.analytic import gaussian_denoiser  # noqa: F401  (with (mu_p, S_p): the exact posterior's)
+
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -99,28 +101,6 @@ def gaussian_posterior(mu: Tensor, S: Tensor, A: Tensor, y: Tensor, r: float) ->
     mu_p = mu + (y - mu @ A.T) @ K.T
     S_p = S - K @ SAt.T
     return mu_p, (S_p + S_p.T) / 2
-
-
-def gaussian_denoiser(mu: Tensor, S: Tensor) -> Denoiser:
-    """The exact denoiser of data N(mu, S): D(x; s) = mu + S (S + s^2 I)^-1 (x - mu).
-
-    mu (d,) or (B, d), S (d, d) symmetric PSD; the returned denoiser takes x (B, *shape) with
-    prod(shape) = d and sigma (B,). With (mu_p, S_p) from `gaussian_posterior` it is the exact posterior
-    denoiser, i.e. sampling with the exact posterior score. Uses S = U diag(lam) U^T, so a different sigma
-    per sample costs nothing: S (S + s^2 I)^-1 = U diag(lam / (lam + s^2)) U^T.
-    """
-    lam, U = torch.linalg.eigh(S.double())
-    lam = lam.clamp_min(0)
-
-    def denoiser(x: Tensor, sigma: Tensor) -> Tensor:
-        b = x.shape[0]
-        assert x[0].numel() == U.shape[0], f"field of {x[0].numel()} values for a prior of dimension {U.shape[0]}"
-        u, l, m = U.to(x), lam.to(x), mu.to(x)
-        gain = l / (l + sigma.to(x).reshape(b, 1) ** 2)              # (B, d)
-        dx = x.reshape(b, -1) - m
-        return (m + ((dx @ u) * gain) @ u.T).reshape(x.shape)
-
-    return denoiser
 
 
 def dps_sample(denoiser: Denoiser, x: Tensor, sigmas: Tensor, observation: PointObservation, y: Tensor,

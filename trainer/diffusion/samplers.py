@@ -102,20 +102,8 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas, *, generator: t
                     callback: Callback | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): with r = h_{i-1} / h_i,
     x_{i+1} = (s_{i+1}/s_i) x_i + (1 - e^{-h}) ((1 + 1/(2r)) D_i - 1/(2r) D_{i-1}); the first step is first order.
-    """
-    s = _levels(sigmas)
-    d_prev = h_prev = None
-    for i in range(len(s) - 1):
-        d = denoiser(x, _full(x, s[i]))
-        if s[i + 1] == 0:
-            x_next = d
-        else:
-            h = math.log(s[i] / s[i + 1])
-            dd = d if d_prev is None else (1 + h / (2 * h_prev)) * d - h / (2 * h_prev) * d_prev
-            x_next = (s[i + 1] / s[i]) * x - math.expm1(-h) * dd
-            d_prev, h_prev = d, h
-        x = _after(callback, i, x_next, s[i + 1], d)
-    return x
+    It is the SDE form below with eta = 0 (no noise drawn)."""
+    return sample_dpmpp_2m_sde(denoiser, x, sigmas, generator=generator, callback=callback, eta=0.0)
 
 
 def sample_dpmpp_3m(denoiser: Denoiser, x: torch.Tensor, sigmas, *, generator: torch.Generator | None = None,

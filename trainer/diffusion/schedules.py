@@ -2,7 +2,8 @@
 
 A schedule is a float64 tensor of strictly decreasing sigmas, sigmas[0] the starting noise level; a sampler takes
 one step per consecutive pair, so `steps` = len(sigmas) - 1 and Euler costs `steps` denoiser calls. Every schedule
-here ends in 0 (the last step lands on the data), as in EDM and k-diffusion.
+here ends in 0 (the last step lands on the data), as in EDM and k-diffusion: 'edm' (Karras rho-spacing), 'ays'
+(Align Your Steps tables), 'ays_gaussian' (AYS's optimum for Gaussian data), 'logsnr' (uniform in log sigma).
 
     sigmas = get_sigmas("edm", 18, sigma_min=0.002, sigma_max=80.0)
 """
@@ -113,13 +114,30 @@ def ays_gaussian_sigmas(n: int, c: float, sigma_min: float = 0.002, sigma_max: f
     return torch.cat([s, torch.zeros(1, dtype=torch.float64)])
 
 
-SCHEDULES = {"edm": edm_sigmas, "ays": ays_sigmas, "ays_gaussian": ays_gaussian_sigmas}
+def logsnr_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -> torch.Tensor:
+    """Uniform in log-SNR (DPM-Solver's "logSNR" time spacing, Lu et al. 2022): n levels from sigma_max to sigma_min
+    evenly spaced in log sigma (= in lambda = -log sigma, so every exponential-integrator step has the same h), then 0.
+
+    s_i = s_max (s_min / s_max)^(i/(n-1)), i = 0..n-1;  s_n = 0.  n = 1: [s_max, 0] (as edm_sigmas: n Euler calls).
+    """
+    _check_steps(n)
+    _check_range(sigma_min, sigma_max)
+    if n == 1:
+        return torch.tensor([sigma_max, 0.0], dtype=torch.float64)
+    f = torch.arange(n, dtype=torch.float64) / (n - 1)
+    s = torch.exp((1 - f) * math.log(sigma_max) + f * math.log(sigma_min))
+    s[0], s[-1] = sigma_max, sigma_min    # exact endpoints (exp(log(x)) can be off by an ulp)
+    return torch.cat([s, torch.zeros(1, dtype=torch.float64)])
+
+
+SCHEDULES = {"edm": edm_sigmas, "ays": ays_sigmas, "ays_gaussian": ays_gaussian_sigmas, "logsnr": logsnr_sigmas}
 
 
 def get_sigmas(schedule: str, steps: int, *, sigma_min: float, sigma_max: float, rho: float = 7.0,
                table: str = "svd", c: float | None = None,
                sigmas: torch.Tensor | Sequence[float] | None = None) -> torch.Tensor:
-    """One entry point: `schedule` in 'edm', 'ays', 'ays_gaussian', 'list' ('list' takes `sigmas` as given).
+    """One entry point: `schedule` in 'edm', 'ays', 'ays_gaussian', 'logsnr', 'list' ('list' takes `sigmas` as
+    given).
 
     'ays' uses the tabulated model's own levels (`table`), not sigma_min/sigma_max; 'ays_gaussian' needs `c`.
     """
@@ -140,6 +158,8 @@ def get_sigmas(schedule: str, steps: int, *, sigma_min: float, sigma_max: float,
         return edm_sigmas(steps, sigma_min, sigma_max, rho)
     if schedule == "ays":
         return ays_sigmas(steps, table)
+    if schedule == "logsnr":
+        return logsnr_sigmas(steps, sigma_min, sigma_max)
     if c is None:
         raise ValueError("'c' is required with schedule 'ays_gaussian' (the data's standard deviation)")
     return ays_gaussian_sigmas(steps, c, sigma_min, sigma_max)
