@@ -67,13 +67,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--n = {args.n}; must be >= 1")
     if args.observe and not 0 < args.observe <= 1:
         raise ValueError(f"--observe = {args.observe}; the observed fraction of grid points must be in (0, 1]")
+    sigma_list = None
+    if args.sigmas:
+        try:
+            sigma_list = [float(v) for v in args.sigmas.split(",")]
+        except ValueError:
+            raise ValueError(f"--sigmas = {args.sigmas!r}; give decreasing numbers separated by commas, e.g. "
+                             "80,10,1,0.1,0") from None
+        args.schedule, args.steps = "list", len(sigma_list) - 1
     ckpt = find_checkpoint(args.run)
     rows = args.conditions if args.cond else args.n
     if args.cond and not rows:
         from data.store import FieldDataset
         rows = FieldDataset(args.cond, storage_options).num_samples - args.cond_start
     job = SampleJob(str(ckpt), num_rows=rows, chunk_size=args.chunk_size, members=args.n if args.cond else 1,
-                    sampler=args.sampler, schedule=args.schedule, steps=args.steps, seed=args.seed,
+                    sampler=args.sampler, schedule=args.schedule, steps=args.steps, seed=args.seed, sigma_list=sigma_list,
                     cond_url=args.cond, cond_start=args.cond_start, storage_options=storage_options,
                     weights=args.weights, observe_fraction=args.observe, zeta=args.zeta, rollout=args.rollout,
                     rollout_from=args.rollout_from)
@@ -327,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--sampler", default="dpmpp_2m")
     sp.add_argument("--schedule", default="edm")
     sp.add_argument("--steps", type=int, default=10)
+    sp.add_argument("--sigmas", default="", help="your own schedule: decreasing noise levels, e.g. 80,10,1,0.1,0 "
+                                                 "(replaces --schedule and --steps)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--weights", default="ema", help="ema (the run's average, when kept) or raw")
     sp.add_argument("--observe", type=float, default=0.0, metavar="FRACTION",

@@ -293,6 +293,8 @@ def test_sample_writes_an_evaluated_ensemble_store_and_resumes(trained, small_da
     (["--schedule", "cosine"], "'schedule' = 'cosine'; allowed:"),
     (["--steps", "0"], "'steps'"),
     (["--observe", "1.5"], "--observe = 1.5"),
+    (["--sigmas", "80,1,10,0"], "must be strictly decreasing"),
+    (["--sigmas", "80,x"], "--sigmas = '80,x'"),
 ])
 def test_sample_refuses_bad_input_naming_it(trained, small_darcy, tmp_path, extra, says):
     r = fieldtrain("sample", str(trained), "--n", "2", "--cond", small_darcy, "--out", str(tmp_path / "x.zarr"), *extra)

@@ -138,6 +138,7 @@ class SampleJob:
     members: int
     sampler: str = "dpmpp_2m"
     schedule: str = "edm"
+    sigma_list: list | None = None   # schedule "list": the user's decreasing sigmas (steps = len - 1)
     steps: int = 10
     seed: int = 0
     cond_url: str | None = None
@@ -182,7 +183,7 @@ class SampleJob:
             if self.num_rows > available:
                 raise ValueError(f"--cond {self.cond_url}: {self.num_rows} conditions asked from index "
                                  f"{self.cond_start}, the store has {available} there")
-        self.sigmas = sigmas_for(model, self.schedule, self.steps)   # validates schedule and steps
+        self.sigmas = sigmas_for(model, self.schedule, self.steps, self.sigma_list)   # validates them
         get_sampler(self.sampler)
         self.meta = {"checkpoint": meta["checkpoint"], "step": meta["step"], "weights": meta["weights"],
                      "sampler": self.sampler, "schedule": self.schedule, "steps": self.steps,
