@@ -56,7 +56,9 @@ def preflight(cfg: Config, nproc: int, resume: bool, overwrite: bool) -> None:
     from trainer.train import check_inputs, check_resumable
     from trainer.checkpoint import CheckpointManager
 
-    ds, _ = check_inputs(cfg, nproc)
+    from trainer.registry import get_model_spec
+    source = get_model_spec(cfg.model.name).source_class()
+    ds = check_inputs(cfg, nproc)[0] if source is None else source(cfg, 0, nproc).identity()
     if cfg.run_dir.is_dir():
         lock = RunDirLock(cfg.run_dir)
         lock.acquire()     # refused when another run holds it; released at once, the ranks take it for the run

@@ -23,7 +23,7 @@ import torch
 from trainer.diffusion import analytic, samplers
 from trainer.diffusion.samplers import SAMPLERS, STOCHASTIC, get_sampler, nfe
 from trainer.diffusion.schedules import (AYS_TABLES, SCHEDULES, ays_gaussian_sigmas, ays_sigmas, check_sigmas,
-                                         edm_sigmas, get_sigmas)
+                                         edm_sigmas, get_sigmas, logsnr_sigmas)
 
 F64 = torch.float64
 ORDERS = {"euler": 1, "heun": 2, "dpmpp_2m": 2, "dpmpp_3m": 3, "unipc": 3}
@@ -107,6 +107,27 @@ def test_ays_gaussian_endpoints_spacing_and_monotonicity():
     assert ays_gaussian_sigmas(1, 1.0).tolist() == [SIGMA_MAX, 0.0]
 
 
+def test_logsnr_schedule_values_spacing_and_errors():
+    """Uniform in log sigma from sigma_max to sigma_min, then 0; n steps as in edm_sigmas."""
+    s = logsnr_sigmas(4, 0.01, 10.0)                                     # ratio 10 per step: 10, 1, 0.1, 0.01, 0
+    assert s.dtype == F64 and torch.allclose(s, torch.tensor([10.0, 1.0, 0.1, 0.01, 0.0], dtype=F64), rtol=1e-13)
+    for n, lo in [(2, SIGMA_MIN), (9, SIGMA_MIN), (40, 0.02)]:
+        s = logsnr_sigmas(n, lo, SIGMA_MAX)
+        assert len(s) == n + 1 and s[0] == SIGMA_MAX and s[-2] == lo and s[-1] == 0
+        assert (s[1:] < s[:-1]).all()
+        dlam = torch.diff(-torch.log(s[:-1]))                           # equal steps h in lambda = -log sigma
+        assert torch.allclose(dlam, torch.full_like(dlam, math.log(SIGMA_MAX / lo) / (n - 1)), rtol=1e-9)
+        assert torch.equal(get_sigmas("logsnr", n, sigma_min=lo, sigma_max=SIGMA_MAX), s)
+    assert logsnr_sigmas(1).tolist() == [SIGMA_MAX, 0.0]
+    assert SCHEDULES["logsnr"] is logsnr_sigmas
+    for n in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="'steps'"):
+            logsnr_sigmas(n)
+    for lo, hi in [(0.0, 80.0), (-1.0, 80.0), (1.0, 1.0), (2.0, 1.0), (0.002, math.inf), (math.nan, 80.0)]:
+        with pytest.raises(ValueError, match="'sigma_min'"):
+            get_sigmas("logsnr", 10, sigma_min=lo, sigma_max=hi)
+
+
 def euler_gain(sigmas: torch.Tensor, c: float) -> float:
     """Euler's total gain x_end / x_start on N(0, c^2) (it is linear there)."""
     den = analytic.gaussian_denoiser(torch.zeros(1, dtype=F64), torch.tensor([[c * c]], dtype=F64))
@@ -157,12 +178,12 @@ def test_check_sigmas_and_get_sigmas():
     assert get_sigmas("list", 2, **kw, sigmas=[2.0, 1.0, 0.0]).tolist() == [2.0, 1.0, 0.0]
     with pytest.raises(ValueError) as e:
         get_sigmas("foo", 10, **kw)
-    assert str(e.value) == "'schedule' = 'foo'; allowed: 'edm', 'ays', 'ays_gaussian', 'list'"
+    assert str(e.value) == "'schedule' = 'foo'; allowed: 'edm', 'ays', 'ays_gaussian', 'logsnr', 'list'"
     for steps in (0, -3, 2.5):
         with pytest.raises(ValueError, match="'steps'"):
             get_sigmas("edm", steps, **kw)
     for n in (0, -1):
-        for fn in (edm_sigmas, ays_sigmas, lambda n: ays_gaussian_sigmas(n, 1.0)):
+        for fn in (edm_sigmas, ays_sigmas, lambda n: ays_gaussian_sigmas(n, 1.0), logsnr_sigmas):
             with pytest.raises(ValueError, match="'steps'"):
                 fn(n)
     with pytest.raises(ValueError, match="'c'"):

@@ -42,12 +42,22 @@ class ModelSpec:
     # whose forward(x, emb) takes a noise embedding (B, emb_dim) that modulates each layer
     backbone: Callable[[Any, int, int, int], nn.Module] | None = None
     trainer: str | None = None             # "module:Class", a Trainer subclass this model trains with (lazy import)
+    # "module:Class" of the model's own data source (None: a Zarr store, [data] path): Class(cfg, rank, world_size)
+    # validates (ValueError), then gives data_spec(device), identity(), loader() and, for preflight, is built once
+    source: str | None = None
 
     def trainer_class(self) -> type | None:
-        if self.trainer is None:
-            return None
-        module, _, cls = self.trainer.partition(":")
-        return getattr(importlib.import_module(module), cls)
+        return _import(self.trainer)
+
+    def source_class(self) -> type | None:
+        return _import(self.source)
+
+
+def _import(path: str | None):
+    if path is None:
+        return None
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 MODELS: dict[str, ModelSpec] = {}

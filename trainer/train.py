@@ -211,7 +211,7 @@ def _capture(fn, *args):
         return None, str(e)
 
 
-def check_resumable(cfg: Config, ds: FieldDataset, path: Path, log_changes: bool = True) -> dict[str, list]:
+def check_resumable(cfg: Config, ds: FieldDataset | dict, path: Path, log_changes: bool = True) -> dict[str, list]:
     """Compare `cfg` with the config checkpoint `path` was written under: refuse (ValueError naming the keys and both
     values) what cannot load or would make it another run, log what changes; returns the changes by rule
     (`resume_changes`; empty for a checkpoint that recorded no config)."""
@@ -237,7 +237,7 @@ def check_resumable(cfg: Config, ds: FieldDataset, path: Path, log_changes: bool
         raise ValueError(f"--resume from {path}: the config differs in keys that cannot change on resume: {listed}. "
                          "Resume with the checkpoint's values, or start another run (another run.name, or "
                          "--overwrite to replace this one)")
-    now = dataset_identity(ds)
+    now = ds if isinstance(ds, dict) else dataset_identity(ds)
     if meta.get("dataset") and meta["dataset"] != now:
         differ = [k for k in now if meta["dataset"].get(k) != now[k]]
         raise ValueError(f"--resume from {path}: data.path {cfg.data.path!r} is not the dataset the run was trained "
@@ -262,16 +262,21 @@ class Trainer:
 
     def _build(self) -> None:
         cfg = self.cfg
-        # Validate everything that can be wrong with the inputs before anything is written.
-        checked, error = _capture(check_inputs, cfg, self.world_size)
-        if error is None:
-            self.dataset, self.train_stop = checked
-            error = self._verify_test_split()
+        self.spec = get_model_spec(cfg.model.name)
+        # Validate everything that can be wrong with the inputs before anything is written. The model's data come
+        # from a store (the default) or from its own source (a density sampler simulates its batches).
+        source_cls = self.spec.source_class()
+        self.source, self.dataset, self.train_stop = None, None, 0
+        if source_cls is None:
+            checked, error = _capture(check_inputs, cfg, self.world_size)
+            if error is None:
+                self.dataset, self.train_stop = checked
+                error = self._verify_test_split()
+        else:
+            self.source, error = _capture(source_cls, cfg, self.rank, self.world_size)
         agree_errors(error)
         ds = self.dataset
-
-        self.spec = get_model_spec(cfg.model.name)
-        self.data = data_spec(ds, self.device)
+        self.data = data_spec(ds, self.device) if self.source is None else self.source.data_spec(self.device)
         torch.manual_seed(cfg.run.seed)
         self.model = self.spec.build(cfg.model.params, self.data)
         example = self.spec.example_batch(self.data)
@@ -287,7 +292,7 @@ class Trainer:
         self.resume_from, error = _capture(lambda: self.checkpoints.latest() if self.resume else None)
         self.resume_changes: dict[str, list] = {}
         if error is None and self.resume_from is not None:
-            self.resume_changes, error = _capture(check_resumable, cfg, self.dataset, self.resume_from)
+            self.resume_changes, error = _capture(check_resumable, cfg, self.identity(), self.resume_from)
         agree_errors(error)
 
         example = self._example = {k: v.to(self.device) for k, v in example.items()}
@@ -298,10 +303,12 @@ class Trainer:
         self.ema = WeightEMA(cfg.ema, self.engine) if cfg.ema.kind != "none" else None
         # The model is built: from here each rank draws its own random numbers (a loss's noise, e.g. EDM's sigmas).
         torch.manual_seed(mixed_seed(cfg.run.seed, self.rank))
-        plan = ChunkShardPlan(self.train_stop, ds.chunk_size, self.world_size, self.rank, seed=cfg.run.seed,
-                              shuffle=cfg.data.shuffle, drop_last=cfg.data.drop_last,
-                              window_chunks=cfg.data.window_chunks)
-        if cfg.data.loader == "ray":
+        plan = None if ds is None else ChunkShardPlan(
+            self.train_stop, ds.chunk_size, self.world_size, self.rank, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
+            drop_last=cfg.data.drop_last, window_chunks=cfg.data.window_chunks)
+        if self.source is not None:
+            self.loader = self.source.loader()
+        elif cfg.data.loader == "ray":
             from data.ray_loader import RayShardedLoader
             self.loader = RayShardedLoader(ds, plan, cfg.data.batch_size, storage_options=cfg.data.storage_options,
                                            prefetch_batches=cfg.data.prefetch,
@@ -313,13 +320,17 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * len(self.loader)
         self.scheduler = self._build_scheduler()
         self.state = TrainState(self.world_size, self.world_size * cfg.data.batch_size, cfg.data.batch_size,
-                                run_meta={"config": cfg.to_dict(), "dataset": dataset_identity(ds)})
+                                run_meta={"config": cfg.to_dict(), "dataset": self.identity()})
         self.stop_requested = False
         self.eval_extra: dict = {}   # numbers an evaluate() override adds to summary.json
         self.peak_memory: dict[str, int] = {}   # this rank's parameters + gradients + optimizer state, in bytes
         self.metrics: MetricsLogger | None = None   # opened by train(), once the step to resume from is known
         if self.rank == 0:
             (cfg.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    def identity(self) -> dict:
+        """What the run trains on, recorded in checkpoints and compared on resume."""
+        return dataset_identity(self.dataset) if self.source is None else self.source.identity()
 
     def _verify_test_split(self) -> str | None:
         """Read this rank's share of the test chunks (checksums included): a bad one would surface only at the end."""
@@ -494,7 +505,7 @@ class Trainer:
         saved_batch = st.world_size * st.batch_size
         if batch == saved_batch and st.world_size == self.world_size:
             return
-        if not cfg.train.max_steps:   # the run is cfg.train.epochs epochs: count what is left in new steps
+        if not cfg.train.max_steps and self.dataset is not None:   # epochs of a store: count what is left in steps
             plan = self.loader.plan
             _, end = epoch_batches(plan, cfg.data.batch_size, self.loader.drop_last_batch)
             in_epoch = -(-max(0, end - plan.cursor) // cfg.data.batch_size)
@@ -534,13 +545,14 @@ class Trainer:
         while self.state.step < self.total_steps and not stopped:
             epoch_at_start = self.loader.state_dict()["epoch"]
             t_ready = time.perf_counter()
-            for x, y in self.loader:
+            for item in self.loader:   # (x, y) from a store's loader, or a dict from a model's own source
+                batch = item if isinstance(item, dict) else {"x": item[0], "y": item[1]}
                 t0 = time.perf_counter()
-                loss = self.train_step({"x": x, "y": y})
+                loss = self.train_step(batch)
                 data_wait, step_time = t0 - t_ready, time.perf_counter() - t0
                 waited, stepped = waited + data_wait, stepped + step_time
                 self.state.step += 1
-                self.state.samples_seen += len(x) * self.world_size
+                self.state.samples_seen += len(next(iter(batch.values()))) * self.world_size
                 window.append(loss)
                 if self.engine.stats is not None:
                     sent, full = self.engine.stats.reset()
@@ -585,7 +597,8 @@ class Trainer:
             "preempted": preempted and self.state.step < self.total_steps,
             "epochs": self.state.samples_seen / (self.loader.plan.samples_per_rank * self.world_size),
             "world_size": self.world_size, "train_samples": self.train_stop,
-            "test_samples": self.dataset.num_samples - self.train_stop, "train_loss": train_loss,
+            "test_samples": 0 if self.dataset is None else self.dataset.num_samples - self.train_stop,
+            "train_loss": train_loss,
             "test_rel_l2": test_l2, "wall_time_s": time.perf_counter() - t_start,
             "data_wait_share": waited / max(waited + stepped, 1e-12),
             "grad_bytes_per_step": bytes_per_step, "compression_ratio": ratio, "skipped_steps": self.state.skipped_steps,
