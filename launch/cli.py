@@ -2,6 +2,7 @@
 
     fieldtrain train CONFIG [--set section.key=value ...] [--nproc N] [--resume | --overwrite]
     fieldtrain demo [diffusion] [--out runs/demo] [--nproc 2]
+    fieldtrain sampler train CONFIG [--nproc N] [--set ...];  fieldtrain sampler eval RUN
     fieldtrain sample RUN_OR_CHECKPOINT --n N --out URL [--cond URL] [--sampler S] [--steps K] [--workers W] [...]
     fieldtrain data generate darcy --n N --res R --out URL [--seed S] [--chunk-size C] [--workers W]
     fieldtrain data inspect URL
@@ -117,6 +118,47 @@ def cmd_sample(args: argparse.Namespace) -> int:
             table.append(("observed (DPS)", f"{args.observe:.1%} of grid points, zeta {args.zeta}"))
         table += [("figures", ", ".join(result["figures"])), ("report", str(report / "eval.json"))]
     print_table(table)
+    return 0
+
+
+def cmd_sampler_train(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+    name = load_config(args.config, args.set).model.name
+    if name != "density_sampler":
+        raise ValueError(f"{args.config}: model.name = {name!r}; `fieldtrain sampler train` trains density samplers "
+                         "(model.name = 'density_sampler'); `fieldtrain train` trains the rest")
+    return cmd_train(args)
+
+
+def cmd_sampler_eval(args: argparse.Namespace) -> int:
+    """The estimates of a finished (or stopped) run from its latest checkpoint, in one process."""
+    from trainer.config import config_from_dict, migrate_config_dict
+    from trainer.density.trainer import DensityTrainer
+    run = Path(args.run)
+    if not (run / "config.json").is_file():
+        raise ValueError(f"{run}: not a run directory (no config.json)")
+    cfg = config_from_dict(migrate_config_dict(json.loads((run / "config.json").read_text())))
+    if cfg.model.name != "density_sampler":
+        raise ValueError(f"{run}: model.name = {cfg.model.name!r}; not a density sampler")
+    cfg.run.out_dir, cfg.run.name = str(run.parent), run.name
+    trainer = DensityTrainer(cfg, resume=True)
+    try:
+        if trainer.restore() is None:
+            raise ValueError(f"{run}: no checkpoint to evaluate")
+        trainer.total_steps = trainer.state.step   # the figure is drawn for the checkpoint's step
+        trainer.evaluate()
+    finally:
+        trainer.close()
+    r = trainer.eval_extra
+    rows = [("target", f"{cfg.model.params.target} (d = {trainer.data.input_shape[0]}, log Z = {r['log_z']})"),
+            ("method", cfg.model.params.method), ("step", str(trainer.state.step)),
+            ("ELBO", f"{r['elbo']:.4f}"), ("importance-weighted log Z", f"{r['iw_log_z']:.4f}")]
+    rows += [("EUBO", f"{r['eubo']:.4f}"), ("W2^2 to exact samples", f"{r['w2_squared']:.4f}")] if "eubo" in r else []
+    rows += [("|ELBO - log Z|", f"{r['log_z_error']:.4f}"),
+             ("|IW log Z - log Z|", f"{r['iw_log_z_error']:.4f}")] if "log_z_error" in r else []
+    rows += [("ESS", f"{r['ess']:.4f}"), ("samples", str(r["eval_samples"])),
+             ("figure", str(run / "figures" / "samples.png"))]
+    print_table(rows)
     return 0
 
 
@@ -304,16 +346,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fieldtrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
+    def train_arguments(t: argparse.ArgumentParser) -> None:
+        t.add_argument("config")
+        t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=1e-3")
+        t.add_argument("--nproc", type=int, default=0, help="spawn this many local ranks (torchrun)")
+        t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+        t.add_argument("--overwrite", action="store_true",
+                       help="replace a previous run in the same run directory (its checkpoints, metrics and logs)")
+        t.add_argument("--stop-after-step", type=int, default=0, metavar="N",
+                       help="checkpoint and stop after step N (a staged run; --resume continues it)")
+
     t = sub.add_parser("train", help="train from a TOML config")
-    t.add_argument("config")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=1e-3")
-    t.add_argument("--nproc", type=int, default=0, help="spawn this many local ranks (torchrun)")
-    t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
-    t.add_argument("--overwrite", action="store_true",
-                   help="replace a previous run in the same run directory (its checkpoints, metrics and logs)")
-    t.add_argument("--stop-after-step", type=int, default=0, metavar="N",
-                   help="checkpoint and stop after step N (a staged run; --resume continues it)")
+    train_arguments(t)
     t.set_defaults(func=cmd_train)
+
+    sampler = sub.add_parser("sampler", help="diffusion samplers of unnormalised densities (PIS, DDS, TB, VarGrad)"
+                             ).add_subparsers(dest="sampler_command", required=True)
+    st = sampler.add_parser("train", help="train a sampler from a TOML config (model.name = 'density_sampler')")
+    train_arguments(st)
+    st.set_defaults(func=cmd_sampler_train)
+    se = sampler.add_parser("eval", help="estimate log Z (ELBO, importance-weighted, EUBO), ESS and W2 of a run")
+    se.add_argument("run", help="the run directory")
+    se.set_defaults(func=cmd_sampler_eval)
 
     d = sub.add_parser("demo", help="generate Darcy data and train an FNO (or, `demo diffusion`, an EDM) on 2 ranks")
     d.add_argument("kind", nargs="?", default="fno", choices=["fno", "diffusion"])

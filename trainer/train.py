@@ -85,6 +85,11 @@ def read_run_meta(path: str | Path) -> dict | None:
     return json.loads(holder["trainer"]["run_meta"])
 
 
+def batch_rows(batch: Batch) -> int:
+    """Samples in a batch: its "n" entry (a simulated batch: trajectories), else its tensors' leading size."""
+    return int(batch["n"]) if "n" in batch else len(next(iter(batch.values())))
+
+
 def batch_lr_scale(optimizer: str, global_batch: int, reference_batch: int) -> float:
     """Learning-rate factor when the global batch changes from `reference_batch` to `global_batch`.
 
@@ -110,10 +115,11 @@ class MetricsLogger:
     """
 
     COLUMNS = ("step", "epoch", "train_loss", "test_rel_l2", "lr", "step_time_s", "data_wait_s", "bytes_per_step",
-               "compression_ratio", "skipped_steps", "test_crps", "test_spread_skill", "test_spectrum_error")
+               "compression_ratio", "skipped_steps")
 
-    def __init__(self, run_dir: Path, enabled: bool, start_step: int = 0):
+    def __init__(self, run_dir: Path, enabled: bool, start_step: int = 0, extra_columns: tuple[str, ...] = ()):
         self.enabled = enabled
+        self.COLUMNS = self.COLUMNS + tuple(extra_columns)
         self.rows: list[dict] = []
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
@@ -249,6 +255,8 @@ def check_resumable(cfg: Config, ds: FieldDataset | dict, path: Path, log_change
 
 
 class Trainer:
+    metric_columns: tuple[str, ...] = ()   # metrics.csv columns an evaluate() override logs beside the usual ones
+
     def __init__(self, cfg: Config, device: torch.device = torch.device("cpu"), resume: bool = False,
                  overwrite: bool = False):
         self.cfg, self.device, self.resume, self.overwrite = cfg, device, resume, overwrite
@@ -528,7 +536,8 @@ class Trainer:
     def _train(self, until_step: int | None) -> dict:
         cfg = self.cfg
         self.restore()
-        self.metrics = MetricsLogger(cfg.run_dir, enabled=self.rank == 0, start_step=self.state.step)
+        self.metrics = MetricsLogger(cfg.run_dir, enabled=self.rank == 0, start_step=self.state.step,
+                                     extra_columns=self.metric_columns)
         self._closing.callback(self.metrics.close)
         install_stop_handlers()
         pbar = None
@@ -552,7 +561,7 @@ class Trainer:
                 data_wait, step_time = t0 - t_ready, time.perf_counter() - t0
                 waited, stepped = waited + data_wait, stepped + step_time
                 self.state.step += 1
-                self.state.samples_seen += len(next(iter(batch.values()))) * self.world_size
+                self.state.samples_seen += batch_rows(batch) * self.world_size
                 window.append(loss)
                 if self.engine.stats is not None:
                     sent, full = self.engine.stats.reset()

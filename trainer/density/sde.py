@@ -22,7 +22,8 @@ The forward step is the DDS paper's exponential integrator: the time reversal of
 -beta x + 2 sigma^2 beta f, f = grad log(p_t / N(0, sigma^2 I)); holding f at f(t_k, x_k) and integrating the rest
 exactly over the step gives the mean above and the OU's own variance. The policy's drift is f (0: the reference).
 log N(x_0; 0, sigma^2 I) is added to log_pf[:, 0], so sum log p_F is the log density of the whole path. Memory of x_0
-fades as e^{-beta}: at beta = OU_BETA, e^-5 = 0.7%.
+fades as e^{-beta}: at beta = OU_BETA, e^-5 = 0.7%. beta is constant in time here (OU_BETA is our choice); the DDS
+code also offers cosine-shaped per-step schedules, not implemented.
 
 Off-policy exploration (Sendera et al. 2024; gfn-diffusion's add_expl_var) adds exploration_std^2 to every step's
 sampling variance; log p_F is the policy's density without it, so exploration moves the samples, not the objective.
@@ -86,9 +87,10 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor | float, var: torch.Te
     return -0.5 * ((x - mean) ** 2 / var + torch.log(2 * math.pi * var)).sum(-1)
 
 
-def _randn(shape, generator, like_dtype, device) -> torch.Tensor:
+def _randn(shape, generator, dtype, device) -> torch.Tensor:
+    # Drawn on the generator's device, so a CPU generator also serves a CUDA run.
     gen_device = device if generator is None else generator.device
-    return torch.randn(shape, generator=generator, dtype=like_dtype, device=gen_device).to(device)
+    return torch.randn(shape, generator=generator, dtype=dtype, device=gen_device).to(device)
 
 
 def _policy_step(policy: Policy, t: torch.Tensor, x: torch.Tensor, base_var: float):
@@ -103,33 +105,47 @@ def _policy_step(policy: Policy, t: torch.Tensor, x: torch.Tensor, base_var: flo
 
 def simulate_forward(policy: Policy, n: int, T: int, sigma: float, generator: torch.Generator | None = None,
                      exploration_std: float = 0.0, *, dim: int, reference: str = "brownian", ou_beta: float = OU_BETA,
-                     keep_graph: bool = False, dtype: torch.dtype | None = None, device=None) -> Trajectory:
+                     keep_graph: bool = False, dtype: torch.dtype | None = None, device=None,
+                     noise: Callable[[int], torch.Tensor] | None = None) -> Trajectory:
     """n trajectories x_0 -> x_T under the policy, with per-step log p_F and log p_B.
+
+    The standard normal noise is noise(k) (n, dim) for step k (k = -1: the OU start) when given (e.g. rows of a
+    global batch's noise, so trajectories do not depend on how a batch is split), else drawn from `generator`.
 
     keep_graph=False (TB, VarGrad, off-policy training): every state is detached, so gradients reach the policy only
     through log p_F of the given path. keep_graph=True (PIS, DDS): the path stays a differentiable function of the
     policy (reparameterised noise); exploration is then refused, since it would no longer sample the policy."""
     steps = _steps(reference, T, sigma, ou_beta)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"'n' = {n!r}; must be an integer >= 1")
+    for key, value in (("n", n), ("dim", dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key!r} = {value!r}; must be an integer >= 1")
     if not 0 <= exploration_std < math.inf:
         raise ValueError(f"'exploration_std' = {exploration_std!r}; must be >= 0")
     if keep_graph and exploration_std > 0:
         raise ValueError(f"'exploration_std' = {exploration_std!r} with keep_graph=True: the reparameterised "
                          f"objectives (PIS, DDS) need on-policy paths")
     dtype = dtype or torch.get_default_dtype()
+
+    def draw(k: int) -> torch.Tensor:
+        if noise is None:
+            return _randn((n, dim), generator, dtype, device)
+        z = noise(k)
+        if z.shape != (n, dim):
+            raise ValueError(f"'noise'({k}) has shape {tuple(z.shape)}; expected ({n}, {dim})")
+        return z.to(device=device, dtype=dtype)
+
     t = time_grid(T, dtype, device)
     if reference == "brownian":
         x = torch.zeros(n, dim, dtype=dtype, device=device)
         log_p0 = torch.zeros(n, dtype=dtype, device=device)
     else:
-        x = sigma * _randn((n, dim), generator, dtype, device)
+        x = sigma * draw(-1)
         log_p0 = gaussian_log_prob(x, 0.0, float(sigma) ** 2)
     xs, log_pf, log_pb = [x], [], []
     for k in range(T):
         drift, var = _policy_step(policy, t[k].expand(n), x, steps.var)
         mean = steps.scale * x + steps.gain * drift
-        x_next = mean + torch.sqrt(var + exploration_std ** 2) * _randn(x.shape, generator, dtype, device)
+        x_next = mean + torch.sqrt(var + exploration_std ** 2) * draw(k)
         if not keep_graph:
             x_next = x_next.detach()
         log_pf.append(gaussian_log_prob(x_next, mean, var))

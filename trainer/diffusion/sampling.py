@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,12 +65,11 @@ def load_edm(path: str | Path, weights: str = "ema") -> tuple[EDMPrecond, dict]:
     data = DataSpec(tuple(ident["input_shape"]), tuple(ident["target_shape"]),
                     ChannelNormalizer.from_stats(norm["targets"]))
     model = get_model_spec("edm").build(cfg.model.params, data)
-    tmp = ckpt.parent / f".{ckpt.name}.flat.pt"
-    try:   # one file with every entry gathered whole (the models sampled here are small next to their optimizer)
-        dcp_to_torch_save(ckpt, tmp)
-        state = torch.load(tmp, weights_only=False)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # one file with every entry gathered whole (the models sampled here are small next to their optimizer), in a
+    # private temporary directory: ranks and Ray workers load the same checkpoint at once, and it may be read-only
+    with tempfile.TemporaryDirectory(prefix="fieldtrain-load-") as tmp:
+        dcp_to_torch_save(ckpt, Path(tmp) / "flat.pt")
+        state = torch.load(Path(tmp) / "flat.pt", weights_only=False)
     source, used = _weights(state, weights)
     _load_params(model, source, ckpt)
     model.eval()
@@ -202,7 +202,6 @@ class SampleJob:
 
     def _loaded(self):
         if "model" not in self._cache:
-            torch.set_num_threads(max(1, torch.get_num_threads()))
             self._cache["model"] = load_edm(self.checkpoint, self.weights)
         return self._cache["model"]
 

@@ -25,6 +25,8 @@ from trainer.train import Trainer
 
 
 class DiffusionTrainer(Trainer):
+    metric_columns = ("test_crps", "test_spread_skill", "test_spectrum_error")
+
     @torch.no_grad()
     def evaluate(self) -> float:
         core = unwrap_edm(self.model)

@@ -1,0 +1,125 @@
+"""Diffusion samplers of unnormalised densities trained by the Trainer (trainer/density/model.py, trainer.py): the
+global batch split over ranks, exact resume, the engines, the bounds on log Z, bad input, `fieldtrain sampler`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import REPO, fieldtrain
+from test_comm import assert_consistent, run_losses, run_ranks
+
+CONFIG = str(REPO / "configs" / "gmm25_tb.toml")
+TINY = ["model.density_sampler.T=10", "model.density_sampler.width=16", "model.density_sampler.eval_samples=64",
+        "train.progress=false", "train.log_every=1", "train.eval_every=0", "train.ckpt_every=0", "optim.lr=1e-2"]
+
+
+def sets(*overrides: str) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+@pytest.mark.parametrize("sets_, says", [
+    (["model.density_sampler.method=ddpm"], "'model.density_sampler.method' = 'ddpm'; allowed: 'pis', 'dds', 'tb'"),
+    (["model.density_sampler.T=0"], "'model.density_sampler.T' = 0; must be an integer >= 1"),
+    (["model.density_sampler.sigma=0.0"], "'model.density_sampler.sigma' = 0.0; must be > 0"),
+    (["model.density_sampler.method=pis"], "method 'pis' differentiates through on-policy paths"),
+])
+def test_bad_sampler_config_names_the_key(sets_, says):
+    from trainer.config import load_config
+    with pytest.raises(ValueError) as e:
+        load_config(CONFIG, sets_)
+    assert says in str(e.value), str(e.value)
+
+
+def test_bad_targets_are_refused_before_anything_is_written(tmp_path):
+    r = fieldtrain("sampler", "train", CONFIG, *sets(f"run.out_dir={tmp_path}", "model.density_sampler.target=nope"))
+    assert r.returncode == 2 and "'target.name' = 'nope'; allowed: 'gmm25'" in r.stderr, r.stderr[-2000:]
+    for fn, says in (("nan_density", "NaN"), ("wrong_shape", "shape")):
+        r = fieldtrain("sampler", "train", CONFIG, *sets(f"run.out_dir={tmp_path}",
+                                                         f"model.density_sampler.target=tests.user_targets:{fn}",
+                                                         "model.density_sampler.target_params={dim = 2}"))
+        assert r.returncode == 2 and f"target 'tests.user_targets:{fn}'" in r.stderr and says in r.stderr, \
+            r.stderr[-2000:]
+    assert not any(tmp_path.iterdir())
+    r = fieldtrain("sampler", "train", str(REPO / "configs" / "darcy_fno.toml"))
+    assert r.returncode == 2 and "trains density samplers" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory) -> dict:
+    """One SGD step on the global batch of 32 trajectories, as 1 x 32 and as 2 x 16 (and a short run per engine)."""
+    tmp = tmp_path_factory.mktemp("density_split")
+    base = [f"run.out_dir={tmp / 'runs'}", *TINY, "optim.name=sgd", "optim.momentum=0.0", "optim.lr=0.1"]
+    out = {}
+    for world, n in ((1, 32), (2, 16)):
+        runs = [{"name": f"{m}_{world}", "overrides": [f"model.density_sampler.method={m}", "train.max_steps=1",
+                                                        f"data.batch_size={n}"]
+                 + (["model.density_sampler.exploration_std=0.0"] if m == "pis" else [])}
+                for m in ("tb", "vargrad", "pis")]
+        out[world] = run_ranks(world, {"config": CONFIG, "base": base, "runs": runs}, tmp)
+    return out
+
+
+@pytest.mark.slow
+def test_the_global_batch_split_over_ranks_gives_the_same_step(split):
+    """Each row's noise is drawn for the global batch by (seed, step), so 1 x 32 and 2 x 16 simulate the same
+    trajectories; the engine averages the ranks' mean losses, i.e. the global mean, so one SGD step moves the
+    parameters by the same amount up to float32 rounding of sums taken in another order (~1e-7 relative)."""
+    for m in ("tb", "vargrad", "pis"):
+        a, b = split[1][f"{m}_1"]["params"][0], split[2][f"{m}_2"]["params"][0]
+        assert_consistent(split[2][f"{m}_2"], m)
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (m, (a - b).abs().max())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("density_runs")
+    base = [f"run.out_dir={tmp / 'runs'}", *TINY, "data.batch_size=32", "model.density_sampler.eval_samples=256"]
+    steps = ["train.max_steps=30"]
+    runs = [{"name": "tb", "overrides": steps},
+            {"name": "dds", "overrides": steps + ["model.density_sampler.method=dds",
+                                                  "model.density_sampler.exploration_std=0.0"]},
+            {"name": "vargrad_fsdp2", "overrides": steps + ["model.density_sampler.method=vargrad",
+                                                            "parallel.engine=fsdp2", "comm.compressor=int8"]},
+            {"name": "tb_z3", "overrides": steps + ["parallel.engine=deepspeed", "parallel.zero_stage=3"]},
+            {"name": "tb_staged", "overrides": steps, "stop_after": 15},
+            {"name": "tb_staged", "overrides": steps, "resume": True}]
+    results = run_ranks(2, {"config": CONFIG, "base": base, "runs": runs}, tmp)
+    results["runs_dir"] = tmp / "runs"
+    return results
+
+
+@pytest.mark.slow
+def test_samplers_train_under_the_engines_and_bound_log_z(trained):
+    for name in ("tb", "dds", "vargrad_fsdp2", "tb_z3"):
+        r = trained[name]
+        assert_consistent(r, name)
+        assert r["steps"] == 30 and r["skipped_steps"] == 0, name
+        # ELBO <= log Z <= EUBO for any sampler (Jensen, both ways); with 256 samples the Monte-Carlo error of each
+        # is far below the gaps of a 30-step sampler (measured > 1 nat)
+        assert r["elbo"] < r["log_z"] < r["eubo"], (name, r["elbo"], r["eubo"])
+        assert r["iw_log_z"] >= r["elbo"] and 0 < r["ess"] <= 1 and r["w2_squared"] > 0, name
+        assert (trained["runs_dir"] / name / "figures" / "samples.png").stat().st_size > 0
+    losses = run_losses(trained["runs_dir"] / "tb")
+    assert sum(losses[-5:]) < sum(losses[:5]), losses   # TB's loss starts at (log Z_theta + log w)^2 and falls
+
+
+@pytest.mark.slow
+def test_resume_is_bit_identical(trained):
+    a, b = trained["tb"], trained["tb_staged"]
+    assert b["steps"] == 30 and torch.equal(a["params"][0], b["params"][0])
+    assert run_losses(trained["runs_dir"] / "tb") == run_losses(trained["runs_dir"] / "tb_staged")
+    assert a["elbo"] == b["elbo"]
+
+
+@pytest.mark.slow
+def test_sampler_eval_reports_the_estimates(trained):
+    run = trained["runs_dir"] / "tb"
+    r = fieldtrain("sampler", "eval", str(run))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for row in ("ELBO", "EUBO", "|ELBO - log Z|", "ESS", "W2^2 to exact samples"):
+        assert row in r.stdout, r.stdout
+    saved = json.loads((run / "figures" / "eval.json").read_text())
+    assert saved["elbo"] == trained["tb"]["elbo"]   # the same noise, the same checkpoint: the same estimate

@@ -1,0 +1,224 @@
+"""A diffusion sampler of an unnormalised density as a registered model (`model.name = "density_sampler"`): a
+policy network and the objective that trains it, with a data source that simulates its batches.
+
+    [model]
+    name = "density_sampler"
+    [model.density_sampler]
+    target = "gmm25"          # trainer/density/targets.py, or "package.module:callable"
+    method = "tb"             # "pis", "dds", "tb", "vargrad"
+
+The whole simulation runs inside the module's forward (one forward per backward, as DDP, FSDP2 and ZeRO expect),
+and the step's noise is drawn for the global batch from a generator seeded by (seed, step), each rank taking its
+rows: a global batch of 300 gives the same trajectories, and so the same first-step gradient to rounding, on 1 rank
+x 300 or 2 x 150. The objectives are trainer/density/objectives.py's; the processes trainer/density/sde.py's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from trainer.compress.base import mixed_seed
+from trainer.density import objectives
+from trainer.density.sde import OU_BETA, simulate_backward, simulate_forward
+from trainer.density.targets import checked_log_prob, get_target
+from trainer.registry import Batch, DataSpec, ModelSpec, register_model
+
+METHODS = ("pis", "dds", "tb", "vargrad")
+REPARAMETERISED = ("pis", "dds")   # differentiate through the simulated path; on-policy only
+
+
+@dataclass
+class DensitySamplerConfig:
+    """[model.density_sampler] (Sendera et al. 2024, Sec. 5.1 and App. D, for the defaults)."""
+    target: str = "gmm25"
+    target_params: dict = field(default_factory=dict)
+    method: str = "tb"
+    T: int = 100                   # steps on [0, 1]
+    sigma: float = 1.0             # diffusion coefficient (sigma^2 = 5 for 25GMM, 1 for Funnel and Manywell)
+    width: int = 64
+    layers: int = 2                # hidden layers of the joint network
+    langevin: bool = False         # u = NN1(t, x) + NN2(t) * clip(grad log pi(x)) (PIS's parametrisation)
+    grad_clip: float = 1e4         # the Langevin term's clip
+    learned_variance: bool = False
+    exploration_std: float = 0.0   # off-policy noise (std) added to each step (TB, VarGrad), decayed linearly to 0
+    exploration_until: float = 0.5     # ... over this fraction of the run
+    log_z_scale: float = 100.0     # TB: log Z = scale * theta, so Adam moves log Z scale x lr per step (1e-1 at 1e-3)
+    eval_samples: int = 2000       # trajectories (and exact target samples) for the estimates
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"config key 'model.density_sampler.method' = {self.method!r}; allowed: "
+                             f"{', '.join(map(repr, METHODS))}")
+        for k in ("T", "width", "layers", "eval_samples"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"config key 'model.density_sampler.{k}' = {v!r}; must be an integer >= 1")
+        for k in ("sigma", "grad_clip", "log_z_scale"):
+            if not 0 < getattr(self, k) < math.inf:
+                raise ValueError(f"config key 'model.density_sampler.{k}' = {getattr(self, k)!r}; must be > 0")
+        if self.exploration_std < 0 or not 0 <= self.exploration_until <= 1:
+            raise ValueError("config keys 'model.density_sampler.exploration_std' (>= 0) and 'exploration_until' "
+                             f"(in [0, 1]): got {self.exploration_std!r}, {self.exploration_until!r}")
+        if self.exploration_std > 0 and self.method in REPARAMETERISED:
+            raise ValueError(f"config key 'model.density_sampler.exploration_std' = {self.exploration_std}: "
+                             f"method {self.method!r} differentiates through on-policy paths; exploration is for "
+                             "'tb' and 'vargrad'")
+
+    @property
+    def reference(self) -> str:
+        return "ou" if self.method == "dds" else "brownian"
+
+
+class TimeEmbedding(nn.Module):
+    """t in [0, 1] -> (n, dim): sinusoids of t at geometrically spaced frequencies, then a linear layer (PIS)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(1000.0), dim // 2)), persistent=False)
+        self.proj = nn.Linear(2 * (dim // 2), dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        a = t[:, None] * self.freqs[None].to(t.dtype)
+        return self.proj(torch.cat([a.sin(), a.cos()], 1))
+
+
+class Policy(nn.Module):
+    """PIS-style drift network: u(t, x) = Net([embed(t), MLP(x)]) (+ NN2(t) clip(grad log pi(x)) with Langevin);
+    the last layers start at zero, so training starts from the reference process."""
+
+    def __init__(self, dim: int, cfg: DensitySamplerConfig):
+        super().__init__()
+        w = cfg.width
+        self.t_embed = TimeEmbedding(w)
+        self.x_embed = nn.Sequential(nn.Linear(dim, w), nn.GELU(), nn.Linear(w, w))
+        layers = [nn.Linear(2 * w, w), nn.GELU()]
+        for _ in range(cfg.layers - 1):
+            layers += [nn.Linear(w, w), nn.GELU()]
+        out = nn.Linear(w, 2 * dim if cfg.learned_variance else dim)
+        nn.init.zeros_(out.weight), nn.init.zeros_(out.bias)
+        self.net = nn.Sequential(*layers, out)
+        self.langevin = None
+        if cfg.langevin:
+            last = nn.Linear(w, 1)
+            nn.init.zeros_(last.weight), nn.init.zeros_(last.bias)
+            self.langevin = nn.Sequential(TimeEmbedding(w), nn.GELU(), last)
+        self.learned_variance, self.grad_clip = cfg.learned_variance, cfg.grad_clip
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor, grad_log_pi=None):
+        h = self.net(torch.cat([self.t_embed(t), self.x_embed(x)], 1))
+        drift, log_var = (h.chunk(2, dim=1) if self.learned_variance else (h, None))
+        if self.langevin is not None:
+            g = grad_log_pi(x.detach()).clamp(-self.grad_clip, self.grad_clip)
+            drift = drift + self.langevin(t) * g
+        return drift, log_var
+
+
+class DensitySampler(nn.Module):
+    """The policy (and, for TB, log Z); forward simulates this rank's trajectories and returns their log-densities."""
+
+    def __init__(self, cfg: DensitySamplerConfig, target):
+        super().__init__()
+        self.cfg, self.target = cfg, target
+        self.policy = Policy(target.dim, cfg)
+        self.log_z_theta = nn.Parameter(torch.zeros(1)) if cfg.method == "tb" else None
+
+    def log_z(self) -> torch.Tensor | None:
+        return None if self.log_z_theta is None else self.cfg.log_z_scale * self.log_z_theta[0]
+
+    def drift(self, t: torch.Tensor, x: torch.Tensor):
+        return self.policy(t, x, self.target.grad_log_prob if self.cfg.langevin else None)
+
+    def forward(self, n: int, noise, exploration_std: float = 0.0, x1: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """n forward trajectories, step k's standard normal noise noise(k) (n, d) (k = -1: the OU start), or, given
+        x1, backward ones ending there (drawn from `generator`): per-trajectory sums of log p_F and log p_B,
+        log R(x_T) and x_T (and log Z for TB)."""
+        c = self.cfg
+        p = next(self.parameters())
+        dtype = p.dtype if p.is_floating_point() else torch.float32
+        if x1 is None:
+            traj = simulate_forward(self.drift, n, c.T, c.sigma, None, exploration_std, dim=self.target.dim,
+                                    reference=c.reference, ou_beta=OU_BETA, keep_graph=c.method in REPARAMETERISED,
+                                    dtype=dtype, device=p.device, noise=noise)
+        else:
+            traj = simulate_backward(self.drift, x1.to(dtype), c.T, c.sigma, generator, reference=c.reference,
+                                     ou_beta=OU_BETA)
+        x_T = traj.x[:, -1]
+        out = {"log_pf": traj.log_pf.sum(1), "log_pb": traj.log_pb.sum(1), "x": x_T,
+               "log_reward": checked_log_prob(self.target, x_T)}
+        if self.log_z_theta is not None:
+            out["log_z"] = self.log_z()
+        return out
+
+
+def unwrap(model: nn.Module) -> DensitySampler:
+    while not isinstance(model, DensitySampler):
+        model = model.module
+    return model
+
+
+# ---- the loss: one step of the configured objective --------------------------------------------------------------
+def global_noise(seed: int, step: int, first: int, n: int, global_n: int, dim: int):
+    """noise(k): rows [first, first + n) of the global batch's standard normal noise at step k of training step
+    `step` (each (seed, step, k) its own generator): the same trajectories however the batch is split over ranks."""
+    def noise(k: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(mixed_seed(seed, step, k + 1))
+        return torch.randn(global_n, dim, generator=g)[first:first + n]
+    return noise
+
+
+def exploration_at(cfg: DensitySamplerConfig, step: int, total: int) -> float:
+    """exploration_std decayed linearly to 0 at exploration_until x the run (Sendera et al. 2024, App. D)."""
+    if cfg.exploration_std == 0 or cfg.exploration_until == 0:
+        return 0.0
+    return cfg.exploration_std * max(0.0, 1 - step / (cfg.exploration_until * total))
+
+
+OBJECTIVES = {"tb": objectives.trajectory_balance_loss, "pis": objectives.pis_loss,
+              "dds": objectives.denoising_diffusion_sampler_loss}
+
+
+def sampler_loss(model: nn.Module, batch: Batch, data: DataSpec) -> tuple[torch.Tensor, dict]:
+    """The configured objective on this rank's rows of the step's global batch (batch: from SimulationSource)."""
+    core = unwrap(model)
+    c = core.cfg
+    b = {k: int(v) for k, v in batch.items()}
+    noise = global_noise(b["seed"], b["step"], b["first"], b["n"], b["global_n"], core.target.dim)
+    out = model(b["n"], noise, exploration_at(c, b["step"], b["total"]))
+    if c.method == "vargrad":   # the batch is the global one: its mean log w is taken over every rank's rows
+        loss = vargrad_global(out["log_pf"], out["log_pb"], out["log_reward"], b["global_n"])
+    else:
+        args = (out["log_pf"], out["log_pb"], out["log_reward"]) + ((out["log_z"],) if c.method == "tb" else ())
+        loss = OBJECTIVES[c.method](*args)
+    return loss, {"loss": loss.item()}
+
+
+def vargrad_global(log_pf: torch.Tensor, log_pb: torch.Tensor, log_reward: torch.Tensor, global_n: int) -> torch.Tensor:
+    """VarGrad over the global batch: mean over this rank's rows of (r_i - r_bar)^2, r = log p_F - log p_B - log R,
+    r_bar the global batch mean (detached: it has the variance's value and gradient, objectives.vargrad_loss), so
+    the ranks' losses averaged by the engine are the global batch variance."""
+    r = log_pf - log_pb - log_reward
+    total = r.detach().sum().reshape(1)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(total)
+    return ((r - total / global_n) ** 2).mean()
+
+
+# ---- registration (trainer/registry.py) ----------------------------------------------------------------------------
+def _build(cfg: DensitySamplerConfig, data: DataSpec) -> DensitySampler:
+    return DensitySampler(cfg, get_target(cfg.target, **cfg.target_params))
+
+
+def _example_batch(data: DataSpec) -> Batch:
+    return {k: torch.tensor(v) for k, v in dict(seed=0, step=0, total=1, first=0, n=2, global_n=2).items()}
+
+
+register_model(ModelSpec(
+    name="density_sampler", config=DensitySamplerConfig, check=lambda cfg, data: None, build=_build, loss=sampler_loss,
+    evaluate=lambda model, batch, data: torch.zeros(0), example_batch=_example_batch,
+    shard_units=lambda model: [model.policy.t_embed, model.policy.x_embed, model.policy.net],
+    trainer="trainer.density.trainer:DensityTrainer", source="trainer.density.trainer:SimulationSource"))
