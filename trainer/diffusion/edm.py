@@ -208,7 +208,7 @@ class EDMConfig:
             raise ValueError(f"config key 'model.edm.eval_sampler' = {self.eval_sampler!r}; allowed: "
                              f"{', '.join(map(repr, SAMPLERS))}")
         from trainer.registry import MODELS
-        import trainer.models  # noqa: F401
+        import trainer.models  # noqa: F401  (registers the built-in models)
         backbones = [n for n, s in MODELS.items() if s.backbone is not None]
         if self.backbone not in backbones:
             raise ValueError(f"config key 'model.edm.backbone' = {self.backbone!r}; allowed: "

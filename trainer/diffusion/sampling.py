@@ -11,7 +11,6 @@ statistics); `SampleJob` decodes to physical units before it writes.
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
