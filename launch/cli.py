@@ -241,7 +241,7 @@ def cmd_demo_diffusion(args: argparse.Namespace) -> int:
         print(f"training failed (exit code {rc})", file=sys.stderr)
         return rc
     s = json.loads((run_dir / "summary.json").read_text())
-    n_test, conditions, members = s["test_samples"], 16, 8
+    n_test, conditions, members = s["test_samples"], 12, 8
     job = SampleJob(str(find_checkpoint(run_dir)), num_rows=min(conditions, n_test), chunk_size=4, members=members,
                     sampler="dpmpp_2m", steps=10, cond_url=str(store), cond_start=s["train_samples"])
     samples = run_dir / "samples.zarr"

@@ -1,0 +1,96 @@
+"""Diffusion samplers of unnormalised densities: |log Z_hat - log Z|, the importance-weighted gap and W2^2 for each
+method on 25GMM, Funnel and Manywell, beside the published numbers (Sendera et al. 2024, Table 1).
+
+    python bench/density.py --out bench/results/density                 # reduced budget (minutes; what CI can run)
+    python bench/density.py --out DIR --full --nproc 2                   # the published budget (hours per run here)
+
+Each row is a real `fieldtrain sampler train` run (configs/gmm25_tb.toml with the target, method and budget set by
+--set), then its summary's estimates. The reduced budget is NOT the published one (fewer steps, iterations and
+trajectories): its errors are not comparable with the paper's and are printed beside them only to show where the
+runs stand. Writes density_bench.json / .csv and prints a table, saying how many ranks shared how many cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "gmm25_tb.toml"
+# Sendera et al. 2024, Table 1: |log Z_hat - log Z| (ELBO estimate), mean of 5 runs; 25GMM / Funnel / Manywell
+PUBLISHED = {"pis": (1.769, 0.534, 3.85), "dds": (1.760, 0.424, 7.36), "tb": (1.176, 0.690, 4.01),
+             "tb_expl": (0.560, 0.749, 4.01), "vargrad_expl": (0.615, 0.642, 4.01)}
+BEST = {"gmm25": 0.171, "funnel": 0.424, "manywell": 3.85}
+TARGETS = {"gmm25": 5.0 ** 0.5, "funnel": 1.0, "manywell": 1.0}     # target -> sigma (sigma^2 = 5, 1, 1)
+METHODS = {"pis": ["model.density_sampler.method=pis"], "dds": ["model.density_sampler.method=dds"],
+           "tb": ["model.density_sampler.method=tb"],
+           "tb_expl": ["model.density_sampler.method=tb", "model.density_sampler.exploration_std=0.4472135954999579"],
+           "vargrad_expl": ["model.density_sampler.method=vargrad",
+                            "model.density_sampler.exploration_std=0.4472135954999579"]}
+REDUCED = {"T": 20, "steps": 300, "batch": 64, "eval_samples": 500}
+FULL = {"T": 100, "steps": 25000, "batch": 300, "eval_samples": 2000}
+
+
+def run(target: str, method: str, budget: dict, out: Path, nproc: int) -> dict:
+    sets = [f"run.out_dir={out / 'runs'}", f"run.name={target}_{method}", f"model.density_sampler.target={target}",
+            f"model.density_sampler.sigma={TARGETS[target]}", f"model.density_sampler.T={budget['T']}",
+            f"train.max_steps={budget['steps']}", f"data.batch_size={budget['batch'] // nproc}",
+            f"model.density_sampler.eval_samples={budget['eval_samples']}", "train.progress=false",
+            f"train.eval_every={budget['steps']}", f"train.ckpt_every={budget['steps']}",
+            "model.density_sampler.exploration_std=0.0", *METHODS[method]]
+    cmd = [sys.executable, "-m", "launch.cli", "sampler", "train", str(CONFIG), "--overwrite",
+           *(["--nproc", str(nproc)] if nproc > 1 else []), *[a for s in sets for a in ("--set", s)]]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        return {"target": target, "method": method, "error": r.stderr[-600:], "wall_s": wall}
+    s = json.loads((out / "runs" / f"{target}_{method}" / "summary.json").read_text())
+    i = list(TARGETS).index(target)
+    return {"target": target, "method": method, "ranks": nproc, "wall_s": wall, "log_z": s["log_z"],
+            "elbo": s["elbo"], "eubo": s.get("eubo"), "log_z_error": s["log_z_error"],
+            "iw_log_z_error": s["iw_log_z_error"], "w2_squared": s.get("w2_squared"), "ess": s["ess"],
+            "published": PUBLISHED[method][i], "best_published": BEST[target]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--full", action="store_true", help="the published budget (T 100, 25k iterations, batch 300)")
+    p.add_argument("--nproc", type=int, default=1, help="ranks per run (the global batch is split over them)")
+    p.add_argument("--targets", default=",".join(TARGETS))
+    p.add_argument("--methods", default=",".join(METHODS))
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    budget = FULL if args.full else REDUCED
+    print(f"budget: {'published' if args.full else 'REDUCED (not comparable with the paper)'} {budget}; "
+          f"{args.nproc} rank(s) per run sharing {os.cpu_count()} cores, 1 thread each")
+    rows = []
+    for target in args.targets.split(","):
+        for method in args.methods.split(","):
+            row = run(target, method, budget, out, args.nproc)
+            rows.append(row)
+            print(json.dumps(row) if "error" in row else
+                  f"{target:9s} {method:13s} |ELBO-logZ| {row['log_z_error']:8.3f} (published {row['published']})  "
+                  f"|IW-logZ| {row['iw_log_z_error']:8.3f}  W2^2 {row['w2_squared'] or float('nan'):9.3f}  "
+                  f"ESS {row['ess']:.3f}  {row['wall_s']:.0f} s", flush=True)
+    (out / "density_bench.json").write_text(json.dumps({"budget": budget, "nproc": args.nproc,
+                                                         "cores": os.cpu_count(), "rows": rows}, indent=2))
+    keys = sorted({k for r in rows for k in r})
+    with (out / "density_bench.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {out / 'density_bench.json'} and .csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
