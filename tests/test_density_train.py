@@ -123,3 +123,17 @@ def test_sampler_eval_reports_the_estimates(trained):
         assert row in r.stdout, r.stdout
     saved = json.loads((run / "figures" / "eval.json").read_text())
     assert saved["elbo"] == trained["tb"]["elbo"]   # the same noise, the same checkpoint: the same estimate
+
+
+def test_langevin_parametrisation_adds_the_clipped_target_score():
+    """u = NN1(t, x) + NN2(t) clip(grad log pi(x)): with NN1's and NN2's last layers at zero the drift is 0 (the
+    reference process); with NN2's output set to 1 it is the target's score, clipped at grad_clip."""
+    from trainer.density.model import DensitySampler, DensitySamplerConfig
+    from trainer.density.targets import get_target
+    target = get_target("gaussian", mu=[3.0, -1.0], std=0.5, dim=2)
+    m = DensitySampler(DensitySamplerConfig(target="gaussian", langevin=True, grad_clip=5.0), target)
+    x, t = torch.tensor([[0.0, 0.0], [3.0, -1.0], [3.5, -1.0]]), torch.full((3,), 0.3)
+    assert torch.equal(m.drift(t, x)[0], torch.zeros(3, 2))
+    torch.nn.init.constant_(m.policy.langevin[-1].bias, 1.0)
+    score = (torch.tensor([3.0, -1.0]) - x) / 0.25          # grad log N(x; mu, 0.5^2 I)
+    assert torch.allclose(m.drift(t, x)[0], score.clamp(-5, 5))

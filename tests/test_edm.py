@@ -199,10 +199,10 @@ def engines(small_darcy, tmp_path_factory):
     zero = lambda s: ["parallel.engine=deepspeed", f"parallel.zero_stage={s}"]   # noqa: E731
     runs = [{"name": "ddp", "overrides": steps},
             {"name": "fsdp2", "overrides": steps + ["parallel.engine=fsdp2"]},
-            *[{"name": f"z{s}", "overrides": steps + zero(s)} for s in (1, 2, 3)],
+            *[{"name": f"z{s}", "overrides": steps + zero(s)} for s in (1, 3)],   # ZeRO-2 runs ZeRO-1's exchange
             {"name": "ddp_powersgd", "overrides": steps + ["comm.compressor=powersgd"]},
-            {"name": "fsdp2_int8", "overrides": steps + ["parallel.engine=fsdp2", "comm.compressor=int8"]},
             {"name": "z3_int8", "overrides": steps + zero(3) + ["comm.compressor=int8"]}]
+    # resume: DDP with error feedback, FSDP2's DTensor EMA shards, ZeRO-3's flat partitions of it
     for name, extra in (("ddp", ["comm.compressor=int8"]), ("fsdp2", ["parallel.engine=fsdp2"]), ("z3", zero(3))):
         o = steps + extra
         runs += [{"name": f"{name}_staged", "overrides": o, "stop_after": 8},
@@ -218,7 +218,7 @@ def engines(small_darcy, tmp_path_factory):
 
 @pytest.mark.slow
 def test_edm_trains_under_every_engine_and_compressor(engines):
-    for name in ("ddp", "fsdp2", "z1", "z2", "z3", "ddp_powersgd", "fsdp2_int8", "z3_int8"):
+    for name in ("ddp", "fsdp2", "z1", "z3", "ddp_powersgd", "z3_int8"):
         r = engines[name]
         assert_consistent(r, name)
         assert r["steps"] == 16 and r["skipped_steps"] == 0 and r["ema"] == "power", name
@@ -228,7 +228,7 @@ def test_edm_trains_under_every_engine_and_compressor(engines):
         assert sum(losses[-4:]) < 0.9 * sum(losses[:4]), (name, losses)
         assert math.isfinite(r["test_crps"]) and 0 < r["test_rel_l2"] < 1, (name, r["test_rel_l2"])
     # fp32 sharded engines run DDP's arithmetic (test_fsdp2.py / test_deepspeed.py tolerances): same trajectory
-    for name in ("fsdp2", "z1", "z2", "z3"):
+    for name in ("fsdp2", "z1", "z3"):
         assert_parity(engines, engines["runs_dir"], "ddp", name, exact=False, trains=False)
 
 
