@@ -86,6 +86,10 @@ def trained(tmp_path_factory) -> dict:
             {"name": "tb_z3", "overrides": steps + ["parallel.engine=deepspeed", "parallel.zero_stage=3"]},
             {"name": "tb_staged", "overrides": steps, "stop_after": 15},
             {"name": "tb_staged", "overrides": steps, "resume": True}]
+    ls = steps + ["model.density_sampler.local_search=true", "model.density_sampler.buffer_size=256",
+                  "model.density_sampler.ls_every=10", "model.density_sampler.ls_steps=5"]
+    runs += [{"name": "tb_ls", "overrides": ls}, {"name": "tb_ls_staged", "overrides": ls, "stop_after": 15},
+             {"name": "tb_ls_staged", "overrides": ls, "resume": True}]
     results = run_ranks(2, {"config": CONFIG, "base": base, "runs": runs}, tmp)
     results["runs_dir"] = tmp / "runs"
     return results
@@ -112,6 +116,19 @@ def test_resume_is_bit_identical(trained):
     assert b["steps"] == 30 and torch.equal(a["params"][0], b["params"][0])
     assert run_losses(trained["runs_dir"] / "tb") == run_losses(trained["runs_dir"] / "tb_staged")
     assert a["elbo"] == b["elbo"]
+
+
+@pytest.mark.slow
+def test_local_search_trains_from_a_checkpointed_replay_buffer(trained):
+    """Every other step trains on backward trajectories from the buffer (TB + local search, Sendera et al. 2024);
+    the buffer (each rank's shard) is in the checkpoint, so a resumed run is still the same run bit for bit."""
+    a, b = trained["tb_ls"], trained["tb_ls_staged"]
+    assert_consistent(a, "tb_ls")
+    assert a["steps"] == b["steps"] == 30 and a["skipped_steps"] == 0
+    assert torch.equal(a["params"][0], b["params"][0])
+    assert run_losses(trained["runs_dir"] / "tb_ls") == run_losses(trained["runs_dir"] / "tb_ls_staged")
+    assert not torch.equal(a["params"][0], trained["tb"]["params"][0])   # the buffer steps changed the training
+    assert a["elbo"] < a["log_z"] < a["eubo"]
 
 
 @pytest.mark.slow

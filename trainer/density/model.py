@@ -47,6 +47,14 @@ class DensitySamplerConfig:
     exploration_std: float = 0.0   # off-policy noise (std) added to each step (TB, VarGrad), decayed linearly to 0
     exploration_until: float = 0.5     # ... over this fraction of the run
     log_z_scale: float = 100.0     # TB: log Z = scale * theta, so Adam moves log Z scale x lr per step (1e-1 at 1e-3)
+    # Sendera et al.'s local search (TB only): every other step trains on backward trajectories from a replay buffer
+    # (sharded over ranks, checkpointed) of the policy's samples, refreshed every ls_every steps by ls_steps of MALA
+    local_search: bool = False
+    buffer_size: int = 600000
+    ls_every: int = 100
+    ls_steps: int = 200
+    ls_step_size: float = 0.1
+    ls_target_acceptance: float = 0.574   # MALA's optimal acceptance (Roberts & Rosenthal 1998); the step adapts
     eval_samples: int = 2000       # trajectories (and exact target samples) for the estimates
 
     def __post_init__(self):
@@ -63,6 +71,12 @@ class DensitySamplerConfig:
         if self.exploration_std < 0 or not 0 <= self.exploration_until <= 1:
             raise ValueError("config keys 'model.density_sampler.exploration_std' (>= 0) and 'exploration_until' "
                              f"(in [0, 1]): got {self.exploration_std!r}, {self.exploration_until!r}")
+        if self.local_search and self.method != "tb":
+            raise ValueError(f"config key 'model.density_sampler.local_search' = true needs method 'tb' (off-policy "
+                             f"training on buffer samples); got {self.method!r}")
+        for k in ("buffer_size", "ls_every", "ls_steps"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"config key 'model.density_sampler.{k}' = {getattr(self, k)!r}; must be >= 1")
         if self.exploration_std > 0 and self.method in REPARAMETERISED:
             raise ValueError(f"config key 'model.density_sampler.exploration_std' = {self.exploration_std}: "
                              f"method {self.method!r} differentiates through on-policy paths; exploration is for "
@@ -125,6 +139,8 @@ class DensitySampler(nn.Module):
         self.cfg, self.target = cfg, target
         self.policy = Policy(target.dim, cfg)
         self.log_z_theta = nn.Parameter(torch.zeros(1)) if cfg.method == "tb" else None
+        self.buffer = None        # trainer.density.buffer.ReplayBuffer, set by DensityTrainer with local search
+        self.pending = None       # (x_T, log R) of the last step's forward trajectories, for the buffer
 
     def log_z(self) -> torch.Tensor | None:
         return None if self.log_z_theta is None else self.cfg.log_z_scale * self.log_z_theta[0]
@@ -187,8 +203,15 @@ def sampler_loss(model: nn.Module, batch: Batch, data: DataSpec) -> tuple[torch.
     core = unwrap(model)
     c = core.cfg
     b = {k: int(v) for k, v in batch.items()}
-    noise = global_noise(b["seed"], b["step"], b["first"], b["n"], b["global_n"], core.target.dim)
-    out = model(b["n"], noise, exploration_at(c, b["step"], b["total"]))
+    core.pending = None
+    if core.buffer is not None and b["step"] % 2 == 1 and len(core.buffer) > 0:   # off-policy: from the buffer
+        g = torch.Generator().manual_seed(mixed_seed(b["seed"], b["step"], b["first"]))
+        x1, _ = core.buffer.sample(b["n"], g)
+        out = model(b["n"], None, x1=x1, generator=g)
+    else:
+        noise = global_noise(b["seed"], b["step"], b["first"], b["n"], b["global_n"], core.target.dim)
+        out = model(b["n"], noise, exploration_at(c, b["step"], b["total"]))
+        core.pending = (out["x"].detach(), out["log_reward"].detach())
     if c.method == "vargrad":   # the batch is the global one: its mean log w is taken over every rank's rows
         loss = vargrad_global(out["log_pf"], out["log_pb"], out["log_reward"], b["global_n"])
     else:

@@ -94,6 +94,39 @@ class DensityTrainer(Trainer):
     metric_columns = ("eval_elbo", "eval_iw_log_z", "eval_eubo", "eval_ess", "eval_w2_squared", "eval_log_z_error",
                       "eval_iw_log_z_error")
 
+    def stateful(self) -> dict:
+        """With local search, the replay buffer (each rank's shard) is part of the checkpoint."""
+        buffer = self._buffer()
+        return {**super().stateful(), **({"buffer": buffer} if buffer is not None else {})}
+
+    def _buffer(self):
+        core = unwrap(self.model)
+        if core.cfg.local_search and core.buffer is None:
+            from trainer.density.buffer import ReplayBuffer
+            core.buffer = ReplayBuffer(core.cfg.buffer_size, core.target.dim, self.rank, self.world_size)
+        return core.buffer
+
+    def train_step(self, batch) -> float:
+        """The step, then (local search) its samples into the buffer, only when the step was applied on every rank
+        (a skipped step's samples may be the non-finite ones), and every ls_every steps MALA on buffer samples."""
+        skipped = self.state.skipped_steps
+        loss = super().train_step(batch)
+        core = unwrap(self.model)
+        buffer = self._buffer()
+        if buffer is None or core.pending is None or self.state.skipped_steps != skipped:
+            return loss
+        buffer.add(*core.pending)
+        step = int(batch["step"])
+        if step % core.cfg.ls_every == 0 and len(buffer) > 0:
+            from trainer.density.buffer import local_search
+            g = torch.Generator().manual_seed(mixed_seed(self.cfg.run.seed, step, self.rank, 11))
+            x, _ = buffer.sample(int(batch["n"]), g)
+            x, log_r, acceptance = local_search(core.target, x, core.cfg.ls_steps, core.cfg.ls_step_size, g,
+                                                target_acceptance=core.cfg.ls_target_acceptance)
+            buffer.add(x, log_r)
+            log.info("step %d: local search, %d MALA steps, acceptance %.3f", step, core.cfg.ls_steps, acceptance)
+        return loss
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """ELBO, importance-weighted log Z, EUBO (exact target samples pushed backwards, when the target has an
