@@ -324,6 +324,72 @@ def test_public_3m_weighting_is_only_second_order(gaussian):
     assert abs(fitted_order(ORDER_STEPS, errors) - 2) <= 0.2, errors
 
 
+# ---- lower_order_final -----------------------------------------------------------------------------------------
+LOWERED = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "unipc")
+
+
+def _fixed_noise(x, generator):
+    return torch.full_like(x, 0.3)
+
+
+@pytest.mark.parametrize("name", LOWERED)
+def test_lower_order_final_takes_a_first_order_last_step_below_15_steps(name, gaussian, monkeypatch):
+    """Below 15 steps the last step into sigma > 0 (j) is the first-order step from the x and D it starts from,
+    x_{j+1} = e^{-h} x_j + (1 - e^{-h}) D_j (2M SDE, eta = 1: e^{-2h} ... + s_{j+1} sqrt(1 - e^{-2h}) eps, eps
+    fixed here); the output is that or, on a schedule ending in 0, D(x_{j+1}; s_{j+1}). x_j and D_j come from the
+    callback (after step j - 1; at step j); 3M's x_1 also carries step 0's revision, UniPC's D_j is D at the
+    predicted point. On 3M the step before is its second-order step. Gaussian data: linear, so exact to rounding;
+    without lower_order_final the same checks fail (the test can see the difference)."""
+    monkeypatch.setattr(samplers, "_randn", _fixed_noise)
+    den, x0 = gaussian["den"], gaussian["x0"][:8]
+    for sigmas in (edm_sigmas(3), edm_sigmas(4), edm_sigmas(6), edm_sigmas(14), edm_sigmas(11)[:-1],
+                   logsnr_sigmas(9, 0.02, SIGMA_MAX)):
+        s = sigmas.tolist()
+        j = len(s) - 2 - (s[-1] == 0)
+        outs = {}
+        for lof in (True, False):
+            xs, ds = [], []
+
+            def record(i, x, sigma, denoised):
+                xs.append(x)
+                ds.append(denoised)
+            out = SAMPLERS[name](den, x0 * s[0] / SIGMA_MAX, sigmas, callback=record, lower_order_final=lof)
+            x_j, d_j, h = xs[j - 1], ds[j], math.log(s[j] / s[j + 1])
+            if name == "dpmpp_3m" and j == 1:
+                h0 = math.log(s[0] / s[1])
+                x_j = x_j + (h0 + math.expm1(-h0)) * (ds[1] - ds[0]) / h0
+            if name == "dpmpp_2m_sde":
+                step = (s[j + 1] / s[j]) * math.exp(-h) * x_j - math.expm1(-2 * h) * d_j \
+                    + s[j + 1] * math.sqrt(-math.expm1(-2 * h)) * 0.3
+            else:
+                step = math.exp(-h) * x_j - math.expm1(-h) * d_j
+            end = step if s[-1] > 0 else den(step, torch.full((len(x0),), s[j + 1], dtype=F64))
+            outs[lof] = rms(out, end) / rms(end, torch.zeros_like(end))
+            if name == "dpmpp_3m" and lof and j >= 3:         # step j - 1: order 2 (order 3 without the option)
+                x_p, d_p, h = xs[j - 2], ds[j - 1], math.log(s[j - 1] / s[j])
+                f1 = (d_p - ds[j - 2]) / math.log(s[j - 2] / s[j - 1])
+                second = math.exp(-h) * x_p - math.expm1(-h) * d_p + (h + math.expm1(-h)) * f1
+                assert torch.allclose(xs[j - 1], second, rtol=1e-12, atol=1e-12), s
+        assert outs[True] < 1e-13 and outs[False] > 1e-6, (s, outs)
+
+
+@pytest.mark.parametrize("name", LOWERED)
+def test_lower_order_final_changes_nothing_from_15_steps(name, mixture):
+    """From 15 steps (= NFE, the step into 0 included) the option is inactive: bit-identical results (the same
+    noise, for the SDE). At 14 it acts, and it is on by default."""
+    den, x0 = mixture["den"], mixture["x0"][:16]
+
+    def run(sigmas, **opts):
+        return SAMPLERS[name](den, x0 * sigmas[0].item() / SIGMA_MAX, sigmas,
+                              generator=torch.Generator().manual_seed(4), **opts)
+    for sigmas in (edm_sigmas(15), edm_sigmas(16)[:-1], logsnr_sigmas(15, 0.02, SIGMA_MAX), edm_sigmas(40)):
+        assert torch.equal(run(sigmas, lower_order_final=True), run(sigmas, lower_order_final=False))
+    for sigmas in (edm_sigmas(14), edm_sigmas(15)[:-1]):
+        lowered = run(sigmas, lower_order_final=True)
+        assert torch.equal(run(sigmas), run(sigmas, lower_order_final=False))   # off by default
+        assert not torch.equal(lowered, run(sigmas, lower_order_final=False))
+
+
 # ---- Heun's churn ----------------------------------------------------------------------------------------------
 def test_heun_without_churn_is_edm_algorithm_1_bit_for_bit(mixture):
     """'Bit for bit' here: S_churn = 0, and churn switched on but with gamma_i = 0 at every level (S_tmin above

@@ -17,6 +17,17 @@ and a method of order p replaces D by its interpolating polynomial through the l
 Into sigma = 0 (lambda = inf) every sampler takes the first-order step x = D(x; sigma_i), which is also Euler's step
 (EDM Algorithms 1 and 2 do the same); its error is O(sigma_i^2) (the flow is smooth in sigma^2), not a function of
 the step count when sigma_min is fixed. Multistep methods start with lower orders (no extra denoiser calls).
+
+lower_order_final (2M, 2M SDE, 3M, UniPC; off by default: measured mixed, docs/diffusion.md), after diffusers' DPMSolverMultistepScheduler and
+UniPCMultistepScheduler: on a schedule of fewer than LOWER_ORDER_FINAL_BELOW = 15 steps (steps = len(sigmas) - 1,
+the into-zero step included, i.e. the NFE), the last step into a level > 0 is first order and the one before it at
+most second order (matters for 3M only; 2M and UniPC's predictor are at most second order anyway). Which steps:
+counted from the last step into sigma > 0, since the step into 0 already is x = D; that is diffusers' rule in its
+final_sigmas_type 'sigma_min' form (for which the option was made), followed by the denoising step. (In diffusers'
+'zero' form the step into 0 itself is the lowered final step, so there 2M is unaffected and 3M only takes order 2
+on the step before it.) The option guards short schedules whose last steps are much longer in lambda than the ones
+before, where extrapolating from the previous D overshoots (EDM's rho = 7 with 3 steps: 80 -> 2.5 -> 0.002 -> 0,
+whose second step would extrapolate from D(80)). At 15 steps or more it changes nothing, bit for bit.
 """
 
 from __future__ import annotations
@@ -32,8 +43,20 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, torch.Tensor, float, torch.Tensor], torch.Tensor | None]
 
 
+LOWER_ORDER_FINAL_BELOW = 15   # diffusers' `len(timesteps) < 15`
+
+
 def _levels(sigmas) -> list[float]:
     return check_sigmas(sigmas).tolist()
+
+
+def _last_lowered(s: list[float], lower_order_final: bool) -> int:
+    """Index of the step that lower_order_final makes first order: the last step into a level > 0, if the
+    schedule has fewer than LOWER_ORDER_FINAL_BELOW steps; else -2 (no step is, nor the one before it)."""
+    n = len(s) - 1
+    if not lower_order_final or n >= LOWER_ORDER_FINAL_BELOW:
+        return -2
+    return n - 1 - (s[-1] == 0)
 
 
 def _full(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -99,15 +122,17 @@ def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas, *, generator: torch
 
 
 def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas, *, generator: torch.Generator | None = None,
-                    callback: Callback | None = None) -> torch.Tensor:
+                    callback: Callback | None = None, lower_order_final: bool = False) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): with r = h_{i-1} / h_i,
-    x_{i+1} = (s_{i+1}/s_i) x_i + (1 - e^{-h}) ((1 + 1/(2r)) D_i - 1/(2r) D_{i-1}); the first step is first order.
+    x_{i+1} = (s_{i+1}/s_i) x_i + (1 - e^{-h}) ((1 + 1/(2r)) D_i - 1/(2r) D_{i-1}); the first step is first order,
+    and so is the last step into sigma > 0 under lower_order_final (fewer than 15 steps, see the module docstring).
     It is the SDE form below with eta = 0 (no noise drawn)."""
-    return sample_dpmpp_2m_sde(denoiser, x, sigmas, generator=generator, callback=callback, eta=0.0)
+    return sample_dpmpp_2m_sde(denoiser, x, sigmas, generator=generator, callback=callback, eta=0.0,
+                               lower_order_final=lower_order_final)
 
 
 def sample_dpmpp_3m(denoiser: Denoiser, x: torch.Tensor, sigmas, *, generator: torch.Generator | None = None,
-                    callback: Callback | None = None) -> torch.Tensor:
+                    callback: Callback | None = None, lower_order_final: bool = False) -> torch.Tensor:
     """DPM-Solver++(3M) (Lu et al. 2022, multistep, third order), D interpolated in lambda through D_i, D_{i-1},
     D_{i-2} (Newton form, divided differences f1 = D[i, i-1], f2 = D[i, i-1, i-2]; h1, h2 the previous steps):
         x_{i+1} = e^{-h} x_i + C_0 D_i + C_1 (f1 + h1 f2) + 2 C_2 f2.
@@ -115,8 +140,11 @@ def sample_dpmpp_3m(denoiser: Denoiser, x: torch.Tensor, sigmas, *, generator: t
     (x_1 += C_1 (D_1 - D_0) / h_0, trapezoidal, no extra call): a first-order start alone leaves an O(h^2) global
     error, order 2 for the whole run (measured). The 2 on C_2 matters too: the public dpm-solver and k-diffusion
     code weights its D2 = h^2 f2 by -phi_3 = C_2 / h^2, half of this, an O(h^3) local error (also order 2).
+    lower_order_final (fewer than 15 steps): the last step into sigma > 0 is first order, the one before it second
+    order (step 0's revision is kept: it interpolates between D_0 and D_1, it does not extrapolate).
     """
     s = _levels(sigmas)
+    last = _last_lowered(s, lower_order_final)
     hist: list[tuple[float, torch.Tensor]] = []       # (lambda, D) of the previous steps, newest first
     c1_first = 0.0
     for i in range(len(s) - 1):
@@ -133,10 +161,10 @@ def sample_dpmpp_3m(denoiser: Denoiser, x: torch.Tensor, sigmas, *, generator: t
             x_next = math.exp(-h) * x + c0 * d
             if not hist:
                 c1_first = c1
-            else:
+            elif i != last:
                 h1 = lam - hist[0][0]
                 f1 = (d - hist[0][1]) / h1
-                if len(hist) == 1:
+                if len(hist) == 1 or i == last - 1:
                     x_next = x_next + c1 * f1
                 else:
                     h2 = hist[0][0] - hist[1][0]
@@ -148,7 +176,7 @@ def sample_dpmpp_3m(denoiser: Denoiser, x: torch.Tensor, sigmas, *, generator: t
 
 
 def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas, *, generator: torch.Generator | None = None,
-                 callback: Callback | None = None) -> torch.Tensor:
+                 callback: Callback | None = None, lower_order_final: bool = False) -> torch.Tensor:
     """UniPC (Zhao et al. 2023), data prediction, B(h) = e^h - 1 ("bh2"), predictor of order 2 + corrector (UniC).
 
     With hh = -h, B = e^{hh} - 1, b_1 = (e^{hh} - 1 - hh) / (hh B), b_2 = 2 (e^{hh} - 1 - hh - hh^2/2) / (hh^2 B),
@@ -159,10 +187,13 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas, *, generator: torc
     D_t is the next step's D_i (the corrected x is not re-evaluated), so the corrector costs no call; on the last
     step it is skipped, as it would cost one. Order 3 (the predictor's 2 plus one from the corrector). Into sigma = 0
     the step is x = D_i, taken at the previous step's predicted point: that step's correction is lost, a negligible
-    amount at the small sigmas where schedules end.
+    amount at the small sigmas where schedules end. lower_order_final (fewer than 15 steps): the last step into
+    sigma > 0 is taken as a first step (UniP-1 = x_lin, UniC-1 with rho_t = 1/2), as diffusers' UniPC does on its
+    final step (which diffusers lowers at any step count; here only below 15, so longer runs are unchanged).
     """
     s = _levels(sigmas)
     n = len(s) - 1
+    last = _last_lowered(s, lower_order_final)
     d = denoiser(x, _full(x, s[0]))
     d_prev = lam_prev = None
     for i in range(n):
@@ -172,7 +203,7 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas, *, generator: torc
             lam, h = -math.log(s[i]), math.log(s[i] / s[i + 1])
             big_b = math.expm1(-h)
             x_lin = math.exp(-h) * x - big_b * d
-            r = None if d_prev is None else (lam_prev - lam) / h
+            r = None if d_prev is None or i == last else (lam_prev - lam) / h
             d1 = None if r is None else (d_prev - d) / r
             # Predictor.
             x_next = x_lin if d1 is None else x_lin - big_b * 0.5 * d1
@@ -194,13 +225,16 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas, *, generator: torc
 
 
 def sample_dpmpp_2m_sde(denoiser: Denoiser, x: torch.Tensor, sigmas, *, generator: torch.Generator | None = None,
-                        callback: Callback | None = None, eta: float = 1.0) -> torch.Tensor:
+                        callback: Callback | None = None, eta: float = 1.0,
+                        lower_order_final: bool = False) -> torch.Tensor:
     """SDE-DPM-Solver++(2M) (Lu et al. 2022; k-diffusion's midpoint form), eta = 1 the reverse SDE, eta = 0 the ODE:
     x_{i+1} = (s_{i+1}/s_i) e^{-eta h} x_i + (1 - e^{-(1+eta) h}) (D_i + (D_i - D_{i-1}) / (2r))
-              + s_{i+1} sqrt(1 - e^{-2 eta h}) eps,  r = h_{i-1} / h_i (first step: D_i alone).
+              + s_{i+1} sqrt(1 - e^{-2 eta h}) eps,  r = h_{i-1} / h_i (first step: D_i alone; so too the last step
+    into sigma > 0 under lower_order_final, fewer than 15 steps). The noise drawn does not depend on it.
     """
     _non_negative(eta=eta)
     s = _levels(sigmas)
+    last = _last_lowered(s, lower_order_final)
     d_prev = h_prev = None
     for i in range(len(s) - 1):
         d = denoiser(x, _full(x, s[i]))
@@ -208,7 +242,7 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: torch.Tensor, sigmas, *, generato
             x_next = d
         else:
             h = math.log(s[i] / s[i + 1])
-            dd = d if d_prev is None else d + (d - d_prev) * (h / (2 * h_prev))
+            dd = d if d_prev is None or i == last else d + (d - d_prev) * (h / (2 * h_prev))
             x_next = (s[i + 1] / s[i]) * math.exp(-eta * h) * x - math.expm1(-(1 + eta) * h) * dd
             if eta > 0:
                 x_next = x_next + s[i + 1] * math.sqrt(-math.expm1(-2 * eta * h)) * _randn(x, generator)
