@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))   # `python bench/diffusion.py` from anywhere
 import numpy as np
 import torch
 
+from bench.comm import _fmt, print_table  # the benchmarks' one table format
 from trainer.compress.base import mixed_seed
 from trainer.diffusion.metrics import crps_ensemble, ensemble_mean_rel_l2, spectrum_error, spread_skill_ratio
 from trainer.diffusion.samplers import SAMPLERS, STOCHASTIC, nfe
@@ -257,20 +258,6 @@ def sampling_throughput(ckpt: str, data_url: str, cond_start: int, out: Path, ro
 
 
 # ---- output ----------------------------------------------------------------------------------------------------
-def _fmt(v, spec: str = "") -> str:
-    if v is None or (isinstance(v, float) and v != v):
-        return "-"
-    return v if isinstance(v, str) else format(v, spec)
-
-
-def print_table(headers: list[str], lines: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(headers)]
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
-    print("  ".join("-" * w for w in widths))
-    for line in lines:
-        print("  ".join(c.ljust(w) for c, w in zip(line, widths)))
-
-
 def _row_cells(r: dict) -> list[str]:
     return [r["sampler"] + (" (sde)" if r["stochastic"] else ""), r["schedule"], str(r["steps"]), str(r["nfe"]),
             _fmt(r["crps"], ".4e"), _fmt(r.get("crps_vs_ref"), "+.1%"), _fmt(r["ens_mean_rel_l2"], ".4f"),
