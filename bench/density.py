@@ -25,26 +25,30 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "gmm25_tb.toml"
 # Sendera et al. 2024, Table 1: |log Z_hat - log Z| (ELBO estimate), mean of 5 runs; 25GMM / Funnel / Manywell
 PUBLISHED = {"pis": (1.769, 0.534, 3.85), "dds": (1.760, 0.424, 7.36), "tb": (1.176, 0.690, 4.01),
-             "tb_expl": (0.560, 0.749, 4.01), "vargrad_expl": (0.615, 0.642, 4.01)}
+             "tb_expl": (0.560, 0.749, 4.01), "vargrad_expl": (0.615, 0.642, 4.01),
+             "tb_expl_ls": (0.171, 0.653, 4.57)}
 BEST = {"gmm25": 0.171, "funnel": 0.424, "manywell": 3.85}
 TARGETS = {"gmm25": 5.0 ** 0.5, "funnel": 1.0, "manywell": 1.0}     # target -> sigma (sigma^2 = 5, 1, 1)
 METHODS = {"pis": ["model.density_sampler.method=pis"], "dds": ["model.density_sampler.method=dds"],
            "tb": ["model.density_sampler.method=tb"],
            "tb_expl": ["model.density_sampler.method=tb", "model.density_sampler.exploration_std=0.4472135954999579"],
            "vargrad_expl": ["model.density_sampler.method=vargrad",
-                            "model.density_sampler.exploration_std=0.4472135954999579"]}
-REDUCED = {"T": 20, "steps": 300, "batch": 64, "eval_samples": 500}
-FULL = {"T": 100, "steps": 25000, "batch": 300, "eval_samples": 2000}
+                            "model.density_sampler.exploration_std=0.4472135954999579"],
+           "tb_expl_ls": ["model.density_sampler.method=tb", "model.density_sampler.exploration_std=0.4472135954999579",
+                          "model.density_sampler.local_search=true"]}
+REDUCED = {"T": 20, "steps": 300, "batch": 64, "eval_samples": 500, "every": 300}
+FULL = {"T": 100, "steps": 25000, "batch": 300, "eval_samples": 2000, "every": 2500}   # evaluate + checkpoint every
 
 
-def run(target: str, method: str, budget: dict, out: Path, nproc: int) -> dict:
+def run(target: str, method: str, budget: dict, out: Path, nproc: int, resume: bool = False) -> dict:
     sets = [f"run.out_dir={out / 'runs'}", f"run.name={target}_{method}", f"model.density_sampler.target={target}",
             f"model.density_sampler.sigma={TARGETS[target]}", f"model.density_sampler.T={budget['T']}",
             f"train.max_steps={budget['steps']}", f"data.batch_size={budget['batch'] // nproc}",
             f"model.density_sampler.eval_samples={budget['eval_samples']}", "train.progress=false",
-            f"train.eval_every={budget['steps']}", f"train.ckpt_every={budget['steps']}",
+            f"train.eval_every={budget['every']}", f"train.ckpt_every={budget['every']}",
             "model.density_sampler.exploration_std=0.0", *METHODS[method]]
-    cmd = [sys.executable, "-m", "launch.cli", "sampler", "train", str(CONFIG), "--overwrite",
+    cmd = [sys.executable, "-m", "launch.cli", "sampler", "train", str(CONFIG),
+           "--resume" if resume and (out / "runs" / f"{target}_{method}" / "checkpoints").is_dir() else "--overwrite",
            *(["--nproc", str(nproc)] if nproc > 1 else []), *[a for s in sets for a in ("--set", s)]]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -64,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--full", action="store_true", help="the published budget (T 100, 25k iterations, batch 300)")
     p.add_argument("--nproc", type=int, default=1, help="ranks per run (the global batch is split over them)")
+    p.add_argument("--resume", action="store_true", help="continue runs from their latest checkpoints")
     p.add_argument("--targets", default=",".join(TARGETS))
     p.add_argument("--methods", default=",".join(METHODS))
     args = p.parse_args(argv)
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for target in args.targets.split(","):
         for method in args.methods.split(","):
-            row = run(target, method, budget, out, args.nproc)
+            row = run(target, method, budget, out, args.nproc, args.resume)
             rows.append(row)
             print(json.dumps(row) if "error" in row else
                   f"{target:9s} {method:13s} |ELBO-logZ| {row['log_z_error']:8.3f} (published {row['published']})  "
