@@ -36,8 +36,7 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False, unt
     try:
         threads = cfg.run.threads_per_rank or max(1, (os.cpu_count() or 1) // env.local_world_size)
         torch.set_num_threads(threads)
-        if cfg.run.deterministic:
-            torch.use_deterministic_algorithms(True)
+        set_deterministic(cfg.run.deterministic)
         from trainer.registry import get_model_spec
         trainer_cls = trainer_cls or get_model_spec(cfg.model.name).trainer_class() or Trainer
         summary = trainer_cls(cfg, device, resume=resume, overwrite=overwrite).train(until_step=until_step)
@@ -47,6 +46,15 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False, unt
     finally:
         if owned:
             destroy_distributed()
+
+
+def set_deterministic(on: bool) -> None:
+    """torch.use_deterministic_algorithms, without its fill of every new tensor (fill_uninitialized_memory): that
+    fill only makes reads of uninitialised memory repeatable, which no kernel here does, and it was 22% of the
+    demo FNO's step (bench/step.py)."""
+    import torch
+    torch.use_deterministic_algorithms(on)
+    torch.utils.deterministic.fill_uninitialized_memory = not on
 
 
 def preflight(cfg: Config, nproc: int, resume: bool, overwrite: bool) -> None:

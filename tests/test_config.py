@@ -76,6 +76,18 @@ def test_old_checkpoint_configs_compare_in_the_new_layout():
     assert [k for k, *_ in resume_changes(old, new)["refuse"]] == ["model.fno.width"]
 
 
+def test_checkpoints_from_before_fast_padding_keep_exact_padding():
+    """Before model.fno.fast_padding, padding was exact: resuming such a run under the new default is refused by
+    name, and resumes cleanly with the old behaviour asked for."""
+    from trainer.config import resume_changes
+    new = load_config(None, []).to_dict()
+    old = {**new, "model": {"name": "fno", "fno": {k: v for k, v in new["model"]["fno"].items()
+                                                   if k != "fast_padding"}}}
+    assert [k for k, *_ in resume_changes(old, new)["refuse"]] == ["model.fno.fast_padding"]
+    exact = load_config(None, ["model.fno.fast_padding=false"]).to_dict()
+    assert resume_changes(old, exact)["refuse"] == []
+
+
 def test_unknown_key_lists_the_allowed_ones(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text("[optim]\nlearning_rate = 1\n")

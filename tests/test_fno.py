@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trainer.models.fno import FNO, SpectralConv, copy_weights, is_spectral_param
+from trainer.models.fno import FNO, SpectralConv, copy_weights, fft_size, is_spectral_param, mode_matmul
 
 
 def _signed_freqs(m: int) -> torch.Tensor:
@@ -40,6 +40,44 @@ def test_int_modes_needs_dim_and_padding_is_applied():
     y0, y1 = plain(x), padded(x)
     assert y1.shape == y0.shape
     assert not torch.allclose(y0, y1, atol=1e-4)  # padding changed the (non-periodic) convolution
+
+
+def test_fft_size_is_the_smallest_7_smooth_size_at_least_n():
+    def smooth(m):
+        for p in (2, 3, 5, 7):
+            while m % p == 0:
+                m //= p
+        return m == 1
+    for n in range(1, 400):
+        m = fft_size(n)
+        assert m >= n and smooth(m) and not any(smooth(k) for k in range(n, m))
+    assert (fft_size(41), fft_size(72), fft_size(97)) == (42, 72, 98)
+
+
+def test_padding_is_a_minimum_rounded_to_a_fast_fft_size():
+    torch.manual_seed(0)
+    fast = FNO(1, 1, modes=(4, 4), width=8, n_layers=2, projection_channels=8, padding=8)
+    exact = FNO(1, 1, modes=(4, 4), width=8, n_layers=2, projection_channels=8, padding=8, fast_padding=False)
+    periodic = FNO(1, 1, modes=(4, 4), width=8, n_layers=2, projection_channels=8, padding=0)
+    assert fast.padded_grid((33, 30)) == (42, 40) and exact.padded_grid((33, 30)) == (41, 38)
+    assert periodic.padded_grid((33, 30)) == (33, 30)      # no padding stays none (periodic data)
+    copy_weights(fast, exact)
+    x = torch.randn(2, 1, 33, 30)
+    seen = []
+    exact.blocks[0].spectral.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[2:])))
+    fast.blocks[0].spectral.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[2:])))
+    assert fast(x).shape == exact(x).shape == x.shape
+    assert seen == [(42, 40), (41, 38)]
+
+
+def test_mode_matmul_is_the_complex_contraction():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 4, 6, dtype=torch.cdouble, generator=g)
+    w = torch.randn(5, 7, 4, 6, dtype=torch.cdouble, generator=g)
+    ref = torch.einsum("bixy,ioxy->boxy", x, w)
+    assert torch.allclose(mode_matmul(x, w), ref, rtol=0, atol=1e-13)   # float64: rounding of 10-term sums
+    xs, ws = x[:, :, 1:3], w[:, :, 1:3]                                     # strided corner views, as SpectralConv
+    assert torch.allclose(mode_matmul(xs, ws), ref[:, :, 1:3], rtol=0, atol=1e-13)
 
 
 # ---------------------------------------------------------------- analytic multipliers

@@ -478,6 +478,9 @@ def migrate_config_dict(saved: dict) -> dict:
                 comm.setdefault("int4", {})["block_size"] = value
     if "bucket_cap_mb" in comm:
         saved.setdefault("parallel", {})["bucket_cap_mb"] = comm.pop("bucket_cap_mb")
+    fno = saved.get("model", {}).get("fno")
+    if isinstance(fno, dict) and "fast_padding" not in fno:   # before it, padding was exact
+        saved["model"]["fno"] = {**fno, "fast_padding": False}
     return saved
 
 

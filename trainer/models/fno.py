@@ -17,6 +17,8 @@ Spectral parameters are named `...spectral.weight` (see `is_spectral_param`).
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +52,43 @@ def check_modes(modes: tuple[int, ...], grid: tuple[int, ...]) -> None:
             f"resolution {tuple(grid)} is too coarse for modes {tuple(modes)}: need 2*m <= n on the "
             f"full FFT axes and m <= n//2 + 1 on the last (rfft) axis"
         )
+
+
+def _corners(modes: tuple[int, ...], grid: tuple[int, ...]):
+    """(spectrum slices, weight slices) of each retained corner: on a full axis of n points, frequencies [:m] are
+    weight indices [:m] and frequencies [n-m:] weight indices [m:2m]; on the rfft axis [:m] both."""
+    full = [((slice(0, m), slice(0, m)), (slice(n - m, n), slice(m, 2 * m))) for m, n in zip(modes[:-1], grid[:-1])]
+    last = (slice(0, modes[-1]),)
+    for combo in itertools.product(*full):
+        yield tuple(c[0] for c in combo) + last, tuple(c[1] for c in combo) + last
+
+
+def mode_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """y[b, o, k] = sum_i x[b, i, k] w[i, o, k] for complex x (B, I, *modes), w (I, O, *modes), as one real batched
+    matmul over the modes: [Re x, Im x] (B, 2I) @ [[Re w, Im w], [-Im w, Re w]] (2I, 2O) = [Re y, Im y]. (A complex
+    einsum runs CPU bmm as a loop over the modes, a select and a copy per mode.)"""
+    b, i, *modes = x.shape
+    o, m = w.shape[1], math.prod(modes)
+    xm = torch.view_as_real(x).reshape(b, i, m, 2).permute(2, 0, 3, 1).reshape(m, b, 2 * i)
+    wm = torch.view_as_real(w).reshape(i, o, m, 2).permute(2, 3, 0, 1)             # (m, re/im, I, O)
+    re, im = wm[:, 0], wm[:, 1]
+    blocks = torch.cat([torch.cat([re, im], 2), torch.cat([-im, re], 2)], 1)       # (m, 2I, 2O)
+    y = torch.bmm(xm, blocks).view(m, b, 2, o).permute(1, 3, 0, 2)                  # (B, O, m, re/im)
+    return torch.view_as_complex(y.contiguous()).view(b, o, *modes)
+
+
+def fft_size(n: int) -> int:
+    """The smallest 7-smooth integer (2^a 3^b 5^c 7^d) >= n: sizes pocketfft and cuFFT transform with their fast
+    radices. A prime size is several times slower (41 points: 4.8x 42's time per element here, bench/README.md)."""
+    m = max(int(n), 1)
+    while True:
+        r = m
+        for p in (2, 3, 5, 7):
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+        m += 1
 
 
 class SpectralConv(nn.Module):
@@ -96,22 +135,11 @@ class SpectralConv(nn.Module):
         # FFT in the weights' precision (also keeps bf16/fp16 activations out of the FFT).
         x_ft = torch.fft.rfftn(x.to(w.real.dtype), dim=dims)  # (B, in, n_1, ..., n_d//2+1)
 
-        # Gather the retained corners: [:m] ++ [-m:] on full axes, [:m] on the rfft axis.
-        x_ft = x_ft[..., : self.modes[-1]]
-        for ax, (m, n) in enumerate(zip(self.modes[:-1], grid[:-1])):
-            idx = torch.cat([torch.arange(m), torch.arange(n - m, n)]).to(x.device)
-            x_ft = x_ft.index_select(2 + ax, idx)
-        y = torch.einsum("bi...,io...->bo...", x_ft, w)  # (B, out, 2m_1, ..., m_d)
-
-        # Scatter back by zero-filling the dropped frequencies (between the corners; past m_d).
-        for ax, (m, n) in enumerate(zip(self.modes[:-1], grid[:-1])):
-            low, high = y.split(m, dim=2 + ax)
-            gap = list(y.shape)
-            gap[2 + ax] = n - 2 * m
-            y = torch.cat([low, y.new_zeros(gap), high], dim=2 + ax)
-        gap = list(y.shape)
-        gap[-1] = grid[-1] // 2 + 1 - self.modes[-1]
-        y = torch.cat([y, y.new_zeros(gap)], dim=-1)
+        # Each retained corner (2^(d-1) of them: [:m] or [-m:] on each full axis, [:m] on the rfft axis) is
+        # multiplied in place of a gather: slices are views, so no index_select/cat copies of the spectrum.
+        y = x_ft.new_zeros(x_ft.shape[0], self.out_channels, *x_ft.shape[2:])
+        for spec, wsl in _corners(self.modes, grid):
+            y[(..., *spec)] = mode_matmul(x_ft[(..., *spec)], w[(..., *wsl)])
         return torch.fft.irfftn(y, s=grid, dim=dims)
 
     def extra_repr(self) -> str:
@@ -145,6 +173,9 @@ class FNO(nn.Module):
 
     forward: (B, C_in, *grid) -> (B, C_out, *grid), d = len(modes) grid dims, any resolution
     that resolves `modes` (after `padding`).
+
+    `padding` > 0 zero-pads the high side of every axis by at least `padding` points: with fast_padding (default)
+    up to the next FFT-friendly size (`fft_size`), n + padding otherwise. padding = 0 pads nothing (periodic data).
     """
 
     def __init__(
@@ -161,6 +192,7 @@ class FNO(nn.Module):
         spectral_weights: str = "complex",
         dim: int | None = None,
         emb_dim: int = 0,
+        fast_padding: bool = True,
     ):
         super().__init__()
         if isinstance(modes, int):
@@ -183,7 +215,7 @@ class FNO(nn.Module):
         if lifting_channels is not None and lifting_channels < 1:
             raise ValueError(f"lifting_channels={lifting_channels}; must be None or >= 1")
 
-        self.modes, self.dim, self.padding = modes, len(modes), padding
+        self.modes, self.dim, self.padding, self.fast_padding = modes, len(modes), padding, fast_padding
         self.in_channels, self.out_channels = in_channels, out_channels
         self.positional_embedding = positional_embedding
         conv = _CONV[self.dim]
@@ -197,6 +229,12 @@ class FNO(nn.Module):
         self.blocks = nn.ModuleList(FNOBlock(width, modes, spectral_weights, emb_dim) for _ in range(n_layers))
         self.projection = nn.Sequential(conv(width, projection_channels, 1), nn.GELU(),
                                         conv(projection_channels, out_channels, 1))
+
+    def padded_grid(self, grid: tuple[int, ...]) -> tuple[int, ...]:
+        """The grid the Fourier layers see for an input grid."""
+        if not self.padding:
+            return tuple(grid)
+        return tuple(fft_size(n + self.padding) if self.fast_padding else n + self.padding for n in grid)
 
     def grid_embedding(self, x: torch.Tensor) -> torch.Tensor:
         """Coordinates x_j = i / n_j in [0, 1) per grid axis (periodic convention), (B, d, *grid)."""
@@ -215,7 +253,7 @@ class FNO(nn.Module):
                 f"expected input (batch, {self.in_channels}, <{d} grid dims>), got shape {tuple(x.shape)}"
             )
         grid = tuple(x.shape[2:])
-        padded = tuple(n + self.padding for n in grid)
+        padded = self.padded_grid(grid)
         try:
             check_modes(self.modes, padded)
         except ValueError as e:
@@ -226,7 +264,7 @@ class FNO(nn.Module):
         x = self.lifting(x)  # (B, width, *grid)
         if self.padding:
             # Zero-pad the high side of every grid axis: the domain need not be periodic (Darcy).
-            x = F.pad(x, [0, self.padding] * d)
+            x = F.pad(x, [p for n, m in zip(reversed(grid), reversed(padded)) for p in (0, m - n)])
         for i, block in enumerate(self.blocks):
             x = block(x, emb)
             if i < len(self.blocks) - 1:
@@ -265,6 +303,7 @@ class FNOConfig:
     padding: int = 0
     projection_channels: int = 128
     spectral_weights: str = "complex"   # "real" stores them as (..., 2) float tensors
+    fast_padding: bool = True           # padding is a minimum: pad up to an FFT-friendly size (fno.fft_size)
 
     def __post_init__(self):
         if self.spectral_weights not in SPECTRAL_WEIGHT_FORMS:
@@ -293,7 +332,7 @@ def _build(cfg, data: DataSpec) -> FNO:
 def _backbone(cfg, in_channels: int, out_channels: int, emb_dim: int) -> FNO:
     return FNO(in_channels, out_channels, tuple(cfg.modes), width=cfg.width, n_layers=cfg.n_layers,
                padding=cfg.padding, projection_channels=cfg.projection_channels, spectral_weights=cfg.spectral_weights,
-               emb_dim=emb_dim)
+               emb_dim=emb_dim, fast_padding=cfg.fast_padding)
 
 
 register_model(ModelSpec(
