@@ -46,7 +46,7 @@ def run(target: str, method: str, budget: dict, out: Path, nproc: int, resume: b
             f"train.max_steps={budget['steps']}", f"data.batch_size={budget['batch'] // nproc}",
             f"model.density_sampler.eval_samples={budget['eval_samples']}", "train.progress=false",
             f"train.eval_every={budget['every']}", f"train.ckpt_every={budget['every']}",
-            "model.density_sampler.exploration_std=0.0", *METHODS[method]]
+            "model.density_sampler.exploration_std=0.0", "run.threads_per_rank=1", *METHODS[method]]
     cmd = [sys.executable, "-m", "launch.cli", "sampler", "train", str(CONFIG),
            "--resume" if resume and (out / "runs" / f"{target}_{method}" / "checkpoints").is_dir() else "--overwrite",
            *(["--nproc", str(nproc)] if nproc > 1 else []), *[a for s in sets for a in ("--set", s)]]

@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from launch.run import set_deterministic  # noqa: E402
 from launch.rendezvous import destroy_distributed, init_distributed  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.registry import get_model_spec  # noqa: E402
@@ -56,7 +57,7 @@ def main(spec_path: str, out: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     out_dir = Path(out)
     torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
+    set_deterministic(True)
     env = None
     for run in spec["runs"]:
         cfg = load_config(spec["config"], spec["base"] + run.get("overrides", []) + [f"run.name={run['name']}"])
@@ -81,6 +82,7 @@ def main(spec_path: str, out: str) -> None:
         summary["state_finite"] = all(bool(torch.isfinite(t).all()) for part in state.values() for t in part.values()
                                       if torch.is_tensor(t) and t.is_floating_point())
         summary["state_keys"] = sum(len(part) for part in state.values())
+        summary["bucket_cap_mb"] = getattr(trainer.engine, "bucket_cap_mb", None)
         if env.rank == 0:
             (out_dir / f"{run['name']}.json").write_text(json.dumps(summary))
     destroy_distributed()

@@ -111,6 +111,7 @@ def test_every_compressor_keeps_replicas_identical_and_trains(small_darcy, tmp_p
         assert all(torch.equal(r["params"][0], p) for p in r["params"][1:]), name
         assert r["test_rel_l2"] <= fp32 * (1 + margin), (name, r["test_rel_l2"], fp32)
         assert r["skipped_steps"] == 0 and r["state_finite"], name
+        assert r["exchange_s"] > 0, name   # the exchange's own time, for exposed-communication accounting
         if name not in ("none",):
             assert r["grad_bytes_per_step"] < full_bytes, name
 
@@ -168,3 +169,32 @@ def test_auto_measures_the_link_and_picks_a_candidate(small_darcy, tmp_path):
     r = run_ranks(2, spec, tmp_path)["auto"]
     assert r["compressor"] in ("none", "fp16", "powersgd", "int8", "int4", "sign", "topk")
     assert r["replica_max_abs_diff"] == 0.0
+
+
+# ---- buckets for overlap with backward (trainer/compress/auto.py) ----
+
+def test_exposed_time_of_bucketed_exchange_matches_the_pipeline_closed_forms():
+    from trainer.compress.auto import exposed_time
+    tb, comm, enc, lat = 1.0, 0.3, 0.1, 0.01
+    assert exposed_time(tb, 1, comm, enc, lat) == pytest.approx(comm + enc + lat)
+    # exchange faster than backward: only the last bucket is exposed
+    for k in (2, 4, 8):
+        assert exposed_time(tb, k, comm, enc, lat) == pytest.approx((comm + enc) / k + lat)
+    # exchange slower than backward: all of it, less the backward it hid behind, plus k latencies
+    comm = 5.0
+    for k in (2, 4, 8):
+        assert exposed_time(tb, k, comm, enc, lat) == pytest.approx(comm + enc + k * lat - tb * (k - 1) / k)
+
+
+@pytest.mark.slow
+def test_bucket_cap_chosen_from_the_link_keeps_replicas_identical(small_darcy, tmp_path):
+    """parallel.bucket_cap_mb = 0: each rank measures the link and its backward, all agree on one cap, and the
+    per-bucket compressors train replicas that stay bit-identical."""
+    runs = [{"name": f"auto_cap_{c}", "overrides": ["parallel.bucket_cap_mb=0", f"comm.compressor={c}"]}
+            for c in ("int8", "powersgd")]
+    spec = {"config": str(REPO / "configs" / "darcy_fno.toml"), "base": base(small_darcy, tmp_path, steps=8),
+            "runs": runs}
+    for name, r in run_ranks(2, spec, tmp_path).items():
+        assert_consistent(r, name)
+        assert r["steps"] == 8 and r["exchange_s"] > 0, name
+        assert 0 < r["bucket_cap_mb"] != 25.0, name

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -39,13 +40,17 @@ log = logging.getLogger("fieldtrain")
 
 @dataclass
 class ExchangeStats:
-    """Bytes this rank sent since the last `reset`, next to what fp32 allreduce would have sent."""
+    """Since the last `reset`: bytes this rank sent, next to what fp32 allreduce would have sent, and the seconds the
+    exchange worked (encode, collectives, decode; on the exchange thread for DDP, so partly hidden behind backward:
+    what was not hidden is the step time minus the compute-only step's)."""
     bytes_sent: int = 0
     bytes_uncompressed: int = 0
+    seconds: float = 0.0
 
-    def reset(self) -> tuple[int, int]:
-        out = (self.bytes_sent, self.bytes_uncompressed)
+    def reset(self) -> tuple[int, int, float]:
+        out = (self.bytes_sent, self.bytes_uncompressed, self.seconds)
         self.bytes_sent = self.bytes_uncompressed = 0
+        self.seconds = 0.0
         return out
 
 
@@ -125,10 +130,11 @@ class GradientExchange:
         if not bool(torch.isfinite(buf).all()):
             self.local_nonfinite = True
         compressor = self.warmup if self.step < self.cfg.start_step else self.compressor
-        before = self.transport.bytes_sent
+        before, t0 = self.transport.bytes_sent, time.perf_counter()
         out = compressor.exchange(buf, views)
         if out is not buf:
             buf.copy_(out)
+        self.stats.seconds += time.perf_counter() - t0
         self.stats.bytes_sent += self.transport.bytes_sent - before
         self.stats.bytes_uncompressed += ring_allreduce_bytes(buf.numel() * 4, self.transport.world_size)
         return buf
@@ -215,7 +221,9 @@ def register_torch_hook(ddp_model, name: str, cfg: CommConfig) -> TorchHookExcha
             exchange.local_nonfinite = True
         stats.bytes_sent += ring_allreduce_bytes(payload(bucket), world)
         stats.bytes_uncompressed += ring_allreduce_bytes(bucket.buffer().numel() * 4, world)
+        t0 = time.perf_counter()
         out = hook(state, bucket).wait()
+        stats.seconds += time.perf_counter() - t0
         fut = torch.futures.Future()
         fut.set_result(out)
         return fut
@@ -224,10 +232,10 @@ def register_torch_hook(ddp_model, name: str, cfg: CommConfig) -> TorchHookExcha
     return exchange
 
 
-def register_gradient_exchange(ddp_model: torch.nn.parallel.DistributedDataParallel, cfg: CommConfig,
-                               seed: int = 0, bucket_cap_mb: float = 25.0) -> GradientExchange:
-    exchange = GradientExchange(cfg, ddp_model.module, seed, bucket_cap_mb)
+def register_gradient_exchange(ddp_model: torch.nn.parallel.DistributedDataParallel,
+                               exchange: GradientExchange) -> GradientExchange:
     ddp_model.register_comm_hook(exchange, _ddp_hook)
+    cfg = exchange.cfg
     log.info("gradient exchange: %s over %s (%d ranks)", exchange.compressor.name, cfg.transport,
              exchange.transport.world_size)
     return exchange

@@ -258,7 +258,8 @@ class ParallelConfig:
     reduce_dtype: str = "float32"  # fsdp2/deepspeed: dtype gradients are cast to before the exchange; the wire
                                    # format is comm.compressor's ("bf16"/"fp16" for 16-bit reduction)
     reshard_after_forward: bool = True    # fsdp2: free gathered parameters after forward (ZeRO-3-like) or keep them
-    bucket_cap_mb: float = 25.0    # ddp gradient buckets; deepspeed reduce bucket size
+    bucket_cap_mb: float = 25.0    # ddp gradient buckets (0: chosen so the exchange overlaps backward, from the
+                                   # model and the measured link); deepspeed reduce bucket size
 
     def __post_init__(self):
         from trainer.parallel import ENGINES
@@ -266,7 +267,7 @@ class ParallelConfig:
         _choice("parallel.zero_stage", self.zero_stage, (1, 2, 3))
         _choice("parallel.param_dtype", self.param_dtype, DTYPES)
         _choice("parallel.reduce_dtype", self.reduce_dtype, DTYPES)
-        _positive("parallel.bucket_cap_mb", self.bucket_cap_mb)
+        _positive("parallel.bucket_cap_mb", self.bucket_cap_mb, zero_ok=self.engine == "ddp")
 
 
 @dataclass

@@ -18,7 +18,7 @@ class MetricsLogger:
     """
 
     COLUMNS = ("step", "epoch", "train_loss", "test_rel_l2", "lr", "step_time_s", "data_wait_s", "bytes_per_step",
-               "compression_ratio", "skipped_steps")
+               "compression_ratio", "skipped_steps", "exchange_s")
 
     def __init__(self, run_dir: Path, enabled: bool, start_step: int = 0, extra_columns: tuple[str, ...] = ()):
         self.enabled = enabled
@@ -34,10 +34,11 @@ class MetricsLogger:
         if not self.csv_path.exists():
             return
         with self.csv_path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            rows = list(reader)
         kept = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= step]
-        if len(kept) == len(rows):
-            return
+        if len(kept) == len(rows) and tuple(reader.fieldnames or ()) == self.COLUMNS:
+            return   # (a file from a version with other columns is rewritten with today's header)
         tmp = self.csv_path.with_name(self.csv_path.name + ".tmp")
         with tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self.COLUMNS, restval="", extrasaction="ignore")

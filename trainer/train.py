@@ -248,8 +248,11 @@ class Trainer:
         agree_errors(error)
 
         example = self._example = {k: v.to(self.device) for k, v in example.items()}
-        self.engine = ENGINES[cfg.parallel.engine](cfg, self.model, self.device, self._build_optimizer,
-                                                   lambda m: self.spec.loss(m, example, self.data)[0])
+
+        def example_loss(m: torch.nn.Module) -> torch.Tensor:
+            return self.spec.loss(m, example, self.data)[0]
+        example_loss.rows = batch_rows(example)   # for engines that time it against the training batch
+        self.engine = ENGINES[cfg.parallel.engine](cfg, self.model, self.device, self._build_optimizer, example_loss)
         self._closing.callback(self.engine.close)
         self.model, self.optimizer = self.engine.model, self.engine.optimizer
         self.ema = WeightEMA(cfg.ema, self.engine) if cfg.ema.kind != "none" else None
@@ -491,6 +494,7 @@ class Trainer:
                         dynamic_ncols=True, leave=True)
             self._closing.callback(pbar.close)
         t_start, test_l2, train_loss, bytes_per_step, ratio = time.perf_counter(), float("nan"), float("nan"), 0, 1.0
+        exchange_s = 0.0
         window: list[float] = []
         waited = stepped = 0.0   # seconds blocked on the loader / inside train_step, this call
         self.model.train()
@@ -508,7 +512,7 @@ class Trainer:
                 self.state.samples_seen += batch_rows(batch) * self.world_size
                 window.append(loss)
                 if self.engine.stats is not None:
-                    sent, full = self.engine.stats.reset()
+                    sent, full, exchange_s = self.engine.stats.reset()
                     bytes_per_step, ratio = sent, full / max(sent, 1)
                 step = self.state.step
                 end_of_epoch = self.loader.plan.cursor == 0   # the plan rolled over with this batch
@@ -521,7 +525,7 @@ class Trainer:
                     self.metrics.log(step, epoch=epoch_at_start, train_loss=train_loss,
                                      skipped_steps=self.state.skipped_steps,
                                      lr=self.scheduler.get_last_lr()[0], step_time_s=step_time, data_wait_s=data_wait,
-                                     bytes_per_step=bytes_per_step, compression_ratio=ratio)
+                                     bytes_per_step=bytes_per_step, compression_ratio=ratio, exchange_s=exchange_s)
                 if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or \
                         (not cfg.train.eval_every and end_of_epoch) or step == self.total_steps:
                     with self.ema.swapped() if self.ema is not None else contextlib.nullcontext():
@@ -554,7 +558,8 @@ class Trainer:
             "train_loss": train_loss,
             "test_rel_l2": test_l2, "wall_time_s": time.perf_counter() - t_start,
             "data_wait_share": waited / max(waited + stepped, 1e-12),
-            "grad_bytes_per_step": bytes_per_step, "compression_ratio": ratio, "skipped_steps": self.state.skipped_steps,
+            "grad_bytes_per_step": bytes_per_step, "compression_ratio": ratio, "exchange_s": exchange_s,
+            "skipped_steps": self.state.skipped_steps,
             "compressor": self.engine.compressor_name, "engine": self.engine.name, "ema": self.cfg.ema.kind,
             "peak_memory_bytes": self._max_over_ranks(self.peak_memory), **self.eval_extra,
         }

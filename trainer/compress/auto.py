@@ -49,7 +49,15 @@ def _timed_allreduce(transport, n: int, repeats: int) -> float:
 
 
 def measure_link(transport, small: int = 256, large: int = 1 << 20, repeats: int = 7) -> tuple[float, float]:
-    """(alpha seconds, beta seconds/byte) from fp32 allreduces of `small` and `large` elements."""
+    """(alpha seconds, beta seconds/byte) from fp32 allreduces of `small` and `large` elements; measured once per
+    transport (a collective: every rank calls it), then remembered on it."""
+    if getattr(transport, "link", None) is not None:
+        return transport.link
+    transport.link = _measure_link(transport, small, large, repeats)
+    return transport.link
+
+
+def _measure_link(transport, small: int, large: int, repeats: int) -> tuple[float, float]:
     w = transport.world_size
     t = torch.tensor([_timed_allreduce(transport, small, repeats), _timed_allreduce(transport, large, repeats)],
                      dtype=torch.float64)
@@ -130,6 +138,44 @@ def _encode_time(name: str, cfg, n: int) -> float:
         q = torch.randn(m, cfg.powersgd.rank)
         return _timed(lambda: (mat.T @ torch.linalg.qr(mat @ q).Q), 3)
     return 0.0
+
+
+BUCKET_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16)
+
+
+def exposed_time(t_backward: float, buckets: int, comm: float, encode: float, alpha_per_bucket: float) -> float:
+    """Seconds the exchange adds after backward when the gradient leaves in `buckets` equal buckets, bucket j ready
+    at t_backward * j / buckets (gradients appear at an even rate) and exchanged one after another on one thread,
+    each taking (comm + encode) / buckets plus its own collectives' latency alpha_per_bucket."""
+    finish = 0.0
+    each = (comm + encode) / buckets + alpha_per_bucket
+    for j in range(1, buckets + 1):
+        finish = max(finish, t_backward * j / buckets) + each
+    return finish - t_backward
+
+
+def choose_bucket_cap(cfg, name: str, transport, module: torch.nn.Module, t_backward: float) -> float:
+    """DDP bucket cap (MB) for compressor `name` with the least predicted exposed exchange time (`exposed_time`)
+    on the measured link, over BUCKET_COUNTS; ties go to fewer buckets. Every rank gets the same answer (the link
+    and the backward time are the slowest rank's)."""
+    w = transport.world_size
+    shapes = [(p.shape, p.is_complex()) for p in module.parameters() if p.requires_grad]
+    n = sum(math.prod(s) * (2 if c else 1) for s, c in shapes)
+    matrices, n_small = powersgd_plan(shapes, cfg)
+    alpha, beta = measure_link(transport)
+    measured = torch.tensor([t_backward, _encode_time(name, cfg, n)], dtype=torch.float64)
+    t_backward, encode = transport.allgather(measured).max(0).values.tolist()
+    ops = collectives(name if name in CANDIDATES else "none", cfg, n, matrices, n_small, w)
+    comm = sum(_collective_time(k, b, w, 0.0, beta) for k, b in ops)
+    latency = sum(_collective_time(k, 0, w, alpha, 0.0) for k, _ in ops)
+    rows = [(exposed_time(t_backward, k, comm, encode, latency), k) for k in BUCKET_COUNTS]
+    best_exposed, best = min(rows)
+    cap = 4 * n / best / 2**20 * 1.05    # parameters are not split: a little room so k buckets stay k
+    log.info("bucket cap: %s over alpha %.1f us, %.3f Gbit/s, backward %.1f ms, exchange %.1f ms + encode %.1f ms "
+             "per step; exposed by bucket count: %s -> %d bucket(s), cap %.2f MB", name, alpha * 1e6,
+             8 / beta / 1e9, t_backward * 1e3, comm * 1e3, encode * 1e3,
+             ", ".join(f"{k}: {t * 1e3:.1f} ms" for t, k in rows), best, cap)
+    return cap
 
 
 def choose_compressor(cfg, transport, module: torch.nn.Module, bucket_cap_mb: float = 25.0) -> str:

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import zlib
 
 import torch
@@ -480,8 +481,9 @@ class ScatterExchange:
         if not bool(torch.isfinite(flat).all()):
             self.local_nonfinite = True
         compressor = self.warmup if self.step < self.cfg.start_step else self.compressor
-        before = self.transport.bytes_sent
+        before, t0 = self.transport.bytes_sent, time.perf_counter()
         out = compressor.reduce_scatter(flat.detach(), key)
+        self.stats.seconds += time.perf_counter() - t0
         self.stats.bytes_sent += self.transport.bytes_sent - before
         self.stats.bytes_uncompressed += (W - 1) * 4 * flat.numel() // W
         return out

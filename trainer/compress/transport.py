@@ -117,6 +117,7 @@ class CountingTransport:
         self.inner = inner
         self.rank, self.world_size, self.name = inner.rank, inner.world_size, inner.name
         self.bytes_sent = 0
+        self.link = None   # (alpha s, beta s/byte) once trainer/compress/auto.py has measured it
 
     def allreduce_(self, t: torch.Tensor) -> torch.Tensor:
         self.bytes_sent += ring_allreduce_bytes(t.numel() * t.element_size(), self.world_size)

@@ -3,12 +3,19 @@ communication hook that runs our compressor (trainer/comm.py), or by torch's own
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from trainer.comm import GradientExchange, register_gradient_exchange, register_torch_hook
 from trainer.compress import COMPRESSORS
+from trainer.compress.auto import choose_bucket_cap
 from trainer.parallel.engine import Engine, ExampleLoss, MakeOptimizer
+
+
+DEFAULT_BUCKET_CAP_MB = 25.0   # DDP's own default
 
 
 class DDPEngine(Engine):
@@ -29,13 +36,19 @@ class DDPEngine(Engine):
         super().__init__(cfg, model, device, make_optimizer, example_loss)
         model.to(device)
         if self.world_size > 1:   # with one rank there is nothing to exchange: the model stays unwrapped
-            comm = cfg.comm
-            self.model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                             bucket_cap_mb=cfg.parallel.bucket_cap_mb)
-            if comm.compressor.startswith("torch_"):
+            comm, cap = cfg.comm, cfg.parallel.bucket_cap_mb
+            exchange = None
+            if not comm.compressor.startswith("torch_"):
+                exchange = GradientExchange(comm, model, cfg.run.seed, cap or DEFAULT_BUCKET_CAP_MB)
+            if not cap:   # 0: chosen for overlap with backward, from the model and the measured link
+                cap = DEFAULT_BUCKET_CAP_MB if exchange is None else choose_bucket_cap(
+                    comm, exchange.compressor.name, exchange.transport, model, backward_seconds(model, example_loss, cfg.data.batch_size))
+            self.bucket_cap_mb = cap
+            self.model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=cap)
+            if exchange is None:
                 self.exchange = register_torch_hook(self.model, comm.compressor, comm)
             else:
-                self.exchange = register_gradient_exchange(self.model, comm, cfg.run.seed, cfg.parallel.bucket_cap_mb)
+                self.exchange = register_gradient_exchange(self.model, exchange)
                 _settle_buckets(self.model, self.exchange, example_loss)
         self.optimizer = make_optimizer(self.model.parameters())
 
@@ -43,6 +56,20 @@ class DDPEngine(Engine):
         if self.exchange is not None:   # the hook saw every local gradient before it was averaged
             return self.exchange.local_nonfinite
         return super().local_nonfinite()
+
+
+def backward_seconds(model: torch.nn.Module, example_loss: ExampleLoss, batch_size: int, repeats: int = 3) -> float:
+    """Seconds of one backward at the training batch size: the median of `repeats` backwards of the example batch
+    (after one warm-up), scaled by batch_size / its rows (`example_loss.rows`; operator and simulation costs grow
+    about linearly with the batch at these sizes). Gradients are discarded."""
+    times = []
+    for _ in range(repeats + 1):
+        loss = example_loss(model)
+        t0 = time.perf_counter()
+        loss.backward()
+        times.append(time.perf_counter() - t0)
+    model.zero_grad(set_to_none=True)
+    return statistics.median(times[1:]) * batch_size / getattr(example_loss, "rows", 1)
 
 
 def _settle_buckets(ddp: DDP, exchange: GradientExchange, example_loss: ExampleLoss) -> None:
