@@ -231,15 +231,15 @@ def _signal_group(p: subprocess.Popen, sig: int) -> None:
 
 
 # ---- results ----------------------------------------------------------------------------------------------
-def read_metrics(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    """metrics.csv -> ([(step, step_time_s)] train rows, [(step, test_rel_l2)] eval rows)."""
+def read_metrics(path: Path, column: str = "step_time_s") -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """metrics.csv -> ([(step, column)] train rows, [(step, test_rel_l2)] eval rows)."""
     train, evals = [], []
     with path.open(newline="") as f:
         for r in csv.DictReader(f):
             if r.get("test_rel_l2"):
                 evals.append((int(r["step"]), float(r["test_rel_l2"])))
-            elif r.get("step_time_s"):
-                train.append((int(r["step"]), float(r["step_time_s"])))
+            elif r.get("step_time_s") and r.get(column):
+                train.append((int(r["step"]), float(r[column])))
     return train, evals
 
 
@@ -273,6 +273,7 @@ def summarize(row: Row, outcome: Outcome, run_dir: Path, bandwidth: str, nodes: 
     summary = json.loads((run_dir / "summary.json").read_text())
     train, evals = read_metrics(run_dir / "metrics.csv")
     rec.update(median_step_s=median_step_time(train), steps=summary.get("steps"),
+               exchange_s=median_step_time(read_metrics(run_dir / "metrics.csv", "exchange_s")[0]),
                bytes_per_step=summary.get("grad_bytes_per_step"),
                compression_ratio=summary.get("compression_ratio"),
                test_rel_l2=summary.get("test_rel_l2"), replica_max_abs_diff=summary.get("replica_max_abs_diff"),
@@ -295,6 +296,7 @@ def compare(records: list[dict]) -> None:
         t = r["median_step_s"]
         r["floor_step_s"] = t_floor
         r["ratio_to_floor"] = t / t_floor if t and t_floor else None
+        r["exposed_s"] = t - t_floor if t and t_floor else None   # the exchange time not hidden behind compute
         if fp32 and fp32["test_rel_l2"] is not None and evals is not None:
             reached = time_to_target(train, evals, fp32["test_rel_l2"])
             r["time_to_fp32_l2_s"] = reached if reached is not None else "never"
@@ -303,6 +305,7 @@ def compare(records: list[dict]) -> None:
 
 
 COLUMNS = ["row", "engine", "bandwidth", "nodes", "status", "median_step_s", "floor_step_s", "ratio_to_floor",
+           "exchange_s", "exposed_s",
            "bytes_per_step", "compression_ratio", "peak_memory_mb", "test_rel_l2", "replica_max_abs_diff", "time_to_fp32_l2_s",
            "overhead_removed", "steps", "row_wall_s", "options", "error", "run_dir"]
 
@@ -337,7 +340,8 @@ def print_table(headers: list[str], lines: list[list[str]]) -> None:
 
 
 def print_comm_table(records: list[dict]) -> None:
-    headers = ["row", "bw", "W", "step s", "floor s", "x floor", "MB/step", "compr", "mem MiB", "test L2",
+    headers = ["row", "bw", "W", "step s", "floor s", "x floor", "exch s", "exposed s", "MB/step", "compr", "mem MiB",
+               "test L2",
                "replica diff", "t->fp32 L2", "overhead rm"]
     lines, failures = [], []
     for r in records:
@@ -351,6 +355,7 @@ def print_comm_table(records: list[dict]) -> None:
             r["row"] + (" (floor)" if floor else ""), r["bandwidth"], str(r["nodes"]),
             _fmt(r["median_step_s"], ".3f"), _fmt(r.get("floor_step_s"), ".3f"),
             _fmt(r.get("ratio_to_floor"), ".2f") + ("x" if r.get("ratio_to_floor") else ""),
+            "-" if floor else _fmt(r.get("exchange_s"), ".3f"), "-" if floor else _fmt(r.get("exposed_s"), ".3f"),
             "-" if floor else _fmt(r["bytes_per_step"] / 1e6, ".3f"),
             "-" if floor else _fmt(r["compression_ratio"], ".1f"), _fmt(r.get("peak_memory_mb"), ".1f"),
             _fmt(r["test_rel_l2"], ".4f"), _fmt(r["replica_max_abs_diff"], ".1e"),
@@ -390,23 +395,51 @@ def _median_time(fn: Callable[[], object], min_time: float = 0.5, min_reps: int 
     return statistics.median(times)
 
 
-def _gradient_shapes() -> list[tuple[int, ...]]:
-    """The benchmark FNO's parameter shapes in float32 terms (complex weights as (..., 2))."""
-    import torch
-
+def _fno_views():
+    """The benchmark FNO's parameters as the ParamViews of one flat float32 bucket (complex ones as 2 floats each)."""
+    from trainer.compress.base import ParamView
     from trainer.models.fno import FNO
     model = FNO(1, 1, (12, 12), width=32, padding=0)
-    return [tuple(torch.view_as_real(p).shape) if p.is_complex() else tuple(p.shape) for p in model.parameters()]
+    views, offset = [], 0
+    for name, p in model.named_parameters():
+        numel = p.numel() * (2 if p.is_complex() else 1)
+        views.append(ParamView(name, offset, numel, tuple(p.shape), p.is_complex()))
+        offset += numel
+    return views, offset
+
+
+class _LocalTransport:
+    """World size 1: the compressor's own encode/decode work, no communication."""
+    rank, world_size, name = 0, 1, "local"
+
+    def allreduce_(self, t):
+        return t
+
+    def allgather(self, t):
+        return t.unsqueeze(0)
+
+    def all_to_all(self, t):
+        return t
+
+    def broadcast_(self, t, src=0):
+        return t
 
 
 def codec_benchmark(threads: int = 1) -> list[dict]:
-    """Time each codec's local encode+decode on the model's flat gradient; GB/s of fp32 input."""
+    """Time each codec's local encode+decode on the model's flat gradient; GB/s of fp32 input.
+
+    Codecs with a compiled kernel get two rows: the path FIELDTRAIN_KERNELS selects (default auto: compiled)
+    and "(reference)", the torch reference; compile_s is the first call's extra time (compilation and the
+    self-check; inductor caches compiled code on disk, so a rerun pays less). PowerSGD rows run
+    PowerSGDCompressor.exchange itself (world size 1, error feedback off, as for the other codecs)."""
     import torch
 
     import kernels
+    from kernels import fused
+    from trainer.compress.powersgd import PowerSGDCompressor, powersgd_floats, powersgd_matrix
+    from trainer.config import CommConfig, PowerSGDOptions
     torch.set_num_threads(threads)
-    shapes = _gradient_shapes()
-    n = sum(math.prod(s) for s in shapes)
+    views, n = _fno_views()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, generator=gen)
     dst = torch.empty_like(x)
@@ -415,17 +448,13 @@ def codec_benchmark(threads: int = 1) -> list[dict]:
 
     def int_codec(bits: int) -> Callable[[], tuple[torch.Tensor, int]]:
         def run():
-            q, s = kernels.quantize_blockwise(x, bits, block, generator=gen)
-            wire = q.numel() + 4 * s.numel()
-            if bits == 4:
-                packed = kernels.pack_int4(q)
-                q, wire = kernels.unpack_int4(packed, n), packed.numel() + 4 * s.numel()
-            return kernels.dequantize_blockwise(q, s, block), wire
+            codes, s = kernels.encode_blockwise(x, bits, block, generator=gen)
+            return kernels.decode_blockwise(codes, s, n, bits, block), codes.numel() + 4 * s.numel()
         return run
 
     def sign():
         packed, scale = kernels.pack_signs(x), x.abs().mean()
-        return kernels.unpack_signs(packed, n).mul_(scale), packed.numel() + 4
+        return kernels.unpack_signs(packed, n, scale=scale), packed.numel() + 4
 
     def topk():
         v, i = kernels.topk_select(x, k)
@@ -436,45 +465,42 @@ def codec_benchmark(threads: int = 1) -> list[dict]:
         return kernels.scatter_dense(n, i, v), 8 * k
 
     def powersgd(rank: int) -> Callable[[], tuple[torch.Tensor, int]]:
-        mats, offset = [], 0
-        for s in shapes:   # (n, m) views of the flat gradient, as PowerSGD reshapes each parameter
-            size = math.prod(s)
-            rows, cols = (s[0], size // s[0]) if len(s) > 1 else (size, 1)
-            compress = len(s) > 1 and rows * cols >= 2.0 * rank * (rows + cols)
-            q = torch.randn(cols, rank, generator=gen) if compress else None
-            mats.append((offset, rows, cols, q))
-            offset += size
+        cfg = CommConfig(compressor="powersgd", error_feedback=False, powersgd=PowerSGDOptions(rank))
+        comp = PowerSGDCompressor(cfg, _LocalTransport())
+        work = x.clone()
+        wire = 0
+        for v in views:
+            matrix = powersgd_matrix(v.shape, v.is_complex, cfg)
+            wire += 4 * (v.numel if matrix is None else sum(powersgd_floats(*matrix)))
 
         def run():
-            out, wire = torch.empty_like(x), 0
-            for off, rows, cols, q in mats:
-                m = x[off:off + rows * cols].view(rows, cols)
-                o = out[off:off + rows * cols].view(rows, cols)
-                if q is None:
-                    o.copy_(m)
-                    wire += 4 * rows * cols
-                    continue
-                p = torch.linalg.qr(m @ q).Q          # encode: P = orth(M Q), Q = M^T P
-                q_new = m.T @ p
-                torch.matmul(p, q_new.T, out=o)       # decode: M ~ P Q^T
-                wire += 4 * rank * (rows + cols)
+            out = comp.exchange(work, views)     # P = orth(M Q), Q = M^H P, approx = P Q^H, per matrix
+            comp.commit()                        # this step's Q warm-starts the next
             return out, wire
         return run
 
-    codecs: dict[str, Callable[[], tuple[torch.Tensor, int]]] = {
-        "fp16": lambda: (x.to(torch.float16).to(torch.float32), 2 * n),
-        "int8": int_codec(8), "int4": int_codec(4), "sign": sign,
-        "topk(1%)": topk, "randk(1%)": randk, "powersgd(r=1)": powersgd(1), "powersgd(r=4)": powersgd(4),
-    }
+    selected = fused.mode()
+    codecs: list[tuple[str, str, Callable[[], tuple[torch.Tensor, int]]]] = [
+        ("fp16", selected, lambda: (x.to(torch.float16).to(torch.float32), 2 * n))]
+    for name, fn in [("int8", int_codec(8)), ("int4", int_codec(4)), ("sign", sign)]:
+        codecs += [(name, selected, fn), (f"{name} (reference)", "reference", fn)]
+    codecs += [("topk(1%)", selected, topk), ("randk(1%)", selected, randk),
+               ("powersgd(r=1)", selected, powersgd(1)), ("powersgd(r=4)", selected, powersgd(4))]
+
     t_copy = _median_time(lambda: dst.copy_(x))
     copy_gbps = 4 * n / t_copy / 1e9
-    records = [{"codec": "memcpy", "input_bytes": 4 * n, "wire_bytes": 4 * n, "median_s": t_copy,
-                "gb_per_s": copy_gbps, "vs_memcpy": 1.0, "threads": threads}]
-    for name, fn in codecs.items():
-        wire = fn()[1]
-        t = _median_time(fn)
-        records.append({"codec": name, "input_bytes": 4 * n, "wire_bytes": wire, "median_s": t,
-                        "gb_per_s": 4 * n / t / 1e9, "vs_memcpy": t_copy / t, "threads": threads})
+    records = [{"codec": "memcpy", "kernels": "", "input_bytes": 4 * n, "wire_bytes": 4 * n, "median_s": t_copy,
+                "gb_per_s": copy_gbps, "vs_memcpy": 1.0, "compile_s": 0.0, "threads": threads}]
+    for name, mode, fn in codecs:
+        with kernels.kernel_mode(mode):
+            t0 = time.perf_counter()
+            wire = fn()[1]
+            first = time.perf_counter() - t0
+            t = _median_time(fn)
+        label = mode if name.split()[0] in ("int8", "int4", "sign") else "torch"     # the codecs with compiled kernels
+        records.append({"codec": name, "kernels": label, "input_bytes": 4 * n, "wire_bytes": wire, "median_s": t,
+                        "gb_per_s": 4 * n / t / 1e9, "vs_memcpy": t_copy / t, "compile_s": max(first - t, 0.0),
+                        "threads": threads})
     return records
 
 
@@ -482,14 +508,15 @@ def run_codec(out: Path) -> None:
     print("codec-only: local encode+decode on the FNO's gradient, 1 thread ...", flush=True)
     records = codec_benchmark()
     (out / "codec.json").write_text(json.dumps(records, indent=2))
-    cols = ["codec", "input_bytes", "wire_bytes", "median_s", "gb_per_s", "vs_memcpy", "threads"]
+    cols = ["codec", "kernels", "input_bytes", "wire_bytes", "median_s", "gb_per_s", "vs_memcpy", "compile_s", "threads"]
     with (out / "codec.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(records)
-    print_table(["codec", "MB in", "MB wire", "ms", "GB/s", "vs memcpy"],
-                [[r["codec"], f"{r['input_bytes'] / 1e6:.2f}", f"{r['wire_bytes'] / 1e6:.3f}",
-                  f"{1e3 * r['median_s']:.2f}", f"{r['gb_per_s']:.2f}", f"{r['vs_memcpy']:.3f}"] for r in records])
+    print_table(["codec", "kernels", "MB in", "MB wire", "ms", "GB/s", "vs memcpy", "compile s"],
+                [[r["codec"], r["kernels"], f"{r['input_bytes'] / 1e6:.2f}", f"{r['wire_bytes'] / 1e6:.3f}",
+                  f"{1e3 * r['median_s']:.2f}", f"{r['gb_per_s']:.2f}", f"{r['vs_memcpy']:.3f}",
+                  f"{r['compile_s']:.1f}" if r["compile_s"] >= 0.05 else ""] for r in records])
 
 
 # ---- main -------------------------------------------------------------------------------------------------

@@ -137,9 +137,11 @@ class SpectralConv(nn.Module):
 
         # Each retained corner (2^(d-1) of them: [:m] or [-m:] on each full axis, [:m] on the rfft axis) is
         # multiplied in place of a gather: slices are views, so no index_select/cat copies of the spectrum.
+        # Slicing the rfft axis first gives backward one full-size gradient of the spectrum, not one per corner.
+        low = x_ft[..., : self.modes[-1]]
         y = x_ft.new_zeros(x_ft.shape[0], self.out_channels, *x_ft.shape[2:])
         for spec, wsl in _corners(self.modes, grid):
-            y[(..., *spec)] = mode_matmul(x_ft[(..., *spec)], w[(..., *wsl)])
+            y[(..., *spec)] = mode_matmul(low[(..., *spec)], w[(..., *wsl)])
         return torch.fft.irfftn(y, s=grid, dim=dims)
 
     def extra_repr(self) -> str:
