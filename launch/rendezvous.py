@@ -193,9 +193,11 @@ def _check_port_free(port: int) -> None:
 
 def init_distributed(backend: str = "auto", timeout_s: int = 300) -> tuple[DistEnv, torch.device]:
     env = read_dist_env()
-    # DeepSpeed asserts LOCAL_RANK (torchrun's name) whatever launched it: give it the one Slurm or MPI told us.
-    # (Only this one: RANK/WORLD_SIZE in the environment would make a later read_dist_env take torchrun's branch.)
+    # DeepSpeed asserts LOCAL_RANK (torchrun's name) whatever launched it: give it the one Slurm or MPI told us, and
+    # LOCAL_WORLD_SIZE with it (node membership, for comm.hierarchy). (Only these: RANK/WORLD_SIZE in the environment
+    # would make a later read_dist_env take torchrun's branch.)
     os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(env.local_world_size))   # node membership (comm.hierarchy)
     if torch.cuda.is_available():
         visible = torch.cuda.device_count()
         if visible not in (1, env.local_world_size) and env.local_rank >= visible:

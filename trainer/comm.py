@@ -89,7 +89,12 @@ class GradientExchange:
 
     def __init__(self, cfg: CommConfig, module: torch.nn.Module, seed: int = 0, bucket_cap_mb: float = 25.0):
         self.cfg, self.bucket_cap_mb = cfg, bucket_cap_mb
-        self.transport = make_transport(cfg.transport)
+        self.world = make_transport(cfg.transport)
+        self.nodes = None
+        if cfg.hierarchy == "node":   # compress between nodes only (trainer/compress/hierarchy.py)
+            from trainer.compress.hierarchy import NodeGroups
+            self.nodes = NodeGroups()
+        self.transport = self.world if self.nodes is None else self.nodes.between   # what the compressor runs on
         self.compressor: Compressor = self._build(cfg.compressor, module, seed)
         self.warmup = AllReduceCompressor(cfg, self.transport)   # fp32 for the first cfg.start_step steps
         self.step = 0
@@ -103,7 +108,13 @@ class GradientExchange:
     def _build(self, name: str, module: torch.nn.Module, seed: int) -> Compressor:
         if name == "auto":
             from trainer.compress.auto import choose_compressor
-            name = choose_compressor(self.cfg, self.transport, module, self.bucket_cap_mb)
+            candidates = list(self.cfg.auto_candidates)
+            choice = torch.zeros(1, dtype=torch.int64)
+            if self.nodes is None or self.nodes.is_leader:   # the link that matters: between nodes
+                choice[0] = candidates.index(choose_compressor(self.cfg, self.transport, module, self.bucket_cap_mb))
+            if self.nodes is not None and self.nodes.local_size > 1:
+                self.nodes.local.broadcast_(choice, src=0)
+            name = candidates[int(choice)]
         cls = COMPRESSORS[name]
         assert cls is not None, f"{name} is a torch hook, not one of our compressors"
         compressor = cls(self.cfg, self.transport)
@@ -126,17 +137,20 @@ class GradientExchange:
     def run(self, buf: torch.Tensor, views: list[ParamView]) -> torch.Tensor:
         """Average one bucket in place (runs on the exchange thread)."""
         if self.bypass:
-            return self.transport.inner.allreduce_(buf).div_(self.transport.world_size)
+            return self.world.inner.allreduce_(buf).div_(self.world.world_size)
         if not bool(torch.isfinite(buf).all()):
             self.local_nonfinite = True
         compressor = self.warmup if self.step < self.cfg.start_step else self.compressor
         before, t0 = self.transport.bytes_sent, time.perf_counter()
-        out = compressor.exchange(buf, views)
-        if out is not buf:
-            buf.copy_(out)
+        if self.nodes is None:
+            out = compressor.exchange(buf, views)
+            if out is not buf:
+                buf.copy_(out)
+        else:
+            self.nodes.reduce(buf, lambda node_mean: compressor.exchange(node_mean, views))
         self.stats.seconds += time.perf_counter() - t0
-        self.stats.bytes_sent += self.transport.bytes_sent - before
-        self.stats.bytes_uncompressed += ring_allreduce_bytes(buf.numel() * 4, self.transport.world_size)
+        self.stats.bytes_sent += self.transport.bytes_sent - before   # between nodes, when hierarchical
+        self.stats.bytes_uncompressed += ring_allreduce_bytes(buf.numel() * 4, self.world.world_size)
         return buf
 
     # ---- called by the trainer once per step, after backward ----
@@ -236,6 +250,8 @@ def register_gradient_exchange(ddp_model: torch.nn.parallel.DistributedDataParal
                                exchange: GradientExchange) -> GradientExchange:
     ddp_model.register_comm_hook(exchange, _ddp_hook)
     cfg = exchange.cfg
-    log.info("gradient exchange: %s over %s (%d ranks)", exchange.compressor.name, cfg.transport,
-             exchange.transport.world_size)
+    nodes = exchange.nodes
+    log.info("gradient exchange: %s over %s (%d ranks%s)", exchange.compressor.name, cfg.transport,
+             exchange.world.world_size, "" if nodes is None else
+             f"; hierarchical: {len(nodes.nodes)} nodes x {nodes.local_size}, fp32 inside a node, compressed between")
     return exchange

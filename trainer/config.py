@@ -219,6 +219,7 @@ class CommConfig:
     start_step: int = 0            # exchange uncompressed fp32 for the first steps (torch's start_powerSGD_iter)
     error_feedback: bool = True    # for the compressors that have it
     ef_state: str = "full"         # sharded engines: the error-feedback residual's form (see README, "Error feedback")
+    hierarchy: str = "none"        # "node": fp32 reduce inside a node, the compressor between nodes (ddp)
     auto_candidates: list = field(default_factory=lambda: ["none", "fp16", "powersgd", "int8", "int4", "sign", "topk"])
     powersgd: PowerSGDOptions = field(default_factory=PowerSGDOptions)
     topk: TopKOptions = field(default_factory=TopKOptions)
@@ -231,6 +232,10 @@ class CommConfig:
         _choice("comm.compressor", self.compressor, tuple(COMPRESSORS))
         _choice("comm.transport", self.transport, ("torch", "mpi"))
         _choice("comm.ef_state", self.ef_state, EF_STATES)
+        _choice("comm.hierarchy", self.hierarchy, ("none", "node"))
+        if self.hierarchy != "none" and self.transport != "torch":
+            raise ValueError(f"config key 'comm.hierarchy' = {self.hierarchy!r} runs over torch.distributed process "
+                             f"groups; with comm.transport = {self.transport!r} use comm.hierarchy = 'none'")
         _positive("comm.start_step", self.start_step, zero_ok=True)
         from trainer.compress.auto import CANDIDATES
         if not isinstance(self.auto_candidates, list) or not self.auto_candidates:

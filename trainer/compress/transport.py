@@ -35,7 +35,8 @@ class TorchTransport:
         return out
 
     def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
-        dist.broadcast(t, src=src, group=self.group)
+        """src: a rank of this transport's group."""
+        dist.broadcast(t, group=self.group, group_src=src)
         return t
 
     def reduce_scatter(self, t: torch.Tensor) -> torch.Tensor:

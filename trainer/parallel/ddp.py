@@ -21,10 +21,14 @@ DEFAULT_BUCKET_CAP_MB = 25.0   # DDP's own default
 class DDPEngine(Engine):
     name = "ddp"
     compressors = tuple(COMPRESSORS)
+    hierarchical = True
 
     @classmethod
     def check(cls, cfg) -> None:
         super().check(cfg)
+        if cfg.comm.hierarchy != "none" and cfg.comm.compressor.startswith("torch_"):
+            raise ValueError(f"config key 'comm.hierarchy' = {cfg.comm.hierarchy!r} needs one of our compressors; "
+                             f"comm.compressor = {cfg.comm.compressor!r} is torch's own DDP hook")
         for key in ("param_dtype", "reduce_dtype"):
             if getattr(cfg.parallel, key) != "float32":
                 raise ValueError(f"config key 'parallel.{key}' = {getattr(cfg.parallel, key)!r} needs a sharded "

@@ -29,6 +29,7 @@ class Engine:
     name = "base"
     compressors: tuple[str, ...] = ()     # comm.compressor values this engine carries
     sharded = False                       # parameters (and optimizer state) split across ranks
+    hierarchical = False                  # carries comm.hierarchy = "node"
 
     @classmethod
     def check(cls, cfg) -> None:
@@ -37,6 +38,9 @@ class Engine:
         if cfg.comm.compressor not in cls.compressors:
             raise ValueError(f"config key 'comm.compressor' = {cfg.comm.compressor!r} cannot run under "
                              f"parallel.engine = {cls.name!r}; allowed there: {', '.join(map(repr, cls.compressors))}")
+        if cfg.comm.hierarchy != "none" and not cls.hierarchical:
+            raise ValueError(f"config key 'comm.hierarchy' = {cfg.comm.hierarchy!r} cannot run under parallel.engine "
+                             f"= {cls.name!r} (the two-level exchange is built for 'ddp'); use 'none' there")
         # `auto` chooses among the candidates this engine carries (the default list holds powersgd, which sharded
         # engines cannot carry); none at all is an error.
         if cfg.comm.compressor == "auto" and not any(c in cls.compressors for c in cfg.comm.auto_candidates):
