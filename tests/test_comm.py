@@ -198,3 +198,57 @@ def test_bucket_cap_chosen_from_the_link_keeps_replicas_identical(small_darcy, t
         assert_consistent(r, name)
         assert r["steps"] == 8 and r["exchange_s"] > 0, name
         assert 0 < r["bucket_cap_mb"] != 25.0, name
+
+
+# ---- auto re-deciding between steps (trainer/comm.py, GradientExchange.switch_to) ----
+
+def _auto_worker(rank: int, port: int, root: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    import trainer.compress.auto as auto
+    from trainer.comm import GradientExchange
+    from trainer.config import CommConfig
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    plan = iter(["int8", "int8", "sign", "sign", "topk"])     # what the link "measures" at each decision
+    auto.choose_compressor = lambda cfg, transport, module, cap: next(plan)
+    cfg = CommConfig(compressor="auto", auto_every=2, auto_candidates=["none", "int8", "sign", "topk"])
+    model = torch.nn.Linear(8, 4)
+    ex = GradientExchange(cfg, model, seed=0)
+    views = ex.views(list(model.parameters()), 36)
+    names, outs = [ex.compressor.name], []
+    for step in range(1, 9):
+        buf = torch.randn(36, generator=torch.Generator().manual_seed(100 * rank + step))
+        outs.append(ex.run(buf, views).tolist())
+        ex.end_step(True)
+        names.append(ex.compressor.name)
+    state = ex.state_dict()
+    auto.choose_compressor = lambda cfg, transport, module, cap: "none"
+    resumed = GradientExchange(cfg, model, seed=0)     # decides "none", then takes the checkpoint's choice
+    resumed.load_state_dict(state)
+    with open(os.path.join(root, f"rank{rank}.json"), "w") as f:
+        json.dump({"names": names, "switches": ex.switches, "outs": outs, "resumed": resumed.compressor.name}, f)
+    dist.destroy_process_group()
+
+
+def test_auto_switches_at_agreed_step_boundaries_and_resumes_its_choice(tmp_path):
+    import torch.multiprocessing as mp
+
+    from launch.local import free_port
+    ctx = mp.start_processes(_auto_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False,
+                             start_method="fork")
+    for _ in range(120):
+        if ctx.join(timeout=1):
+            break
+    else:
+        for p in ctx.processes:
+            p.kill()
+        pytest.fail("a rank hung")
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    # decisions at construction and every 2 applied steps; switches only where the choice changed
+    assert r0["names"] == ["int8"] * 4 + ["sign"] * 4 + ["topk"]
+    assert r0["switches"] == [[4, "int8", "sign"], [8, "sign", "topk"]]
+    assert r0["outs"] == r1["outs"]          # both ranks exchanged with the same compressor at every step
+    assert r0["resumed"] == r1["resumed"] == "topk"

@@ -36,6 +36,7 @@ def test_nodes_that_are_not_whole_and_equal_are_refused_by_name():
     (["comm.hierarchy=node", "parallel.engine=fsdp2", "comm.compressor=int8"], "built for 'ddp'"),
     (["comm.hierarchy=node", "comm.compressor=torch_powersgd"], "torch's own DDP hook"),
     (["comm.hierarchy=node", "comm.transport=mpi"], "torch.distributed process groups"),
+    (["comm.auto_every=100", "comm.compressor=auto", "parallel.engine=fsdp2"], "auto decides once"),
 ])
 def test_hierarchy_config_errors(overrides, says):
     with pytest.raises(ValueError, match=says):

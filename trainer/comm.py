@@ -95,7 +95,9 @@ class GradientExchange:
             from trainer.compress.hierarchy import NodeGroups
             self.nodes = NodeGroups()
         self.transport = self.world if self.nodes is None else self.nodes.between   # what the compressor runs on
-        self.compressor: Compressor = self._build(cfg.compressor, module, seed)
+        self.module, self.seed = module, seed
+        self.compressor: Compressor = self._build(self._decide() if cfg.compressor == "auto" else cfg.compressor)
+        self.switches: list[tuple[int, str, str]] = []   # auto: (step, from, to)
         self.warmup = AllReduceCompressor(cfg, self.transport)   # fp32 for the first cfg.start_step steps
         self.step = 0
         self.stats = ExchangeStats()
@@ -105,21 +107,36 @@ class GradientExchange:
         self._views: dict[tuple, list[ParamView]] = {}
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grad-exchange")
 
-    def _build(self, name: str, module: torch.nn.Module, seed: int) -> Compressor:
-        if name == "auto":
-            from trainer.compress.auto import choose_compressor
-            candidates = list(self.cfg.auto_candidates)
-            choice = torch.zeros(1, dtype=torch.int64)
-            if self.nodes is None or self.nodes.is_leader:   # the link that matters: between nodes
-                choice[0] = candidates.index(choose_compressor(self.cfg, self.transport, module, self.bucket_cap_mb))
-            if self.nodes is not None and self.nodes.local_size > 1:
-                self.nodes.local.broadcast_(choice, src=0)
-            name = candidates[int(choice)]
+    def _decide(self) -> str:
+        """auto: measure the link (between nodes, when hierarchical) and pick the compressor (a collective; every rank
+        gets the same name)."""
+        from trainer.compress import auto
+        candidates = list(self.cfg.auto_candidates)
+        choice = torch.zeros(1, dtype=torch.int64)
+        if self.nodes is None or self.nodes.is_leader:
+            self.transport.link = None   # measure afresh: cloud links change
+            choice[0] = candidates.index(auto.choose_compressor(self.cfg, self.transport, self.module,
+                                                                self.bucket_cap_mb))
+        if self.nodes is not None and self.nodes.local_size > 1:
+            self.nodes.local.broadcast_(choice, src=0)
+        return candidates[int(choice)]
+
+    def _build(self, name: str) -> Compressor:
         cls = COMPRESSORS[name]
         assert cls is not None, f"{name} is a torch hook, not one of our compressors"
         compressor = cls(self.cfg, self.transport)
-        compressor.seed = seed
+        compressor.seed = self.seed
         return compressor
+
+    def switch_to(self, name: str) -> None:
+        """Exchange with `name` from the next step on (called between steps, on every rank at the same step); the
+        new compressor's state (error feedback, warm starts) starts afresh, as the log says."""
+        if name == self.compressor.name:
+            return
+        log.warning("auto at step %d: switching compressor %s -> %s (its state starts afresh)", self.step,
+                    self.compressor.name, name)
+        self.switches.append((self.step, self.compressor.name, name))
+        self.compressor = self._build(name)
 
     def views(self, params: list[torch.Tensor], numel: int) -> list[ParamView]:
         """Where each parameter of a bucket sits in its flat buffer (complex ones as 2x float32)."""
@@ -159,6 +176,9 @@ class GradientExchange:
         self.local_nonfinite = False
         if applied:
             self.step += 1
+            every = self.cfg.auto_every
+            if self.cfg.compressor == "auto" and every and self.step % every == 0:   # at a step every rank shares
+                self.switch_to(self._decide())
 
     # ---- Stateful ----
     def state_dict(self) -> dict:
@@ -166,6 +186,8 @@ class GradientExchange:
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+        if self.cfg.compressor == "auto" and state["compressor"] in self.cfg.auto_candidates:
+            self.compressor = self._build(state["compressor"])   # auto resumes with what it had chosen, and its state
         if state["compressor"] != self.compressor.name:
             log.warning("checkpoint's compressor was %s, this run uses %s: starting its state afresh",
                         state["compressor"], self.compressor.name)

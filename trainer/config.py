@@ -221,6 +221,7 @@ class CommConfig:
     ef_state: str = "full"         # sharded engines: the error-feedback residual's form (see README, "Error feedback")
     hierarchy: str = "none"        # "node": fp32 reduce inside a node, the compressor between nodes (ddp)
     auto_candidates: list = field(default_factory=lambda: ["none", "fp16", "powersgd", "int8", "int4", "sign", "topk"])
+    auto_every: int = 0            # auto under ddp: re-measure the link and re-decide every N steps (0: once)
     powersgd: PowerSGDOptions = field(default_factory=PowerSGDOptions)
     topk: TopKOptions = field(default_factory=TopKOptions)
     randk: RandKOptions = field(default_factory=RandKOptions)
@@ -237,6 +238,7 @@ class CommConfig:
             raise ValueError(f"config key 'comm.hierarchy' = {self.hierarchy!r} runs over torch.distributed process "
                              f"groups; with comm.transport = {self.transport!r} use comm.hierarchy = 'none'")
         _positive("comm.start_step", self.start_step, zero_ok=True)
+        _positive("comm.auto_every", self.auto_every, zero_ok=True)
         from trainer.compress.auto import CANDIDATES
         if not isinstance(self.auto_candidates, list) or not self.auto_candidates:
             raise ValueError(f"config key 'comm.auto_candidates' = {self.auto_candidates!r}; give a non-empty list, "
@@ -445,7 +447,8 @@ RESUME_RULES = {
     "optim": {"*": "allow", "name": "refuse"},
     "train": {"*": "allow"},
     "ema": {"*": "allow", "kind": "refuse"},   # the average so far is of one kind; its settings shape what follows
-    "comm": {"*": "reset", "transport": "allow", "start_step": "allow", "auto_candidates": "allow"},
+    "comm": {"*": "reset", "transport": "allow", "start_step": "allow", "auto_candidates": "allow",
+             "auto_every": "allow"},
     "dist": {"*": "allow"},
 }
 RESUME_WHY = {"refuse": "cannot change on resume", "reset": "compressor state starts afresh",

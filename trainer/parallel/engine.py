@@ -38,6 +38,9 @@ class Engine:
         if cfg.comm.compressor not in cls.compressors:
             raise ValueError(f"config key 'comm.compressor' = {cfg.comm.compressor!r} cannot run under "
                              f"parallel.engine = {cls.name!r}; allowed there: {', '.join(map(repr, cls.compressors))}")
+        if cfg.comm.auto_every and cls.sharded:
+            raise ValueError(f"config key 'comm.auto_every' = {cfg.comm.auto_every}: re-deciding `auto` during the "
+                             f"run is built for 'ddp'; under parallel.engine = {cls.name!r} auto decides once (0)")
         if cfg.comm.hierarchy != "none" and not cls.hierarchical:
             raise ValueError(f"config key 'comm.hierarchy' = {cfg.comm.hierarchy!r} cannot run under parallel.engine "
                              f"= {cls.name!r} (the two-level exchange is built for 'ddp'); use 'none' there")
