@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels.fused import FusedKernel, compile_body
+
 
 def _check_1d(name: str, t: torch.Tensor) -> None:
     if t.dim() != 1:
@@ -48,12 +50,65 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     return (packed.unsqueeze(1) & _bit_weights(packed.device)).ne(0).reshape(-1)[:n]
 
 
-def pack_signs(x: torch.Tensor) -> torch.Tensor:
-    """Real (n,) -> uint8 (ceil(n/8),) with bit = (x >= 0); so +0.0 and -0.0 are +, NaN is -."""
-    _check_1d("x", x)
+def _pack_signs_reference(x: torch.Tensor) -> torch.Tensor:
     return pack_bits(x >= 0)
 
 
-def unpack_signs(packed: torch.Tensor, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 -> (n,) of +1.0 (bit set) / -1.0 (bit clear) in `dtype`."""
-    return unpack_bits(packed, n).to(dtype) * 2 - 1
+def _pack_signs_body(x, out):                    # x (8 m,) -> out uint8 (m,), one column OR per bit
+    xb = x.view(out.shape[0], 8) >= 0
+    acc = xb[:, 0].to(torch.int32)
+    for j in range(1, 8):
+        acc = acc | (xb[:, j].to(torch.int32) << j)
+    out.copy_(acc.to(torch.uint8))
+
+
+_BODY: list = []
+
+
+def _pack_signs_compiled(x: torch.Tensor) -> torch.Tensor:
+    if not _BODY:
+        _BODY.append(compile_body(_pack_signs_body))
+    x = x.contiguous()
+    n = x.numel()
+    full = n // 8 * 8
+    out = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device)
+    if full:
+        _BODY[0](x[:full], out[:full // 8])
+    if full < n:
+        out[full // 8:] = pack_bits(x[full:] >= 0)
+    return out
+
+
+_PACK_SIGNS = FusedKernel("pack_signs", _pack_signs_compiled, _pack_signs_reference,
+                          lambda d: (torch.randn(77, generator=torch.Generator().manual_seed(0)).to(d),))
+
+
+def pack_signs(x: torch.Tensor) -> torch.Tensor:
+    """Real (n,) -> uint8 (ceil(n/8),) with bit = (x >= 0); so +0.0 and -0.0 are +, NaN is -."""
+    _check_1d("x", x)
+    return _PACK_SIGNS(x)
+
+
+_TABLES: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+
+def _sign_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(256, 8): row b is byte b's eight bits as +1 (set) / -1 (clear), LSB first."""
+    key = (str(device), dtype)
+    if key not in _TABLES:
+        b = torch.arange(256, device=device).unsqueeze(1) >> torch.arange(8, device=device)
+        _TABLES[key] = ((b & 1) * 2 - 1).to(dtype)
+    return _TABLES[key]
+
+
+def unpack_signs(packed: torch.Tensor, n: int, dtype: torch.dtype = torch.float32,
+                 scale: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 -> (n,) of +1 (bit set) / -1 (bit clear) in `dtype`, times `scale` (a one-element tensor) if given.
+
+    A lookup of each byte in the (256, 8) table of +-1 (times scale): one gather of 8 values per byte.
+    """
+    _check_n(n, packed, 8)
+    table = _sign_table(packed.device, dtype)
+    if scale is not None:
+        table = table * scale.to(dtype).reshape(())
+    return torch.index_select(table, 0, packed.int()).view(-1)[:n]

@@ -1,14 +1,28 @@
 """Blockwise absmax quantisation (8-bit optimizers / QSGD-style scaling) and int4 nibble packing.
 
 A vector is cut into blocks of `block_size` (the last one may be short); each block keeps one float32
-scale s = absmax / L with L = 2^(bits-1) - 1 levels each side, and each element the integer q in [-L, L]
-nearest to x / s (or a stochastic rounding of it, which makes q * s an unbiased estimate of x).
-The quantiser assumes finite input: a block containing inf/NaN gives undefined q for that block.
+scale s = absmax / L with L = 2^(bits-1) - 1 levels each side, and each element the integer
+
+    q = clamp(round(x * inv), -L, L)        nearest (half to even), or
+    q = clamp(floor(x * inv + u_i), -L, L)  stochastic, u_i = kernels.rng.uniform(i, key), E[q] = x * inv
+
+with inv = L * (1 / absmax) computed once per block in float32 (inv = 0 where it is not finite: all-zero
+blocks, and blocks with absmax below ~L 2^-128), so q * s is an unbiased estimate of x up to float32
+rounding and the 2^-24 grid of u. i is the element's index in the vector; the key is drawn once per call
+from the caller's generator. The quantiser assumes finite input: a block containing inf/NaN gives undefined
+q for that block.
+
+Each codec has a torch reference (`_*_reference`, the source of truth) and a compiled path
+(`_*_compiled`: a torch.compile'd body over the whole blocks, the reference formula on the short tail),
+dispatched by `kernels.fused.FusedKernel`; both give the same bytes.
 """
 
 from __future__ import annotations
 
 import torch
+
+from kernels.fused import FusedKernel, compile_body
+from kernels.rng import random_key, uniform
 
 
 def _num_blocks(n: int, block_size: int) -> int:
@@ -17,48 +31,280 @@ def _num_blocks(n: int, block_size: int) -> int:
     return (n + block_size - 1) // block_size
 
 
-def quantize_blockwise(x: torch.Tensor, bits: int, block_size: int, stochastic: bool = True,
-                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float (n,) -> (q int8 (n,) in [-L, L], scales float32 (ceil(n/block_size),)).
+_CONSTANTS: dict[tuple[int, str], torch.Tensor] = {}      # small per-device argument tensors, made once
 
-    Stochastic rounding is floor(v + u), u ~ U[0, 1), so q lands on floor(v) or ceil(v) with
-    E[q] = v and E[q * s] = x; nearest rounding (stochastic=False) rounds half to even.
-    All-zero blocks get s = 0 and q = 0. `generator` must live on x's device.
-    """
+
+def _levels(bits: int, device: torch.device) -> torch.Tensor:
+    """L = 2^(bits-1) - 1 as a 0-d float32 tensor: the same argument for the reference and the compiled body."""
+    key = (-bits, str(device))
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(float(2 ** (bits - 1) - 1), device=device)
+    return _CONSTANTS[key]
+
+
+def _cols(block: int, device: torch.device) -> torch.Tensor:
+    """arange(block) int32 on `device`: the fused bodies build element indices from it (an in-kernel arange
+    costs more than the hash) and take the block size from its shape."""
+    key = (block, str(device))
+    if key not in _CONSTANTS:
+        cols = torch.arange(block, dtype=torch.int32, device=device)
+        torch._dynamo.mark_static(cols, 0)        # the block size is compiled in as a constant; n stays dynamic
+        _CONSTANTS[key] = cols
+    return _CONSTANTS[key]
+
+
+# ---- references ----------------------------------------------------------------------------------------------
+def _quantize_rows(xb: torch.Tensor, levels: torch.Tensor, key: torch.Tensor | None,
+                   index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (rows, block) -> (q int8 (rows, block), scales (rows,)): the module docstring's formula."""
+    absmax = xb.abs().amax(1, keepdim=True)
+    inv = absmax.reciprocal() * levels              # written as inductor computes it, so both give the same bits
+    v = xb * torch.where(inv < float("inf"), inv, 0.0)
+    v = v.round() if key is None else (v + uniform(index, key)).floor()
+    return torch.minimum(torch.maximum(v, -levels), levels).to(torch.int8), absmax.view(-1) / levels
+
+
+def _quantize_reference(x: torch.Tensor, levels: torch.Tensor, block: int, key: torch.Tensor | None,
+                        cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = x.numel()
+    nb = _num_blocks(n, block)
+    xb = torch.zeros(nb * block, dtype=torch.float32, device=x.device)
+    xb[:n] = x                                                      # zero padding never raises absmax
+    index = torch.arange(nb * block, dtype=torch.int32, device=x.device).view(nb, block)
+    q, scales = _quantize_rows(xb.view(nb, block), levels, key, index)
+    return q.view(-1)[:n], scales
+
+
+def _dequantize_reference(q: torch.Tensor, scales: torch.Tensor, block: int, cols: torch.Tensor) -> torch.Tensor:
+    n, nb = q.numel(), scales.numel()
+    qb = torch.zeros(nb * block, dtype=torch.float32, device=q.device)
+    qb[:n] = q
+    return qb.view(nb, block).mul_(scales.float().unsqueeze(1)).view(-1)[:n]
+
+
+def _pack_int4_reference(q: torch.Tensor) -> torch.Tensor:
+    n = q.numel()
+    m = (n + 1) // 2
+    nib = torch.zeros(2 * m, dtype=torch.uint8, device=q.device)
+    nib[:n] = q.view(torch.uint8) & 0x0F                          # reinterpret: -1 -> 0xFF -> 0xF
+    nib = nib.view(m, 2)
+    return nib[:, 0] | (nib[:, 1] << 4)
+
+
+def _unpack_int4_reference(packed: torch.Tensor, n: int) -> torch.Tensor:
+    nib = torch.stack([packed & 0x0F, packed >> 4], dim=1).reshape(-1)[:n].to(torch.int8)
+    return (nib ^ 8) - 8                                          # sign-extend the 4-bit two's complement
+
+
+def _encode4_reference(x, levels, block, key, cols):
+    q, scales = _quantize_reference(x, levels, block, key, cols)
+    return _pack_int4_reference(q), scales
+
+
+def _decode4_reference(codes, scales, n, block, cols):
+    return _dequantize_reference(_unpack_int4_reference(codes, n), scales, block, cols)
+
+
+# ---- compiled path: full blocks by a compiled body writing into one output buffer, the short tail by the
+# reference formula ------------------------------------------------------------------------------------------
+def _quantize_body(x, levels, key, cols, q_out, s_out):              # x, q_out (rows * block,), s_out (rows,)
+    block = cols.shape[0]
+    rows = s_out.shape[0]
+    index = cols + torch.arange(rows, dtype=torch.int32, device=x.device).view(-1, 1) * block
+    q, s = _quantize_rows(x.view(rows, block), levels, key, index)
+    q_out.view(rows, block).copy_(q)
+    s_out.copy_(s)
+
+
+def _dequantize_body(q, scales, cols, out):                          # q, out (rows * block,), scales (rows,)
+    block = cols.shape[0]
+    rows = scales.shape[0]
+    out.view(rows, block).copy_(q.view(rows, block).float() * scales.float().unsqueeze(1))
+
+
+def _pack_pairs(q: torch.Tensor) -> torch.Tensor:
+    """int8 (rows, 2m) -> uint8 (rows, m): the low nibble from the even column, the high one from the odd."""
+    q = q.to(torch.int32).view(q.shape[0], q.shape[1] // 2, 2)
+    return ((q[:, :, 0] & 15) | ((q[:, :, 1] & 15) << 4)).to(torch.uint8)
+
+
+def _unpack_pairs(b: torch.Tensor) -> torch.Tensor:
+    """uint8 (rows, m) -> int32 (rows, 2m), sign-extended nibbles."""
+    b = b.to(torch.int32)
+    return (torch.stack([b & 15, b >> 4], dim=2).view(b.shape[0], 2 * b.shape[1]) ^ 8) - 8
+
+
+def _encode4_body(x, levels, key, cols, codes_out, s_out):           # block even; codes_out (rows * block / 2,)
+    block = cols.shape[0]
+    rows = s_out.shape[0]
+    index = cols + torch.arange(rows, dtype=torch.int32, device=x.device).view(-1, 1) * block
+    q, s = _quantize_rows(x.view(rows, block), levels, key, index)
+    codes_out.view(rows, block // 2).copy_(_pack_pairs(q))
+    s_out.copy_(s)
+
+
+def _decode4_body(codes, scales, cols, out):                         # block even
+    block = cols.shape[0]
+    rows = scales.shape[0]
+    q = _unpack_pairs(codes.view(rows, block // 2))
+    out.view(rows, block).copy_(q.float() * scales.float().unsqueeze(1))
+
+
+_BODIES: dict[str, object] = {}
+
+
+def _body(fn):
+    if fn.__name__ not in _BODIES:
+        _BODIES[fn.__name__] = compile_body(fn)
+    return _BODIES[fn.__name__]
+
+
+def _quantize_compiled(x, levels, block, key, cols):
+    n = x.numel()
+    nf = n // block
+    full = nf * block
+    x = x.float().contiguous()
+    q = torch.empty(n, dtype=torch.int8, device=x.device)
+    s = torch.empty(_num_blocks(n, block), dtype=torch.float32, device=x.device)
+    if nf:
+        _body(_quantize_body)(x[:full], levels, key, cols, q[:full], s[:nf])
+    if full < n:
+        qt, s[nf:] = _quantize_rows(x[full:].view(1, -1), levels, key, cols[:n - full] + full)
+        q[full:] = qt.view(-1)
+    return q, s
+
+
+def _dequantize_compiled(q, scales, block, cols):
+    q, scales = q.contiguous(), scales.contiguous()
+    n = q.numel()
+    nf = n // block
+    full = nf * block
+    out = torch.empty(n, dtype=torch.float32, device=q.device)
+    if nf:
+        _body(_dequantize_body)(q[:full], scales[:nf], cols, out[:full])
+    if full < n:
+        out[full:] = q[full:].float() * scales[nf].float()
+    return out
+
+
+def _encode4_compiled(x, levels, block, key, cols):                  # block even
+    n = x.numel()
+    nf = n // block
+    full = nf * block
+    x = x.float().contiguous()
+    codes = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
+    s = torch.empty(_num_blocks(n, block), dtype=torch.float32, device=x.device)
+    if nf:
+        _body(_encode4_body)(x[:full], levels, key, cols, codes[:full // 2], s[:nf])
+    if full < n:
+        qt, s[nf:] = _quantize_rows(x[full:].view(1, -1), levels, key, cols[:n - full] + full)
+        codes[full // 2:] = _pack_int4_reference(qt.view(-1))
+    return codes, s
+
+
+def _decode4_compiled(codes, scales, n, block, cols):               # block even
+    codes, scales = codes.contiguous(), scales.contiguous()
+    nf = n // block
+    full = nf * block
+    out = torch.empty(n, dtype=torch.float32, device=codes.device)
+    if nf:
+        _body(_decode4_body)(codes[:full // 2], scales[:nf], cols, out[:full])
+    if full < n:
+        out[full:] = _unpack_int4_reference(codes[full // 2:], n - full).float() * scales[nf].float()
+    return out
+
+
+def _example_x(device, n: int = 16 * 7 + 5) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def _example_key(device) -> torch.Tensor:
+    return torch.tensor([123456789, -987654321], dtype=torch.int32, device=device)
+
+
+def _example_codes(device, n: int, bits: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 256, ((n * bits + 7) // 8,), generator=g, dtype=torch.uint8).to(device)
+
+
+_QUANTIZE = FusedKernel("quantize_blockwise", _quantize_compiled, _quantize_reference,
+                        lambda d: (_example_x(d), _levels(8, d), 16, _example_key(d), _cols(16, d)))
+_DEQUANTIZE = FusedKernel("dequantize_blockwise", _dequantize_compiled, _dequantize_reference,
+                          lambda d: (_example_codes(d, 117, 8).view(torch.int8), _example_x(d, 8).abs(), 16, _cols(16, d)))
+_ENCODE4 = FusedKernel("encode_int4", _encode4_compiled, _encode4_reference,
+                       lambda d: (_example_x(d), _levels(4, d), 16, _example_key(d), _cols(16, d)))
+_DECODE4 = FusedKernel("decode_int4", _decode4_compiled, _decode4_reference,
+                       lambda d: (_example_codes(d, 117, 4), _example_x(d, 8).abs(), 117, 16, _cols(16, d)))
+
+
+# ---- public API ----------------------------------------------------------------------------------------------
+def _check_quantize_args(x: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
     if x.dim() != 1:
         raise ValueError(f"x must be 1-D, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"x must be floating point, got {x.dtype}")
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be in [2, 8], got {bits}")
-    n = x.numel()
-    nb = _num_blocks(n, block_size)
-    levels = 2 ** (bits - 1) - 1
+    _num_blocks(x.numel(), block_size)
+    return _levels(bits, x.device)
 
-    xb = torch.zeros(nb * block_size, dtype=torch.float32, device=x.device)
-    xb[:n] = x
-    xb = xb.view(nb, block_size)                                   # zero padding never raises absmax
-    scales = xb.abs().amax(dim=1) / levels
-    v = xb.div_(torch.where(scales > 0, scales, torch.ones_like(scales)).unsqueeze(1))   # zero blocks: v = 0
-    if stochastic:
-        v.add_(torch.rand(v.shape, generator=generator, dtype=torch.float32, device=x.device)).floor_()
-    else:
-        v.round_()
-    return v.view(-1)[:n].clamp_(-levels, levels).to(torch.int8), scales
+
+def quantize_blockwise(x: torch.Tensor, bits: int, block_size: int, stochastic: bool = True,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float (n,) -> (q int8 (n,) in [-L, L], scales float32 (ceil(n/block_size),)); see the module docstring.
+
+    Stochastic rounding lands on floor(v) or ceil(v), v = x * inv, with E[q] = v; nearest rounding
+    (stochastic=False) rounds half to even. All-zero blocks get s = 0 and q = 0. `generator` (on x's device)
+    supplies the hash key, two int32 draws per call.
+    """
+    levels = _check_quantize_args(x, bits, block_size)
+    key = random_key(generator, x.device) if stochastic else None
+    return _QUANTIZE(x, levels, block_size, key, _cols(block_size, x.device))
+
+
+def _check_scales(n: int, scales: torch.Tensor, block_size: int) -> None:
+    nb = _num_blocks(n, block_size)
+    if scales.shape != (nb,):
+        raise ValueError(f"scales has shape {tuple(scales.shape)}, expected ({nb},) for n={n}, "
+                         f"block_size={block_size}")
 
 
 def dequantize_blockwise(q: torch.Tensor, scales: torch.Tensor, block_size: int) -> torch.Tensor:
     """(q int (n,), scales (ceil(n/block_size),)) -> float32 (n,) = q * s of its block."""
     if q.dim() != 1:
         raise ValueError(f"q must be 1-D, got shape {tuple(q.shape)}")
-    n = q.numel()
-    nb = _num_blocks(n, block_size)
-    if scales.shape != (nb,):
-        raise ValueError(f"scales has shape {tuple(scales.shape)}, expected ({nb},) for n={n}, "
-                         f"block_size={block_size}")
-    qb = torch.zeros(nb * block_size, dtype=torch.float32, device=q.device)
-    qb[:n] = q
-    return qb.view(nb, block_size).mul_(scales.float().unsqueeze(1)).view(-1)[:n]
+    _check_scales(q.numel(), scales, block_size)
+    return _DEQUANTIZE(q, scales, block_size, _cols(block_size, q.device))
+
+
+def encode_blockwise(x: torch.Tensor, bits: int, block_size: int, stochastic: bool = True,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float (n,) -> (codes uint8 (n bits / 8,), scales): `quantize_blockwise`, then for bits = 4 `pack_int4`;
+    bits = 8 codes are q's bytes. One fused pass when block_size is even (4 bits) or always (8 bits)."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8 for a byte encoding, got {bits}")
+    if bits == 8:
+        q, scales = quantize_blockwise(x, 8, block_size, stochastic, generator)
+        return q.view(torch.uint8), scales
+    levels = _check_quantize_args(x, bits, block_size)
+    key = random_key(generator, x.device) if stochastic else None
+    args = (x, levels, block_size, key, _cols(block_size, x.device))
+    return _ENCODE4(*args) if block_size % 2 == 0 else _encode4_reference(*args)
+
+
+def decode_blockwise(codes: torch.Tensor, scales: torch.Tensor, n: int, bits: int, block_size: int) -> torch.Tensor:
+    """The inverse of `encode_blockwise` up to quantisation: (codes, scales) -> float32 (n,)."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8 for a byte encoding, got {bits}")
+    if codes.dim() != 1 or codes.dtype != torch.uint8:
+        raise ValueError(f"codes must be 1-D uint8, got {codes.dtype} of shape {tuple(codes.shape)}")
+    if codes.numel() != (n * bits + 7) // 8:
+        raise ValueError(f"codes has {codes.numel()} bytes, expected {(n * bits + 7) // 8} for n={n}, bits={bits}")
+    if bits == 8:
+        return dequantize_blockwise(codes.view(torch.int8), scales, block_size)
+    _check_scales(n, scales, block_size)
+    args = (codes, scales, n, block_size, _cols(block_size, codes.device))
+    return _DECODE4(*args) if block_size % 2 == 0 else _decode4_reference(*args)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -71,12 +317,7 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"q must be 1-D, got shape {tuple(q.shape)}")
     if q.dtype != torch.int8:
         raise ValueError(f"q must be int8, got {q.dtype}")
-    n = q.numel()
-    m = (n + 1) // 2
-    nib = torch.zeros(2 * m, dtype=torch.uint8, device=q.device)
-    nib[:n] = q.view(torch.uint8) & 0x0F                          # reinterpret: -1 -> 0xFF -> 0xF
-    nib = nib.view(m, 2)
-    return nib[:, 0] | (nib[:, 1] << 4)
+    return _pack_int4_reference(q)
 
 
 def unpack_int4(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -87,5 +328,4 @@ def unpack_int4(packed: torch.Tensor, n: int) -> torch.Tensor:
         raise ValueError(f"packed must be uint8, got {packed.dtype}")
     if not 0 <= n <= 2 * packed.numel():
         raise ValueError(f"n={n} must be in [0, {2 * packed.numel()}] for {packed.numel()} packed bytes")
-    nib = torch.stack([packed & 0x0F, packed >> 4], dim=1).reshape(-1)[:n].to(torch.int8)
-    return (nib ^ 8) - 8                                          # sign-extend the 4-bit two's complement
+    return _unpack_int4_reference(packed, n)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from kernels.fused import FusedKernel, compile_body
+from kernels.rng import random_key, uniform_int
+
 _INT32_MAX = 2**31 - 1
 
 
@@ -50,14 +53,47 @@ def topk_select(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def randk_select(x: torch.Tensor, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """k distinct indices uniform without replacement, ascending: (x[indices] unscaled, indices int32).
+    """k distinct indices, ascending, each included with probability exactly k/n: (x[indices] unscaled, int32).
 
-    Each index is kept with probability k/n, so (n/k) * scatter_dense(n, *randk_select(x, k)) is unbiased.
-    `generator` must live on x's device.
+    Stratified sampling on the circle [0, n), rotated: arc j = [floor(j n / k), floor((j+1) n / k)) of size
+    s_j in {floor(n/k), ceil(n/k)}; a rotation c ~ U{0..n-1} and one offset o_j ~ U{0..s_j-1} per arc give
+    index_j = (floor(j n / k) + o_j + c) mod n. For each c, index i is picked with probability 1/s of its arc;
+    averaged over c that is (1/n) sum_j s_j / s_j = k/n. So (n/k) * scatter_dense(n, *randk_select(x, k)) is
+    unbiased with E||.||^2 = (n/k) ||x||^2, as for a uniform k-subset (the marginals are all that needs); unlike
+    one, two indices of one arc are never picked together. The draws are `kernels.rng` hashes of j keyed by
+    two int32 from `generator` (which must live on x's device): O(k) work, no randperm.
     """
     n = _check(x, k)
-    idx = torch.randperm(n, generator=generator, device=x.device)[:k].sort().values
-    return x[idx], idx.to(torch.int32)
+    if k == 0:
+        return x[:0], torch.zeros(0, dtype=torch.int32, device=x.device)
+    key = random_key(generator, x.device)
+    j = torch.arange(k + 1, dtype=torch.int64, device=x.device)
+    idx = _RANDK(j, torch.tensor(n, device=x.device), key)
+    return x.index_select(0, idx), idx.to(torch.int32)
+
+
+def _randk_indices(j: torch.Tensor, n: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """j = arange(k + 1) int64, n a 0-d int64 tensor -> the k ascending int64 indices of `randk_select`."""
+    k = j.shape[0] - 1
+    bounds = j * n // k                                                   # (k + 1,) arc boundaries
+    start, size = bounds[:-1], bounds[1:] - bounds[:-1]
+    c = uniform_int(j[k:].to(torch.int32), key, n)                        # hash index k: the rotation
+    idx = start + uniform_int(j[:k].to(torch.int32), key, size) + c
+    wrapped = idx >= n                                                     # a suffix of the ascending idx
+    idx = torch.where(wrapped, idx - n, idx)
+    return idx.index_select(0, (j[:k] - wrapped.sum()) % k)               # rotate that suffix to the front
+
+
+def _randk_indices_compiled(j, n, key):
+    if not _BODY:
+        _BODY.append(compile_body(_randk_indices))
+    return _BODY[0](j, n, key)
+
+
+_BODY: list = []
+_RANDK = FusedKernel("randk_indices", _randk_indices_compiled, _randk_indices,
+                     lambda d: (torch.arange(8, device=d), torch.tensor(23, device=d),
+                                torch.tensor([3, -4], dtype=torch.int32, device=d)), min_numel=1 << 12)
 
 
 def scatter_dense(n: int, indices: torch.Tensor, values: torch.Tensor, out: torch.Tensor | None = None,

@@ -1,11 +1,18 @@
-"""kernels/: exact round trips and byte layouts, quantisation error bounds and unbiasedness, sparsifiers."""
+"""kernels/: exact round trips and byte layouts, quantisation error bounds and unbiasedness, sparsifiers,
+the hash RNG's statistics, and compiled == reference byte for byte."""
+
+import logging
+import math
 
 import numpy as np
 import pytest
 import torch
 
-from kernels import (dequantize_blockwise, pack_bits, pack_int4, pack_signs, quantize_blockwise, randk_select,
-                     scatter_dense, topk_select, unpack_bits, unpack_int4, unpack_signs)
+from kernels import (KernelMismatchError, decode_blockwise, dequantize_blockwise, encode_blockwise, hash32,
+                     kernel_mode, pack_bits, pack_int4, pack_signs, quantize_blockwise, randk_select, scatter_dense,
+                     topk_select, uniform, unpack_bits, unpack_int4, unpack_signs)
+from kernels import bitpack, fused, quant
+from kernels.rng import random_key, uniform_int
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SIZES = [0, 1, 2, 7, 8, 9, 15, 16, 17, 63, 64, 65, 1000, 4099]
@@ -276,3 +283,182 @@ def test_topk_prefilter_path_is_exact_on_large_inputs(kind):
     mask = torch.ones(n, dtype=torch.bool)
     mask[idx.long()] = False
     assert (x.abs()[mask] <= kth).all()
+
+
+@pytest.mark.parametrize("n,k", [(23, 5), (1000, 7), (10, 10)])
+def test_randk_inclusion_is_exactly_k_over_n_for_uneven_arcs(n, k):
+    """Arcs of floor/ceil(n/k): the rotation still makes every index's inclusion probability k/n."""
+    draws = 3000
+    x = torch.arange(n, dtype=torch.float32)
+    gen = _gen("cpu", 7)
+    counts = torch.zeros(n, dtype=torch.float64)
+    for _ in range(draws):
+        values, indices = randk_select(x, k, gen)
+        assert indices.shape == (k,) and torch.all(indices[1:] > indices[:-1])
+        assert torch.equal(values, x[indices.long()])
+        counts[indices.long()] += 1
+    p = k / n
+    expected = draws * p
+    if p < 1:
+        # binomial per index; chi2 with n - 1 dof (the counts sum to draws k), bound at mean + 6 sd
+        chi2 = float(((counts - expected) ** 2 / (expected * (1 - p))).sum())
+        assert chi2 < (n - 1) + 6 * math.sqrt(2 * (n - 1))
+    else:
+        assert torch.all(counts == draws)
+
+
+# ---- the hash RNG ----
+
+def test_hash_rng_uniform_statistics():
+    """u = (h >>> 8) 2^-24 over N = 2^20 consecutive indices: mean, variance, 64-bin chi2, neighbour pairs."""
+    N = 1 << 20
+    key = random_key(_gen("cpu", 11), "cpu")
+    u = uniform(torch.arange(N, dtype=torch.int32), key).double()
+    assert u.dtype == torch.float64 and float(u.min()) >= 0 and float(u.max()) < 1
+    # CLT: sd of the mean sqrt(1/12 / N); of the sample variance sqrt((1/80 - 1/144) / N); bound at 5 sd
+    assert abs(float(u.mean()) - 0.5) < 5 * math.sqrt(1 / 12 / N)
+    assert abs(float(u.var()) - 1 / 12) < 5 * math.sqrt((1 / 80 - 1 / 144) / N)
+    # 64 bins: chi2 with 63 dof (mean 63, sd 11.2); 63 + 6 sd ~ 130 is exceeded with P < 1e-6
+    counts = torch.bincount((u * 64).long(), minlength=64).double()
+    assert float(((counts - N / 64) ** 2 / (N / 64)).sum()) < 130
+    # neighbours: (u_i, u_i+1) on an 8x8 grid, chi2 with 63 dof; correlation within 5 / sqrt(N)
+    pairs = (u[:-1:2] * 8).long() * 8 + (u[1::2] * 8).long()
+    counts = torch.bincount(pairs, minlength=64).double()
+    assert float(((counts - N / 2 / 64) ** 2 / (N / 2 / 64)).sum()) < 130
+    assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 5 / math.sqrt(N)
+
+
+def test_hash_rng_uniform_over_keys_and_deterministic():
+    """At fixed indices, over 4096 keys drawn from a generator: uniform (chi2), and the same key gives the same
+    bits on every call; a different key gives different bits."""
+    gen = _gen("cpu", 12)
+    idx = torch.tensor([0, 1, 2, 1000, 2**31 - 1], dtype=torch.int32)
+    us = torch.stack([uniform(idx, random_key(gen, "cpu")) for _ in range(4096)]).double()     # (4096, 5)
+    for col in us.T:
+        counts = torch.bincount((col * 16).long(), minlength=16).double()
+        assert float(((counts - 256) ** 2 / 256).sum()) < 15 + 6 * math.sqrt(30)   # 15 dof
+    key = torch.tensor([5, -7], dtype=torch.int32)
+    assert torch.equal(hash32(idx, key), hash32(idx, key.clone()))
+    assert not torch.equal(hash32(idx, key), hash32(idx, torch.tensor([5, -6], dtype=torch.int32)))
+    # the documented formula, in Python integers
+    t = (((1000 + 5) * 0x9E3779B1) % 2**32) ^ (-7 % 2**32)
+    h = ((t ^ (t >> 16)) * 0x85EBCA6B) % 2**32
+    assert int(hash32(torch.tensor([1000], dtype=torch.int32), key)) % 2**32 == h
+
+
+def test_uniform_int_is_uniform():
+    key = random_key(_gen("cpu", 13), "cpu")
+    for high in (2, 3, 20, 1000):
+        v = uniform_int(torch.arange(1 << 16, dtype=torch.int32), key, high)
+        assert v.dtype == torch.int64 and int(v.min()) >= 0 and int(v.max()) < high
+        if high <= 20:
+            counts = torch.bincount(v, minlength=high).double()
+            e = (1 << 16) / high
+            assert float(((counts - e) ** 2 / e).sum()) < (high - 1) + 6 * math.sqrt(2 * (high - 1))
+
+
+def test_stochastic_rounding_unbiased_over_calls_int8():
+    """One element pattern, 2000 calls (2000 keys from the generator): the mean of q s is x within 4 CLT
+    standard errors s sqrt(p (1 - p) / draws), p = frac(x / s), for every element."""
+    n, block, draws = 64, 64, 2000
+    x = torch.randn(n, generator=_gen("cpu", 3))
+    gen = _gen("cpu", 4)
+    qs = torch.stack([quantize_blockwise(x, 8, block, generator=gen)[0] for _ in range(draws)]).double()
+    s = float(x.abs().max()) / 127
+    v = x.double() / s
+    p = v - v.floor()
+    mean = qs.mean(0) * s
+    assert torch.all((mean - x.double()).abs() <= 4 * s * (p * (1 - p) / draws).sqrt() + 1e-6)
+
+
+# ---- compiled == reference ----
+
+SIZES_COMPILED = [16 * 9, 16 * 9 + 7, 16 * 12 + 10]          # whole blocks; short odd tail; short even tail
+
+
+@pytest.fixture(scope="module")
+def compiled_mode():
+    """Every kernel call in the test on the compiled path (compiled once per body for the module: shapes are
+    dynamic, so the sizes here share graphs)."""
+    with kernel_mode("compiled"):
+        yield
+
+
+@pytest.mark.parametrize("n", SIZES_COMPILED)
+@pytest.mark.parametrize("bits,stochastic", [(8, True), (4, True), (8, False)])
+def test_compiled_codecs_match_reference_bytes(compiled_mode, n, bits, stochastic):
+    x = torch.randn(n, generator=_gen("cpu", n)) * torch.logspace(-2, 2, n)
+    x[5:9] = 0.0
+    results = {}
+    for mode in ("compiled", "reference"):
+        with kernel_mode(mode):
+            q, s = quantize_blockwise(x, bits, 16, stochastic=stochastic, generator=_gen("cpu", 1))
+            codes, s2 = encode_blockwise(x, bits, 16, stochastic=stochastic, generator=_gen("cpu", 1))
+            results[mode] = (q, s, dequantize_blockwise(q, s, 16), codes, s2, decode_blockwise(codes, s2, n, bits, 16),
+                             pack_signs(x))
+    for got, want in zip(results["compiled"], results["reference"]):
+        assert got.dtype == want.dtype and torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8))
+    q, s, _, codes, s2, decoded, _ = results["reference"]
+    assert torch.equal(s, s2) and torch.equal(codes, pack_int4(q) if bits == 4 else q.view(torch.uint8))
+    assert torch.equal(decoded, dequantize_blockwise(q, s, 16))
+
+
+@pytest.mark.parametrize("n,k", [(1000, 100), (5003, 4099)])
+def test_compiled_randk_matches_reference(compiled_mode, n, k):
+    x = torch.randn(n, generator=_gen("cpu"))
+    with kernel_mode("compiled"):
+        got = randk_select(x, k, _gen("cpu", 9))
+    with kernel_mode("reference"):
+        want = randk_select(x, k, _gen("cpu", 9))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_compiled_path_is_what_auto_runs_on_large_inputs():
+    """auto: the compiled path from AUTO_MIN_NUMEL elements (when it compiles), the same bytes as the reference."""
+    n = fused.AUTO_MIN_NUMEL + 3
+    x = torch.randn(n, generator=_gen("cpu"))
+    with kernel_mode("auto"):
+        got = encode_blockwise(x, 8, 256, generator=_gen("cpu", 2))
+    with kernel_mode("reference"):
+        want = encode_blockwise(x, 8, 256, generator=_gen("cpu", 2))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_mismatching_compiled_kernel_raises_naming_it(monkeypatch):
+    broken = fused.FusedKernel("broken_codec", lambda x: x + 1, lambda x: x, lambda d: (torch.zeros(3, device=d),))
+    for mode in ("compiled", "auto"):
+        with kernel_mode(mode), pytest.raises(KernelMismatchError, match="broken_codec"):
+            broken(torch.zeros(fused.AUTO_MIN_NUMEL))
+    # a real kernel whose compiled output is corrupted after its self-check: check() catches it on any input
+    real = quant._QUANTIZE.fast
+    monkeypatch.setattr(quant._QUANTIZE, "fast", lambda *a: (real(*a)[0] ^ 1, real(*a)[1]))
+    with pytest.raises(KernelMismatchError, match="quantize_blockwise"):
+        quant._QUANTIZE.check(*quant._QUANTIZE.example(torch.device("cpu")))
+
+
+def test_compile_failure_falls_back_with_one_warning_or_raises(monkeypatch, caplog):
+    monkeypatch.setattr(fused, "_broken", {})
+
+    def no_compiler(x):
+        raise RuntimeError("gcc: not found")
+    k = fused.FusedKernel("needs_gcc", no_compiler, lambda x: x * 2, lambda d: (torch.ones(3, device=d),))
+    x = torch.ones(fused.AUTO_MIN_NUMEL)
+    with kernel_mode("auto"), caplog.at_level(logging.WARNING, logger="kernels.fused"):
+        assert torch.equal(k(x), x * 2) and torch.equal(k(x), x * 2)
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "needs_gcc" in caplog.records[0].message and "gcc: not found" in caplog.records[0].message
+    with kernel_mode("compiled"), pytest.raises(RuntimeError, match="needs_gcc.*gcc: not found"):
+        k(x)
+
+
+def test_kernel_mode_rejects_unknown_values():
+    with pytest.raises(ValueError, match="'fast'"):
+        kernel_mode("fast").__enter__()
+
+
+def test_unpack_signs_scale_and_dtype():
+    x = torch.randn(45, generator=_gen("cpu"))
+    scale = torch.tensor(0.375)
+    got = unpack_signs(pack_signs(x), 45, scale=scale)
+    assert torch.equal(got, torch.where(x >= 0, 0.375, -0.375))
+    assert unpack_signs(pack_signs(x), 45, torch.bfloat16, scale=scale).dtype == torch.bfloat16

@@ -7,7 +7,8 @@ Optimization", Algorithm 1, for every parameter viewed as a matrix M (n x m):
     P  = M Q;       allreduce P         (sum; the scale is irrelevant, P is orthonormalised next)
     P  = orth(P)                        reduced QR (Householder) of the summed P: stable, and a zero P
                                         gives orthonormal columns rather than NaN as Gram-Schmidt would
-    Q  = M^H P;     allreduce Q / W     Q is replicated, kept for the next step's warm start
+    Q  = M^H P;     allreduce Q / W     Q is replicated, kept for the next step's warm start (computed as
+                                        Q^H = P^H M, the faster product and approx's layout)
     approx = P Q^H = P P^H mean_j M_j;  e = M - approx
 
 Since the averaged P and Q are linear in the M_j, the result is exact whenever mean_j M_j has rank
@@ -103,11 +104,14 @@ class PowerSGDCompressor(Compressor):
 
         xs, Ms, Qs = [], [], []
         for v, (n, m, cplx) in low_rank:
-            x = v.slice(grad).clone()                  # the float32 elements, for the residual
-            if ef:
-                e = self.get(v.name + "/e")
-                if e is not None and e.shape == x.shape:
-                    x += e
+            g = v.slice(grad)
+            e = self.get(v.name + "/e") if ef else None
+            if e is not None and e.shape == g.shape:
+                x = g + e                               # this step's own tensor: it becomes the residual
+            elif ef or (cplx and g.storage_offset() % 2):
+                x = g.clone()                           # (a complex view needs an even storage offset)
+            else:
+                x = g                                   # read-only until every P and Q is computed
             xs.append(x)
             Ms.append(torch.view_as_complex(x.view(-1, 2)).view(n, m) if cplx else x.view(n, m))
             Qs.append(self._warm_q(v, m, min(self.cfg.powersgd.rank, n, m), cplx, grad.device))
@@ -118,14 +122,20 @@ class PowerSGDCompressor(Compressor):
         for v, part in zip(dense, dense_sum.split([v.numel for v in dense])):
             v.slice(grad).copy_(part)
         Ps = [torch.linalg.qr(P).Q for P in Ps]
-        Qs = self._allreduce([M.mH @ P for M, P in zip(Ms, Ps)])                  # (m, r) each
+        # Q^H = P^H M, (r, m) each: a wide product that reads M row by row (~2x faster here than M^H P), and
+        # already in the layout of approx = P Q^H
+        QHs = self._allreduce([P.mH @ M for M, P in zip(Ms, Ps)])
 
-        for (v, _), x, P, Q in zip(low_rank, xs, Ps, Qs):
-            Q = Q / W
-            approx = P @ Q.mH
-            approx = torch.view_as_real(approx).reshape(-1) if approx.is_complex() else approx.reshape(-1)
+        for (v, _), x, P, QH in zip(low_rank, xs, Ps, QHs):
+            QH = QH.div_(W) if W > 1 else QH            # our own slice of the allreduced buffer
+            out = v.slice(grad)                         # approx = P Q^H straight into the bucket
+            if not P.is_complex():
+                torch.matmul(P, QH, out=out.view(P.shape[0], -1))
+            elif out.storage_offset() % 2 == 0:
+                torch.matmul(P, QH, out=torch.view_as_complex(out.view(-1, 2)).view(P.shape[0], -1))
+            else:
+                out.copy_(torch.view_as_real(P @ QH).reshape(-1))
             if ef:
-                self.put(v.name + "/e", x - approx)
-            self.put(v.name + "/q", Q, local=False)
-            v.slice(grad).copy_(approx)
+                self.put(v.name + "/e", x.sub_(out))    # e = M - approx, in x's own storage
+            self.put(v.name + "/q", QH.mH.resolve_conj(), local=False)     # Q (m, r), a transposed view
         return grad

@@ -8,7 +8,8 @@ exchange is a reduce-scatter done by hand, as in ZeRO++'s qgZ / 1-bit Adam's two
     y = mean_j D(q_j, s_j) + e_s;  q', s' = Q(y);  e_s = y - D(q', s')   server of shard r (fp32 average)
     allgather q', s';  every rank decodes the same W shards -> identical result everywhere
 
-Q is `kernels.quantize_blockwise` with stochastic rounding (unbiased when error feedback is off).
+Q is `kernels.encode_blockwise` (blockwise quantisation with stochastic rounding, int4 packed two per byte;
+unbiased when error feedback is off), D is `kernels.decode_blockwise`.
 The bucket is padded to W equal shards of whole blocks so blocks never straddle two shards.
 """
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import dequantize_blockwise, pack_int4, quantize_blockwise, unpack_int4
+from kernels import decode_blockwise, encode_blockwise
 from trainer.compress.base import (Compressor, ParamView, as_bytes, bucket_state, call_generator, from_bytes,
                                    put_bucket_state, shard_length)
 
@@ -36,18 +37,15 @@ class QuantizedCompressor(Compressor):
         self.name = f"int{self.bits}"
         self.block = cfg.options(self.name).block_size
 
-    def _encode(self, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """(rows, shard) int8 codes and (rows, blocks) scales -> (rows, bytes) uint8; int4 packs 2 per byte."""
-        rows = q.shape[0]
-        codes = pack_int4(q.reshape(-1)).view(rows, -1) if self.bits == 4 else q.view(torch.uint8)
-        return torch.cat([codes, as_bytes(s)], dim=1)
+    def _encode(self, codes: torch.Tensor, s: torch.Tensor, rows: int) -> torch.Tensor:
+        """Flat codes (rows whole shards) and scales -> (rows, bytes) uint8, each row its codes then its scales."""
+        return torch.cat([codes.view(rows, -1), as_bytes(s.view(rows, -1))], dim=1)
 
     def _decode(self, msg: torch.Tensor, shard: int) -> torch.Tensor:
         """(rows, bytes) uint8 -> the dequantised (rows, shard) float32."""
         rows, code_bytes = msg.shape[0], shard * self.bits // 8
-        codes, scales = msg[:, :code_bytes], from_bytes(msg[:, code_bytes:], torch.float32)
-        q = unpack_int4(codes.reshape(-1), rows * shard) if self.bits == 4 else from_bytes(codes, torch.int8).reshape(-1)
-        return dequantize_blockwise(q, scales.reshape(-1), self.block).view(rows, shard)
+        codes, scales = msg[:, :code_bytes].reshape(-1), from_bytes(msg[:, code_bytes:], torch.float32)
+        return decode_blockwise(codes, scales.reshape(-1), rows * shard, self.bits, self.block).view(rows, shard)
 
     def exchange(self, grad: torch.Tensor, views: list[ParamView]) -> torch.Tensor:
         W, B, n, ef = self.transport.world_size, self.block, grad.numel(), self.cfg.error_feedback
@@ -59,12 +57,12 @@ class QuantizedCompressor(Compressor):
         x[:n] = grad
         if ef:
             x[:n] += bucket_state(self, views, "/e", grad)
-        q, s = quantize_blockwise(x, self.bits, B, stochastic=True, generator=gen)
+        codes, s = encode_blockwise(x, self.bits, B, generator=gen)
         if ef:
-            put_bucket_state(self, views, "/e", x[:n] - dequantize_blockwise(q, s, B)[:n])
+            put_bucket_state(self, views, "/e", x[:n] - decode_blockwise(codes, s, W * shard, self.bits, B)[:n])
 
         # phase 1: row j of `to_servers` is shard j, for rank j to average
-        to_servers = self._encode(q.view(W, shard), s.view(W, shard // B))
+        to_servers = self._encode(codes, s, W)
         mine = self._decode(self.transport.all_to_all(to_servers), shard)       # (W, shard): every rank's shard r
         y = mine.sum(0) / W
         key = f"server{W}/" + "|".join(v.name for v in views)   # this rank's shard of this bucket layout
@@ -72,12 +70,12 @@ class QuantizedCompressor(Compressor):
             e_s = self.get(key)
             if e_s is not None and e_s.shape == y.shape:
                 y += e_s
-        q2, s2 = quantize_blockwise(y, self.bits, B, stochastic=True, generator=gen)
+        codes2, s2 = encode_blockwise(y, self.bits, B, generator=gen)
         if ef:
-            self.put(key, y - dequantize_blockwise(q2, s2, B))
+            self.put(key, y - decode_blockwise(codes2, s2, shard, self.bits, B))
 
         # phase 2: everyone gets every averaged shard
-        from_server = self._encode(q2.view(1, shard), s2.view(1, -1))[0]
+        from_server = self._encode(codes2, s2, 1)[0]
         out = self._decode(self.transport.allgather(from_server), shard).reshape(-1)[:n]
         return grad.copy_(out)
 

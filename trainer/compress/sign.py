@@ -36,9 +36,9 @@ class SignCompressor(Compressor):
 
     def _decode(self, msg: torch.Tensor, shard: int) -> torch.Tensor:
         """(rows, shard/8 + 4) uint8 of sign bits + one float32 scale -> (rows, shard) of +-scale."""
-        rows, nb = msg.shape[0], shard // 8
+        nb = shard // 8
         scale = from_bytes(msg[:, nb:], torch.float32)                  # (rows, 1)
-        return unpack_signs(msg[:, :nb].reshape(-1), rows * shard).view(rows, shard) * scale
+        return torch.stack([unpack_signs(row[:nb], shard, scale=s) for row, s in zip(msg, scale)])
 
     def exchange(self, grad: torch.Tensor, views: list[ParamView]) -> torch.Tensor:
         W, r, n, ef = self.transport.world_size, self.transport.rank, grad.numel(), self.cfg.error_feedback
