@@ -143,8 +143,10 @@ def _split_specs(text: str) -> list[str]:
 
 # ---- one row: W ranks in W namespaces ----------------------------------------------------------------------
 def rank_command(topo: netns.Topology, i: int, row: Row, run_root: Path, port: int, steps: int,
-                 eval_every: int) -> list[str]:
-    env = {"RANK": i, "WORLD_SIZE": topo.nodes, "LOCAL_RANK": 0, "LOCAL_WORLD_SIZE": 1,
+                 eval_every: int, per_node: int = 1) -> list[str]:
+    """Rank i runs in namespace i // per_node: ranks of one namespace reach each other inside it (unshaped, the
+    fast link of a node), other namespaces through the shaped veth (the slow link between nodes)."""
+    env = {"RANK": i, "WORLD_SIZE": topo.nodes * per_node, "LOCAL_RANK": i % per_node, "LOCAL_WORLD_SIZE": per_node,
            "MASTER_ADDR": topo.address(0), "MASTER_PORT": port, "GLOO_SOCKET_IFNAME": netns.NODE_IFACE,
            "OMP_NUM_THREADS": 1}
     sets = [*MODEL, f"data.path={DATA}", f"run.out_dir={run_root}", f"run.name={row.name}",
@@ -153,7 +155,7 @@ def rank_command(topo: netns.Topology, i: int, row: Row, run_root: Path, port: i
     argv = [sys.executable, "-m", "launch.cli", "train", str(CONFIG), "--overwrite"]   # a rerun replaces the row
     for s in sets:
         argv += ["--set", s]
-    return topo.exec_command(i, argv, {k: str(v) for k, v in env.items()})
+    return topo.exec_command(i // per_node, argv, {k: str(v) for k, v in env.items()})
 
 
 @dataclass
@@ -172,16 +174,16 @@ def _tail(path: Path, lines: int = 12) -> str:
 
 
 def run_row(topo: netns.Topology, row: Row, run_root: Path, port: int, steps: int, eval_every: int,
-            timeout_s: float) -> Outcome:
+            timeout_s: float, per_node: int = 1) -> Outcome:
     """Start all ranks of `row`, wait for them (at most `timeout_s`), and kill whatever is left."""
     run_dir = run_root / row.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    logs = [run_dir / f"rank{i}.log" for i in range(topo.nodes)]
+    logs = [run_dir / f"rank{i}.log" for i in range(topo.nodes * per_node)]
     procs: list[subprocess.Popen] = []
     t0 = time.perf_counter()
     try:
         for i, log in enumerate(logs):
-            cmd = rank_command(topo, i, row, run_root, port, steps, eval_every)
+            cmd = rank_command(topo, i, row, run_root, port, steps, eval_every, per_node)
             with log.open("w") as f:
                 f.write("$ " + " ".join(cmd) + "\n")
                 f.flush()
@@ -304,7 +306,7 @@ def compare(records: list[dict]) -> None:
         r["overhead_removed"] = (t_fp32 - t) / gap if gap and t and gap > 0 else None
 
 
-COLUMNS = ["row", "engine", "bandwidth", "nodes", "status", "median_step_s", "floor_step_s", "ratio_to_floor",
+COLUMNS = ["row", "engine", "bandwidth", "nodes", "ranks_per_node", "status", "median_step_s", "floor_step_s", "ratio_to_floor",
            "exchange_s", "exposed_s",
            "bytes_per_step", "compression_ratio", "peak_memory_mb", "test_rel_l2", "replica_max_abs_diff", "time_to_fp32_l2_s",
            "overhead_removed", "steps", "row_wall_s", "options", "error", "run_dir"]
@@ -526,15 +528,17 @@ def run_network(args: argparse.Namespace, rows: list[Row], bandwidths: list[tupl
     timeout = args.row_timeout or 120 + 10 * args.steps
     for label, rate in bandwidths:
         topo = netns.Topology(args.nodes, rate)
-        run_root = out / "runs" / f"{label}-{args.nodes}n"
+        per_node = args.ranks_per_node
+        run_root = out / "runs" / (f"{label}-{args.nodes}n" + (f"x{per_node}" if per_node > 1 else ""))
         records = []
-        print(f"\n== {label}, {args.nodes} nodes: {len(rows)} rows x {args.steps} steps "
+        print(f"\n== {label}, {args.nodes} nodes x {per_node} rank(s): {len(rows)} rows x {args.steps} steps "
               f"(namespaces {topo.prefix}-*) ==", flush=True)
         with netns.Network(topo):
             for j, row in enumerate(rows):
                 print(f"  {row.spec} ...", end=" ", flush=True)
-                outcome = run_row(topo, row, run_root, 29500 + j, args.steps, args.eval_every, timeout)
+                outcome = run_row(topo, row, run_root, 29500 + j, args.steps, args.eval_every, timeout, per_node)
                 records.append(summarize(row, outcome, run_root / row.name, label, args.nodes))
+                records[-1]["ranks_per_node"] = per_node
                 print(f"{outcome.status} ({outcome.wall_s:.0f} s)", flush=True)
         compare(records)
         write_results(out, "results", records, COLUMNS)
@@ -545,7 +549,9 @@ def run_network(args: argparse.Namespace, rows: list[Row], bandwidths: list[tupl
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--nodes", type=int, default=None, help="ranks, one per namespace, 2..8 (default 4)")
+    p.add_argument("--nodes", type=int, default=None, help="namespaces (emulated nodes), 2..8 (default 4)")
+    p.add_argument("--ranks-per-node", type=int, default=1, help="ranks in each namespace, joined unshaped inside "
+                                                                 "it (a row option comm.hierarchy=node uses that)")
     p.add_argument("--bandwidths", default=None, help="comma-separated tc rates or 'unshaped' "
                                                       "(default 10gbit,1gbit,100mbit)")
     p.add_argument("--compressors", default=None,
@@ -588,6 +594,8 @@ def main(argv: list[str] | None = None) -> int:
             [f"parallel.zero_stage={args.zero_stage or 3}"] if args.engine == "deepspeed" else [])
         if not 2 <= args.nodes <= netns.MAX_NODES:
             raise ValueError(f"--nodes {args.nodes}: must be in 2..{netns.MAX_NODES}")
+        if args.ranks_per_node < 1:
+            raise ValueError(f"--ranks-per-node {args.ranks_per_node}: must be >= 1")
         if args.steps <= WARMUP_STEPS:
             raise ValueError(f"--steps {args.steps}: must exceed the {WARMUP_STEPS} warm-up steps")
         if args.eval_every < 1:
@@ -618,7 +626,8 @@ def main(argv: list[str] | None = None) -> int:
             records = run_network(args, rows, bandwidths, out)
             print()
             print_comm_table(records)
-            print(f"{args.nodes} ranks (one per namespace, 1 thread each) shared {os.cpu_count()} cores; "
+            print(f"{args.nodes * args.ranks_per_node} ranks ({args.ranks_per_node} per namespace, 1 thread each) "
+                  f"shared {os.cpu_count()} cores; "
                   f"{' '.join(ENGINE)}")
         if not args.quick:
             print()

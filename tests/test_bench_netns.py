@@ -110,6 +110,13 @@ def test_rank_command():
     for kv in ("RANK=2", "WORLD_SIZE=4", "MASTER_ADDR=198.18.0.1", "MASTER_PORT=29501", "GLOO_SOCKET_IFNAME=eth0",
                "OMP_NUM_THREADS=1", "comm.compressor=fp16", "train.max_steps=50", "train.eval_every=10"):
         assert kv in cmd
+    # 2 namespaces x 2 ranks: rank 3 is node 1's second rank, in namespace n1
+    topo = netns.Topology(2, 10**8, prefix="ftb1")
+    cmd = comm.rank_command(topo, 3, comm.parse_row("int8:comm.hierarchy=node"), comm.ROOT / "out", 29501, 50, 10,
+                            per_node=2)
+    assert cmd[:4] == ["ip", "netns", "exec", "ftb1-n1"]
+    for kv in ("RANK=3", "WORLD_SIZE=4", "LOCAL_RANK=1", "LOCAL_WORLD_SIZE=2", "comm.hierarchy=node"):
+        assert kv in cmd
 
 
 def test_metrics_and_comparisons(tmp_path):
