@@ -363,3 +363,22 @@ def test_auto_candidates_are_only_compressors_with_a_cost_model():
             CommConfig(compressor="auto", auto_candidates=["none", bad])
     with pytest.raises(ValueError, match="non-empty list"):
         CommConfig(auto_candidates=[])
+
+
+@pytest.mark.parametrize("variant", ["none", "fp16", "int8", "int4", "sign", "topk", "randk"])
+@pytest.mark.parametrize("world", [2, 4])
+def test_each_compressors_cost_model_predicts_the_bytes_it_sends(variant, world):
+    """`auto` costs a compressor by its own `collectives` (no table of names in auto.py): the payload bytes it
+    predicts are what the compressor hands the transport in one exchange, to the shard padding int8/int4/sign add
+    (at most one block, resp. 8 elements, per shard and rank)."""
+    from trainer.compress import COMPRESSORS
+    from trainer.compress.auto import candidates, gradient_plan
+    views, n = make_views()
+    name, kw = VARIANTS[variant]
+    cfg = comm_config(**kw)
+    assert name in candidates() and COMPRESSORS[name].cost_model
+    plan = gradient_plan(torch.nn.Module(), cfg)._replace(n=n)
+    predicted = sum(b for _, b in COMPRESSORS[name].collectives(cfg, plan, world))
+    sent = run_steps(world, variant, 1)[0][2][0]
+    slack = {"int8": 2 * world * (64 + 4), "int4": 2 * world * (32 + 4), "sign": 2 * world * 2}.get(name, 0)
+    assert abs(sent - predicted) <= slack, (sent, predicted)

@@ -239,12 +239,12 @@ class CommConfig:
                              f"groups; with comm.transport = {self.transport!r} use comm.hierarchy = 'none'")
         _positive("comm.start_step", self.start_step, zero_ok=True)
         _positive("comm.auto_every", self.auto_every, zero_ok=True)
-        from trainer.compress.auto import CANDIDATES
+        from trainer.compress.auto import candidates
         if not isinstance(self.auto_candidates, list) or not self.auto_candidates:
             raise ValueError(f"config key 'comm.auto_candidates' = {self.auto_candidates!r}; give a non-empty list, "
-                             f"e.g. {list(CANDIDATES[:3])}")
+                             f"e.g. {list(candidates()[:3])}")
         for name in self.auto_candidates:   # auto predicts each one's time: only compressors with a cost model
-            _choice("comm.auto_candidates[]", name, CANDIDATES)
+            _choice("comm.auto_candidates[]", name, candidates())
 
     def options(self, compressor: str | None = None) -> Any:
         """The table of `compressor` (default: the configured one), or None for those without settings."""

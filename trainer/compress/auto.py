@@ -18,20 +18,10 @@ import time
 
 import torch
 
-from kernels import pack_signs, quantize_blockwise, dequantize_blockwise, topk_select, unpack_signs
+from trainer.compress.base import GradientPlan
 from trainer.compress.powersgd import powersgd_floats, powersgd_matrix
 
 log = logging.getLogger("fieldtrain")
-
-
-def _timed(fn, repeats: int) -> float:
-    fn()   # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def _timed_allreduce(transport, n: int, repeats: int) -> float:
@@ -79,7 +69,14 @@ def _collective_time(kind: str, nbytes: float, w: int, alpha: float, beta: float
     return messages * alpha + _wire_bytes(kind, nbytes, w) * beta
 
 
-CANDIDATES = ("none", "fp16", "bf16", "powersgd", "int8", "int4", "sign", "topk", "randk")   # those with a cost model below
+def _compressors() -> dict:
+    from trainer.compress import COMPRESSORS   # (the registry imports the compressors, which import this module's
+    return COMPRESSORS                         # neighbours: resolved at call time)
+
+
+def candidates() -> tuple[str, ...]:
+    """The compressors with a cost model (`Compressor.cost_model`): what `auto` can choose from."""
+    return tuple(name for name, cls in _compressors().items() if cls is not None and cls.cost_model)
 
 
 def powersgd_plan(shapes: list[tuple[tuple[int, ...], bool]], cfg) -> tuple[list[tuple[int, int]], int]:
@@ -95,49 +92,17 @@ def powersgd_plan(shapes: list[tuple[tuple[int, ...], bool]], cfg) -> tuple[list
     return matrices, n_small
 
 
+def gradient_plan(module: torch.nn.Module, cfg) -> GradientPlan:
+    shapes = [(p.shape, p.is_complex()) for p in module.parameters() if p.requires_grad]
+    return GradientPlan(sum(math.prod(s) * (2 if c else 1) for s, c in shapes), *powersgd_plan(shapes, cfg))
+
+
 def collectives(name: str, cfg, n: int, matrices: list[tuple[int, int]], n_small: int, w: int) -> list[tuple[str, float]]:
-    """(collective, bytes) one step of `name` issues for a gradient of n floats, over all buckets at once;
-    `matrices` holds PowerSGD's (P floats, Q floats) per compressed matrix, `n_small` the floats it sends as they are."""
-    if name == "none":
-        return [("allreduce", 4 * n)]
-    if name in ("fp16", "bf16"):
-        return [("allreduce", 2 * n)]
-    if name == "powersgd":   # the uncompressed tensors ride with the P's (trainer/compress/powersgd.py)
-        return [("allreduce", 4 * n_small + 4 * sum(p for p, _ in matrices)),
-                ("allreduce", 4 * sum(q for _, q in matrices))]
-    if name in ("int8", "int4"):
-        per = n * (1 if name == "int8" else 0.5) + 4 * n / cfg.options(name).block_size
-        return [("all_to_all", per), ("allgather", per / w)]
-    if name == "sign":
-        return [("all_to_all", n / 8 + 4 * w), ("allgather", n / 8 / w + 4)]
-    if name in ("topk", "randk"):
-        return [("allgather", 8 * math.ceil(cfg.options(name).density * n))]
-    raise ValueError(f"comm.auto_candidates: no cost model for {name!r}")
-
-
-def _encode_time(name: str, cfg, n: int) -> float:
-    """Seconds of local encode+decode work per step, measured with the kernels the compressor uses."""
-    x = torch.randn(n)
-    if name in ("none", "fp16", "bf16"):
-        dtype = torch.bfloat16 if name == "bf16" else torch.float16
-        return 0.0 if name == "none" else _timed(lambda: x.to(dtype).float(), 3)
-    if name in ("int8", "int4"):
-        bits = 8 if name == "int8" else 4
-        def qdq():
-            q, s = quantize_blockwise(x, bits, cfg.options(name).block_size)
-            dequantize_blockwise(q, s, cfg.options(name).block_size)
-        return 2 * _timed(qdq, 3)   # worker and server side
-    if name == "sign":
-        return 2 * _timed(lambda: unpack_signs(pack_signs(x), n), 3)
-    if name in ("topk", "randk"):
-        k = math.ceil(cfg.options(name).density * n)
-        return _timed(lambda: topk_select(x, k), 3)
-    if name == "powersgd":
-        m = max(1, int(math.sqrt(n)))
-        mat = x[: m * m].view(m, m)
-        q = torch.randn(m, cfg.powersgd.rank)
-        return _timed(lambda: (mat.T @ torch.linalg.qr(mat @ q).Q), 3)
-    return 0.0
+    """(collective, bytes) one step of `name` issues for a gradient of n floats: the compressor's own cost model."""
+    cls = _compressors().get(name)
+    if cls is None or not cls.cost_model:
+        raise ValueError(f"comm.auto_candidates: no cost model for {name!r}")
+    return cls.collectives(cfg, GradientPlan(n, matrices, n_small), w)
 
 
 BUCKET_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16)
@@ -158,14 +123,13 @@ def choose_bucket_cap(cfg, name: str, transport, module: torch.nn.Module, t_back
     """DDP bucket cap (MB) for compressor `name` with the least predicted exposed exchange time (`exposed_time`)
     on the measured link, over BUCKET_COUNTS; ties go to fewer buckets. Every rank gets the same answer (the link
     and the backward time are the slowest rank's)."""
-    w = transport.world_size
-    shapes = [(p.shape, p.is_complex()) for p in module.parameters() if p.requires_grad]
-    n = sum(math.prod(s) * (2 if c else 1) for s, c in shapes)
-    matrices, n_small = powersgd_plan(shapes, cfg)
+    w, plan = transport.world_size, gradient_plan(module, cfg)
+    n = plan.n
+    cls = _compressors()[name] if _compressors()[name].cost_model else _compressors()["none"]
     alpha, beta = measure_link(transport)
-    measured = torch.tensor([t_backward, _encode_time(name, cfg, n)], dtype=torch.float64)
+    measured = torch.tensor([t_backward, cls.encode_seconds(cfg, n)], dtype=torch.float64)
     t_backward, encode = transport.allgather(measured).max(0).values.tolist()
-    ops = collectives(name if name in CANDIDATES else "none", cfg, n, matrices, n_small, w)
+    ops = cls.collectives(cfg, plan, w)
     comm = sum(_collective_time(k, b, w, 0.0, beta) for k, b in ops)
     latency = sum(_collective_time(k, 0, w, alpha, 0.0) for k, _ in ops)
     rows = [(exposed_time(t_backward, k, comm, encode, latency), k) for k in BUCKET_COUNTS]
@@ -181,17 +145,15 @@ def choose_bucket_cap(cfg, name: str, transport, module: torch.nn.Module, t_back
 def choose_compressor(cfg, transport, module: torch.nn.Module, bucket_cap_mb: float = 25.0) -> str:
     """The candidate with the least predicted exchange time per step (ties go to the earlier candidate), for
     gradients sent in buckets of `bucket_cap_mb`."""
-    w = transport.world_size
-    shapes = [(p.shape, p.is_complex()) for p in module.parameters() if p.requires_grad]
-    n = sum(math.prod(s) * (2 if c else 1) for s, c in shapes)
-    matrices, n_small = powersgd_plan(shapes, cfg)
+    w, plan, registry = transport.world_size, gradient_plan(module, cfg), _compressors()
+    n = plan.n
     buckets = max(1, math.ceil(4 * n / (bucket_cap_mb * 2**20)))
     alpha, beta = measure_link(transport)
-    encode = torch.tensor([_encode_time(c, cfg, n) for c in cfg.auto_candidates], dtype=torch.float64)
+    encode = torch.tensor([registry[c].encode_seconds(cfg, n) for c in cfg.auto_candidates], dtype=torch.float64)
     encode = transport.allgather(encode).max(0).values.tolist()
     rows = []
     for name, enc in zip(cfg.auto_candidates, encode):
-        ops = collectives(name, cfg, n, matrices, n_small, w)
+        ops = registry[name].collectives(cfg, plan, w)
         comm = sum(_collective_time(k, b / buckets, w, alpha, beta) * buckets for k, b in ops)
         sent = sum(_wire_bytes(k, b, w) for k, b in ops)
         rows.append((comm + enc, name, comm, enc, sent))

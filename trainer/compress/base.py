@@ -14,8 +14,9 @@ identical on every rank (e.g. PowerSGD's warm-start Q, EF21's global estimate).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -45,13 +46,45 @@ class Transport(Protocol):
     def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor: ...
 
 
+class GradientPlan(NamedTuple):
+    """What a cost model needs to know of a model's gradient: n floats in all, and PowerSGD's (P floats, Q floats)
+    for each matrix it compresses with the floats it sends as they are (trainer/compress/auto.py, powersgd_plan)."""
+    n: int
+    matrices: list[tuple[int, int]]
+    n_small: int
+
+
+def timed(fn, repeats: int = 3) -> float:
+    """Median seconds of `repeats` calls of fn, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
 class Compressor:
-    """Base class: subclasses implement `exchange` and keep state through `get`/`put`."""
+    """Base class: subclasses implement `exchange` and keep state through `get`/`put`, and, to be a candidate of
+    `comm.compressor = "auto"`, their cost model: `collectives` and `encode_seconds`."""
 
     name = "base"
-    # Which collectives one exchange of n fp32 elements uses, for the `auto` cost model:
-    # a list of (collective, payload bytes per rank) given n (see trainer/compress/auto.py).
     error_feedback = False
+    cost_model = False        # True where collectives/encode_seconds are defined
+
+    @classmethod
+    def collectives(cls, cfg, plan: GradientPlan, w: int) -> list[tuple[str, float]]:
+        """(collective, payload bytes) one step issues for the whole gradient `plan` over w ranks, collective one of
+        "allreduce", "all_to_all", "allgather" (costed by auto.py's alpha-beta model, counted as CountingTransport
+        counts them)."""
+        raise NotImplementedError(f"compressor {cls.name!r} has no cost model")
+
+    @classmethod
+    def encode_seconds(cls, cfg, n: int) -> float:
+        """Seconds of this rank's local encode + decode work per step for n floats, timed with the kernels the
+        compressor uses."""
+        return 0.0
 
     def __init__(self, cfg, transport: Transport):
         self.cfg = cfg

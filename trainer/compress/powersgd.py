@@ -30,7 +30,7 @@ import zlib
 
 import torch
 
-from trainer.compress.base import Compressor, ParamView, mixed_seed
+from trainer.compress.base import Compressor, GradientPlan, ParamView, mixed_seed, timed
 
 
 def powersgd_matrix(shape: tuple[int, ...], is_complex: bool, cfg, real_view: bool | None = None
@@ -63,6 +63,20 @@ class PowerSGDCompressor(Compressor):
 
     name = "powersgd"
     error_feedback = True
+    cost_model = True
+
+    @classmethod
+    def collectives(cls, cfg, plan: GradientPlan, w: int) -> list[tuple[str, float]]:
+        """Two allreduces: the P's with the uncompressed tensors riding along, then the Q's."""
+        return [("allreduce", 4 * plan.n_small + 4 * sum(p for p, _ in plan.matrices)),
+                ("allreduce", 4 * sum(q for _, q in plan.matrices))]
+
+    @classmethod
+    def encode_seconds(cls, cfg, n: int) -> float:
+        """One square-ish matrix of n floats: P = orth(M Q), Q = M^T P."""
+        m = max(1, int(math.sqrt(n)))
+        mat, q = torch.randn(m, m), torch.randn(m, cfg.powersgd.rank)
+        return timed(lambda: mat.T @ torch.linalg.qr(mat @ q).Q)
 
     def matrix_shape(self, v: ParamView) -> tuple[int, int, bool] | None:
         """(n, m, complex) of the matrix `v` is compressed as, or None to send it uncompressed."""

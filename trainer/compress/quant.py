@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from kernels import decode_blockwise, encode_blockwise
-from trainer.compress.base import (Compressor, ParamView, as_bytes, bucket_state, call_generator, from_bytes,
+from trainer.compress.base import (Compressor, GradientPlan, ParamView, as_bytes, timed, bucket_state, call_generator, from_bytes,
                                    put_bucket_state, shard_length)
 
 # ---- the compressor -----------------------------------------------------------------------------------------
@@ -28,6 +28,23 @@ class QuantizedCompressor(Compressor):
     name = "int8"
     bits = 8
     error_feedback = True
+    cost_model = True
+
+    @classmethod
+    def collectives(cls, cfg, plan: GradientPlan, w: int) -> list[tuple[str, float]]:
+        """Phase 1 all-to-all of every shard's codes + scales, phase 2 allgather of this rank's re-quantised shard."""
+        per = plan.n * cls.bits / 8 + 4 * plan.n / cfg.options(cls.name).block_size
+        return [("all_to_all", per), ("allgather", per / w)]
+
+    @classmethod
+    def encode_seconds(cls, cfg, n: int) -> float:
+        """Worker and server side: two encode + decode passes over n floats."""
+        x, block = torch.randn(n), cfg.options(cls.name).block_size
+
+        def qdq():
+            codes, scales = encode_blockwise(x, cls.bits, block)
+            decode_blockwise(codes, scales, n, cls.bits, block)
+        return 2 * timed(qdq)
 
     def __init__(self, cfg, transport, bits: int | None = None):
         super().__init__(cfg, transport)

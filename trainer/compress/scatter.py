@@ -82,10 +82,21 @@ class ScatterCompressor(Compressor):
 
     name = "none"
     ef_states: tuple[str, ...] = ("full", "bf16", "sharded")   # what comm.ef_state may be for this form
+    encode_share = 1.0   # of the allreduce compressor's measured encode (the quantisers: one pass, not two)
 
     def __init__(self, cfg: CommConfig, transport, seed: int = 0):
         super().__init__(cfg, transport)
         self.seed = seed
+
+    # ---- cost model (`auto`, choose_scatter_compressor) ----
+    def scatter_ops(self, numel: int, w: int) -> list[tuple[str, int]]:
+        """(collective, payload bytes) one reduce_scatter of a W*S = numel buffer issues: exactly what this form
+        passes to the transport (CountingTransport then counts (W-1)/W of each, reduce_scatter like all_to_all)."""
+        return [("reduce_scatter", 4 * numel)]
+
+    @classmethod
+    def encode_seconds(cls, cfg, n: int) -> float:
+        return cls.encode_share * COMPRESSORS[cls.name].encode_seconds(cfg, n)
 
     @property
     def ef(self) -> bool:
@@ -140,6 +151,9 @@ class HalfScatter(ScatterCompressor):
     """Cast x / W to fp16 (or bf16) so the sum cannot overflow, reduce-scatter, cast back. No error feedback."""
     name, dtype = "fp16", torch.float16
 
+    def scatter_ops(self, numel, w):
+        return [("reduce_scatter", 2 * numel)]
+
     def reduce_scatter(self, flat, key):
         W, _, _, x = self.rows(flat)
         return self.transport.reduce_scatter(x.div(W).to(self.dtype)).float()
@@ -152,6 +166,9 @@ class BF16Scatter(HalfScatter):
 class SkipScatter(ScatterCompressor):
     """No exchange: this rank's own row of its own gradient."""
     name = "skip"
+
+    def scatter_ops(self, numel, w):
+        return []
 
     def reduce_scatter(self, flat, key):
         _, r, _, x = self.rows(flat)
@@ -195,6 +212,11 @@ class QuantScatter(ResidualScatter):
 
     name, bits = "int8", 8
     ef_states = ("full", "bf16", "sharded")
+    encode_share = 0.5
+
+    def scatter_ops(self, numel, w):
+        Sp = self.padded(numel // w)
+        return [("all_to_all", w * (Sp * self.bits // 8 + 4 * (Sp // self.block)))]
 
     @property
     def ef(self) -> bool:   # "sharded": no residual, stochastic rounding is unbiased
@@ -234,6 +256,10 @@ class Int4Scatter(QuantScatter):
 class SignScatter(ResidualScatter):
     """Scaled sign per row: S/8 bytes of sign bits (rows padded to whole bytes) + one fp32 scale."""
     name = "sign"
+    encode_share = 0.5
+
+    def scatter_ops(self, numel, w):
+        return [("all_to_all", w * (-(-(numel // w) // 8) + 4))]
 
     def encode(self, x, key):
         W, S = x.shape
@@ -273,6 +299,9 @@ class TopKScatter(ResidualScatter):
     """The k = ceil(topk.density * S) largest |x| of each row, with error feedback."""
     name = "topk"
 
+    def scatter_ops(self, numel, w):
+        return [("all_to_all", w * 2 * _density_k(self.cfg, self.name, numel // w) * 4)]
+
     def encode(self, x, key):
         W, S = x.shape
         k = _density_k(self.cfg, self.name, S)
@@ -292,6 +321,11 @@ class RandKScatter(ScatterCompressor):
     @property
     def ef(self) -> bool:
         return self.cfg.error_feedback and not self.cfg.randk.unbiased
+
+    def scatter_ops(self, numel, w):
+        k = _density_k(self.cfg, self.name, numel // w)
+        return [("reduce_scatter", w * k * 4)] if self.ef and self.cfg.ef_state == "sharded" else \
+            [("all_to_all", w * 2 * k * 4)]
 
     def reduce_scatter(self, flat, key):
         W, r, S, x = self.rows(flat)
@@ -369,27 +403,10 @@ class _NoTransport:
 
 # ---- cost model (`auto`) ----------------------------------------------------------------------------------------
 def scatter_collectives(name: str, cfg: CommConfig, numel: int, w: int) -> list[tuple[str, int]]:
-    """(collective, payload bytes) one reduce_scatter of a W*S = numel buffer issues: exactly what the form
-    passes to the transport (CountingTransport then counts (W-1)/W of each, reduce_scatter like all_to_all)."""
-    S = numel // w
-    if name == "none":
-        return [("reduce_scatter", 4 * numel)]
-    if name in ("fp16", "bf16"):
-        return [("reduce_scatter", 2 * numel)]
-    if name in ("int8", "int4"):
-        form = FORMS[name](cfg, _NoTransport())
-        Sp = form.padded(S)
-        return [("all_to_all", w * (Sp * form.bits // 8 + 4 * (Sp // form.block)))]
-    if name == "sign":
-        return [("all_to_all", w * (-(-S // 8) + 4))]
-    if name in ("topk", "randk"):
-        k = _density_k(cfg, name, S)
-        if name == "randk" and RandKScatter(cfg, _NoTransport()).ef and cfg.ef_state == "sharded":
-            return [("reduce_scatter", w * k * 4)]
-        return [("all_to_all", w * 2 * k * 4)]
-    if name == "skip":
-        return []
-    raise ValueError(f"comm.auto_candidates: no reduce-scatter cost model for {name!r}")
+    """(collective, payload bytes) one reduce_scatter of form `name` issues (its own `scatter_ops`)."""
+    if name not in FORMS:
+        raise ValueError(f"comm.auto_candidates: no reduce-scatter cost model for {name!r}")
+    return FORMS[name](cfg, _NoTransport()).scatter_ops(numel, w)
 
 
 def wire_bytes(ops: list[tuple[str, int]], w: int) -> int:
@@ -403,7 +420,7 @@ def choose_scatter_compressor(cfg: CommConfig, transport, numel: int, buffers: i
     """The candidate (cfg.auto_candidates that have a scatter form and fit cfg.ef_state) with the least predicted
     time for `buffers` reduce-scatters of numel/buffers floats each, on the link measured by `measure_link`
     (Hockney alpha-beta; a ring reduce-scatter and an all-to-all both cost (W-1) alpha + (W-1)/W b beta)."""
-    from trainer.compress.auto import _collective_time, _encode_time, log_choice, measure_link
+    from trainer.compress.auto import _collective_time, log_choice, measure_link
     w = transport.world_size
     per = max(numel // buffers // w, 1) * w
     candidates = []
@@ -419,8 +436,7 @@ def choose_scatter_compressor(cfg: CommConfig, transport, numel: int, buffers: i
                          f"{', '.join(map(repr, [n for n in SCATTER_COMPRESSORS if n not in ('auto', 'skip')]))}")
     alpha, beta = measure_link(transport)
     # one quantise (not auto's worker + server two) per call: half of auto's measured encode time
-    encode = torch.tensor([_encode_time(c, cfg, numel) / (2 if c in ("int8", "int4", "sign") else 1)
-                           for c in candidates], dtype=torch.float64)
+    encode = torch.tensor([FORMS[c].encode_seconds(cfg, numel) for c in candidates], dtype=torch.float64)
     encode = transport.allgather(encode).max(0).values.tolist()
     rows = []
     for name, enc in zip(candidates, encode):

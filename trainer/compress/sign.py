@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from kernels import pack_signs, unpack_signs
-from trainer.compress.base import Compressor, ParamView, as_bytes, bucket_state, from_bytes, put_bucket_state, shard_length
+from trainer.compress.base import Compressor, GradientPlan, ParamView, as_bytes, timed, bucket_state, from_bytes, put_bucket_state, shard_length
 
 
 def _scaled_sign(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,6 +33,17 @@ class SignCompressor(Compressor):
 
     name = "sign"
     error_feedback = True
+    cost_model = True
+
+    @classmethod
+    def collectives(cls, cfg, plan: GradientPlan, w: int) -> list[tuple[str, float]]:
+        """Two phases, as int8's: 1 bit per element plus one float32 scale per shard."""
+        return [("all_to_all", plan.n / 8 + 4 * w), ("allgather", plan.n / 8 / w + 4)]
+
+    @classmethod
+    def encode_seconds(cls, cfg, n: int) -> float:
+        x = torch.randn(n)
+        return 2 * timed(lambda: unpack_signs(pack_signs(x), n))
 
     def _decode(self, msg: torch.Tensor, shard: int) -> torch.Tensor:
         """(rows, shard/8 + 4) uint8 of sign bits + one float32 scale -> (rows, shard) of +-scale."""

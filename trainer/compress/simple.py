@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from trainer.compress.base import Compressor, ParamView
+from trainer.compress.base import Compressor, GradientPlan, ParamView, timed
 
 
 class AllReduceCompressor(Compressor):
     """fp32 allreduce, then divide by the world size: exactly DDP's default."""
     name = "none"
+    cost_model = True
+
+    @classmethod
+    def collectives(cls, cfg, plan: GradientPlan, w: int) -> list[tuple[str, float]]:
+        return [("allreduce", 4 * plan.n)]
 
     def exchange(self, grad: torch.Tensor, views: list[ParamView]) -> torch.Tensor:
         return self.transport.allreduce_(grad).div_(self.transport.world_size)
@@ -19,6 +24,16 @@ class FP16Compressor(Compressor):
     """Cast to fp16 (after dividing by the world size, so the sum cannot overflow), allreduce, cast back.
     No error feedback, like torch's fp16_compress_hook."""
     name, dtype = "fp16", torch.float16
+    cost_model = True
+
+    @classmethod
+    def collectives(cls, cfg, plan: GradientPlan, w: int) -> list[tuple[str, float]]:
+        return [("allreduce", 2 * plan.n)]
+
+    @classmethod
+    def encode_seconds(cls, cfg, n: int) -> float:
+        x = torch.randn(n)
+        return timed(lambda: x.to(cls.dtype).float())
 
     def exchange(self, grad: torch.Tensor, views: list[ParamView]) -> torch.Tensor:
         half = grad.div(self.transport.world_size).to(self.dtype)

@@ -22,7 +22,7 @@ import math
 import torch
 
 from kernels import randk_select, scatter_dense, topk_select
-from trainer.compress.base import Compressor, ParamView, bucket_state, call_generator, from_bytes, put_bucket_state
+from trainer.compress.base import Compressor, GradientPlan, ParamView, bucket_state, timed, call_generator, from_bytes, put_bucket_state
 
 
 class TopKCompressor(Compressor):
@@ -30,6 +30,25 @@ class TopKCompressor(Compressor):
 
     name = "topk"
     error_feedback = True
+    cost_model = True
+
+    @classmethod
+    def collectives(cls, cfg, plan: GradientPlan, w: int) -> list[tuple[str, float]]:
+        """An allgather of k float32 values + int32 indices per rank."""
+        return [("allgather", 8 * math.ceil(cfg.options(cls.name).density * plan.n))]
+
+    @classmethod
+    def encode_seconds(cls, cfg, n: int) -> float:
+        x, k = torch.randn(n), math.ceil(cfg.options(cls.name).density * n)
+
+        def select_and_scatter():
+            values, indices = cls._select_for_cost(x, k)
+            scatter_dense(n, indices, values)
+        return timed(select_and_scatter)
+
+    @staticmethod
+    def _select_for_cost(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return topk_select(x, k)
 
     @property
     def ef21(self) -> bool:
@@ -84,6 +103,10 @@ class RandKCompressor(TopKCompressor):
     (d/k) RandK(grad) without error feedback. Indices come from a per-(seed, rank, call) generator."""
 
     name = "randk"
+
+    @staticmethod
+    def _select_for_cost(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return randk_select(x, k, torch.Generator().manual_seed(0))
 
     @property
     def ef21(self) -> bool:
