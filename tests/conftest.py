@@ -49,3 +49,19 @@ def s3_server():
     yield {"endpoint": endpoint, "bucket": "fieldtrain-test", **creds,
            "storage_options": {**creds, "client_kwargs": {"endpoint_url": endpoint}}}
     server.stop()
+
+
+def run_two_ranks(worker, args: tuple, start_method: str, timeout_s: int, hung: str) -> None:
+    """worker(rank, port, *args) on 2 local processes joined by gloo on a free port; a rank that hangs fails the
+    calling test (`hung` says where) instead of the suite. fork skips re-importing torch (~15 s on two shared cores)
+    where the workers use only small tensors; spawn where they need a clean process."""
+    import torch.multiprocessing as mp
+
+    from launch.local import free_port
+    ctx = mp.start_processes(worker, args=(free_port(), *args), nprocs=2, join=False, start_method=start_method)
+    for _ in range(timeout_s):
+        if ctx.join(timeout=1):
+            return
+    for p in ctx.processes:
+        p.kill()
+    pytest.fail(f"a rank hung {hung}")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO, SMALL_MODEL, fieldtrain
+from conftest import REPO, SMALL_MODEL, fieldtrain, run_two_ranks
 from test_train import assert_same_state, final_state
 from trainer import checkpoint as ckpt_mod
 from trainer.checkpoint import BLOCK, CheckpointManager, CheckpointNoSpaceError, checkpoint_bytes, state_dict_bytes
@@ -247,19 +247,8 @@ def _two_rank_worker(rank: int, port: int, fs: str, out: str) -> None:
 
 @pytest.mark.slow
 def test_two_ranks_all_raise_on_a_full_disk_and_none_hangs(tmpfs, tmp_path):
-    import torch.multiprocessing as mp
-
-    from launch.local import free_port
     fs = tmpfs(640 * 1024)
-    ctx = mp.start_processes(_two_rank_worker, args=(free_port(), str(fs), str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
-    for _ in range(180):          # a hung rank fails this test instead of the suite
-        if ctx.join(timeout=1):
-            break
-    else:
-        for p in ctx.processes:
-            p.kill()
-        pytest.fail("a rank hung in a checkpoint save on a full disk")
+    run_two_ranks(_two_rank_worker, (str(fs), str(tmp_path)), "spawn", 180, "in a checkpoint save on a full disk")
     for rank in (0, 1):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert r["latest"] == "step_00000001" and r["tmp"] == [], r

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, SMALL_MODEL
+from conftest import REPO, SMALL_MODEL, run_two_ranks
 
 WORKER = str(REPO / "tests" / "comm_worker.py")
 STEPS = 24
@@ -236,18 +236,7 @@ def _auto_worker(rank: int, port: int, root: str) -> None:
 
 
 def test_auto_switches_at_agreed_step_boundaries_and_resumes_its_choice(tmp_path):
-    import torch.multiprocessing as mp
-
-    from launch.local import free_port
-    ctx = mp.start_processes(_auto_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False,
-                             start_method="fork")
-    for _ in range(120):
-        if ctx.join(timeout=1):
-            break
-    else:
-        for p in ctx.processes:
-            p.kill()
-        pytest.fail("a rank hung")
+    run_two_ranks(_auto_worker, (str(tmp_path),), "fork", 120, "switching compressors")
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     # decisions at construction and every 2 applied steps; switches only where the choice changed
     assert r0["names"] == ["int8"] * 4 + ["sign"] * 4 + ["topk"]

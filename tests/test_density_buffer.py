@@ -18,6 +18,7 @@ import os
 import pytest
 import torch
 
+from conftest import run_two_ranks
 from trainer.checkpoint import CheckpointManager
 from trainer.density.buffer import (ReplayBuffer, adapt_step_size, langevin_log_proposal, local_search,
                                     mala_log_acceptance)
@@ -214,20 +215,7 @@ def _two_rank_worker(rank: int, port: int, root: str) -> None:
 
 
 def test_dcp_checkpoint_keeps_every_ranks_shard(tmp_path):
-    import torch.multiprocessing as mp
-
-    from launch.local import free_port
-    # fork: the workers use only small tensors (no OpenMP region to inherit) and skip re-importing torch, which
-    # under spawn costs ~15 s on two shared cores
-    ctx = mp.start_processes(_two_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False,
-                             start_method="fork")
-    for _ in range(120):
-        if ctx.join(timeout=1):
-            break
-    else:
-        for p in ctx.processes:
-            p.kill()
-        pytest.fail("a rank hung saving or loading the replay buffer")
+    run_two_ranks(_two_rank_worker, (str(tmp_path),), "fork", 120, "saving or loading the replay buffer")
     for rank in (0, 1):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert r["same"] and r["added"] == 25 + rank, r

@@ -45,10 +45,8 @@ def test_hierarchy_config_errors(overrides, says):
 
 def _two_nodes(spec: dict, out) -> dict:
     """2 torchrun agents, --nnodes 2 x --nproc-per-node 2, on loopback: LOCAL_WORLD_SIZE = 2 on each."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from launch.local import free_port
+    port = free_port()
     out.mkdir()
     (out / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
