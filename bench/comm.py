@@ -341,6 +341,11 @@ def print_table(headers: list[str], lines: list[list[str]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(line, widths)))
 
 
+def _nodes(r: dict) -> str:
+    per = r.get("ranks_per_node", 1)
+    return str(r["nodes"]) if per == 1 else f"{r['nodes']}x{per}"
+
+
 def print_comm_table(records: list[dict]) -> None:
     headers = ["row", "bw", "W", "step s", "floor s", "x floor", "exch s", "exposed s", "MB/step", "compr", "mem MiB",
                "test L2",
@@ -348,13 +353,13 @@ def print_comm_table(records: list[dict]) -> None:
     lines, failures = [], []
     for r in records:
         if r["status"] != "ok":
-            lines.append([r["row"], r["bandwidth"], str(r["nodes"]), r["status"].upper()] + ["-"] * (len(headers) - 4))
+            lines.append([r["row"], r["bandwidth"], _nodes(r), r["status"].upper()] + ["-"] * (len(headers) - 4))
             failures.append(f"{r['row']} @ {r['bandwidth']}: {(r['error'].splitlines() or [''])[-1]}")
             continue
         floor = r["row"] == FLOOR
         t2 = r.get("time_to_fp32_l2_s")
         lines.append([
-            r["row"] + (" (floor)" if floor else ""), r["bandwidth"], str(r["nodes"]),
+            r["row"] + (" (floor)" if floor else ""), r["bandwidth"], _nodes(r),
             _fmt(r["median_step_s"], ".3f"), _fmt(r.get("floor_step_s"), ".3f"),
             _fmt(r.get("ratio_to_floor"), ".2f") + ("x" if r.get("ratio_to_floor") else ""),
             "-" if floor else _fmt(r.get("exchange_s"), ".3f"), "-" if floor else _fmt(r.get("exposed_s"), ".3f"),
