@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import re
 import signal
@@ -25,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))   # `python bench/comm.py` from anywhere
 
 from bench import netns
+from bench.codec import run_codec
+from bench.table import _fmt, print_table
 
 CONFIG = ROOT / "configs" / "darcy_fno.toml"
 DATA = ROOT / "bench" / "results" / "data" / "darcy-n512-res64.zarr"
@@ -306,7 +306,7 @@ def compare(records: list[dict]) -> None:
         r["overhead_removed"] = (t_fp32 - t) / gap if gap and t and gap > 0 else None
 
 
-COLUMNS = ["row", "engine", "bandwidth", "nodes", "ranks_per_node", "status", "median_step_s", "floor_step_s", "ratio_to_floor",
+COLUMNS = ["row", "engine", "bandwidth", "nodes", "ranks_per_node", "repeat", "status", "median_step_s", "floor_step_s", "ratio_to_floor",
            "exchange_s", "exposed_s",
            "bytes_per_step", "compression_ratio", "peak_memory_mb", "test_rel_l2", "replica_max_abs_diff", "time_to_fp32_l2_s",
            "overhead_removed", "steps", "row_wall_s", "options", "error", "run_dir"]
@@ -325,34 +325,18 @@ def write_results(out: Path, stem: str, records: list[dict], columns: list[str])
             w.writerow({k: (" ".join(v) if isinstance(v, list) else v) for k, v in r.items()})
 
 
-def _fmt(v, spec: str = "") -> str:
-    if v is None or v == "":
-        return "-"
-    if isinstance(v, str):
-        return v
-    return format(v, spec)
-
-
-def print_table(headers: list[str], lines: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(headers)]
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
-    print("  ".join("-" * w for w in widths))
-    for line in lines:
-        print("  ".join(c.ljust(w) for c, w in zip(line, widths)))
-
-
 def _nodes(r: dict) -> str:
     per = r.get("ranks_per_node", 1)
     return str(r["nodes"]) if per == 1 else f"{r['nodes']}x{per}"
 
 
 def print_comm_table(records: list[dict]) -> None:
-    headers = ["row", "bw", "W", "step s", "floor s", "x floor", "exch s", "exposed s", "MB/step", "compr", "mem MiB",
+    headers = ["row", "bw", "W", "step s", "spread", "floor s", "x floor", "exch s", "exposed s", "MB/step", "compr", "mem MiB",
                "test L2",
                "replica diff", "t->fp32 L2", "overhead rm"]
     lines, failures = [], []
     for r in records:
-        if r["status"] != "ok":
+        if r.get("median_step_s") is None:   # failed (every repeat, when repeated)
             lines.append([r["row"], r["bandwidth"], _nodes(r), r["status"].upper()] + ["-"] * (len(headers) - 4))
             failures.append(f"{r['row']} @ {r['bandwidth']}: {(r['error'].splitlines() or [''])[-1]}")
             continue
@@ -360,7 +344,7 @@ def print_comm_table(records: list[dict]) -> None:
         t2 = r.get("time_to_fp32_l2_s")
         lines.append([
             r["row"] + (" (floor)" if floor else ""), r["bandwidth"], _nodes(r),
-            _fmt(r["median_step_s"], ".3f"), _fmt(r.get("floor_step_s"), ".3f"),
+            _fmt(r["median_step_s"], ".3f"), _fmt(r.get("step_spread")), _fmt(r.get("floor_step_s"), ".3f"),
             _fmt(r.get("ratio_to_floor"), ".2f") + ("x" if r.get("ratio_to_floor") else ""),
             "-" if floor else _fmt(r.get("exchange_s"), ".3f"), "-" if floor else _fmt(r.get("exposed_s"), ".3f"),
             "-" if floor else _fmt(r["bytes_per_step"] / 1e6, ".3f"),
@@ -390,142 +374,6 @@ def ensure_data() -> None:
     tmp.rename(DATA)
 
 
-# ---- codec-only: local encode+decode throughput vs memcpy -------------------------------------------------
-def _median_time(fn: Callable[[], object], min_time: float = 0.5, min_reps: int = 5) -> float:
-    fn()   # warm-up (allocations, lazy init)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_reps or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _fno_views():
-    """The benchmark FNO's parameters as the ParamViews of one flat float32 bucket (complex ones as 2 floats each)."""
-    from trainer.compress.base import ParamView
-    from trainer.models.fno import FNO
-    model = FNO(1, 1, (12, 12), width=32, padding=0)
-    views, offset = [], 0
-    for name, p in model.named_parameters():
-        numel = p.numel() * (2 if p.is_complex() else 1)
-        views.append(ParamView(name, offset, numel, tuple(p.shape), p.is_complex()))
-        offset += numel
-    return views, offset
-
-
-class _LocalTransport:
-    """World size 1: the compressor's own encode/decode work, no communication."""
-    rank, world_size, name = 0, 1, "local"
-
-    def allreduce_(self, t):
-        return t
-
-    def allgather(self, t):
-        return t.unsqueeze(0)
-
-    def all_to_all(self, t):
-        return t
-
-    def broadcast_(self, t, src=0):
-        return t
-
-
-def codec_benchmark(threads: int = 1) -> list[dict]:
-    """Time each codec's local encode+decode on the model's flat gradient; GB/s of fp32 input.
-
-    Codecs with a compiled kernel get two rows: the path FIELDTRAIN_KERNELS selects (default auto: compiled)
-    and "(reference)", the torch reference; compile_s is the first call's extra time (compilation and the
-    self-check; inductor caches compiled code on disk, so a rerun pays less). PowerSGD rows run
-    PowerSGDCompressor.exchange itself (world size 1, error feedback off, as for the other codecs)."""
-    import torch
-
-    import kernels
-    from kernels import fused
-    from trainer.compress.powersgd import PowerSGDCompressor, powersgd_floats, powersgd_matrix
-    from trainer.config import CommConfig, PowerSGDOptions
-    torch.set_num_threads(threads)
-    views, n = _fno_views()
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(n, generator=gen)
-    dst = torch.empty_like(x)
-    k = math.ceil(0.01 * n)
-    block = 256
-
-    def int_codec(bits: int) -> Callable[[], tuple[torch.Tensor, int]]:
-        def run():
-            codes, s = kernels.encode_blockwise(x, bits, block, generator=gen)
-            return kernels.decode_blockwise(codes, s, n, bits, block), codes.numel() + 4 * s.numel()
-        return run
-
-    def sign():
-        packed, scale = kernels.pack_signs(x), x.abs().mean()
-        return kernels.unpack_signs(packed, n, scale=scale), packed.numel() + 4
-
-    def topk():
-        v, i = kernels.topk_select(x, k)
-        return kernels.scatter_dense(n, i, v), 8 * k
-
-    def randk():
-        v, i = kernels.randk_select(x, k, gen)
-        return kernels.scatter_dense(n, i, v), 8 * k
-
-    def powersgd(rank: int) -> Callable[[], tuple[torch.Tensor, int]]:
-        cfg = CommConfig(compressor="powersgd", error_feedback=False, powersgd=PowerSGDOptions(rank))
-        comp = PowerSGDCompressor(cfg, _LocalTransport())
-        work = x.clone()
-        wire = 0
-        for v in views:
-            matrix = powersgd_matrix(v.shape, v.is_complex, cfg)
-            wire += 4 * (v.numel if matrix is None else sum(powersgd_floats(*matrix)))
-
-        def run():
-            out = comp.exchange(work, views)     # P = orth(M Q), Q = M^H P, approx = P Q^H, per matrix
-            comp.commit()                        # this step's Q warm-starts the next
-            return out, wire
-        return run
-
-    selected = fused.mode()
-    codecs: list[tuple[str, str, Callable[[], tuple[torch.Tensor, int]]]] = [
-        ("fp16", selected, lambda: (x.to(torch.float16).to(torch.float32), 2 * n))]
-    for name, fn in [("int8", int_codec(8)), ("int4", int_codec(4)), ("sign", sign)]:
-        codecs += [(name, selected, fn), (f"{name} (reference)", "reference", fn)]
-    codecs += [("topk(1%)", selected, topk), ("randk(1%)", selected, randk),
-               ("powersgd(r=1)", selected, powersgd(1)), ("powersgd(r=4)", selected, powersgd(4))]
-
-    t_copy = _median_time(lambda: dst.copy_(x))
-    copy_gbps = 4 * n / t_copy / 1e9
-    records = [{"codec": "memcpy", "kernels": "", "input_bytes": 4 * n, "wire_bytes": 4 * n, "median_s": t_copy,
-                "gb_per_s": copy_gbps, "vs_memcpy": 1.0, "compile_s": 0.0, "threads": threads}]
-    for name, mode, fn in codecs:
-        with kernels.kernel_mode(mode):
-            t0 = time.perf_counter()
-            wire = fn()[1]
-            first = time.perf_counter() - t0
-            t = _median_time(fn)
-        label = mode if name.split()[0] in ("int8", "int4", "sign") else "torch"     # the codecs with compiled kernels
-        records.append({"codec": name, "kernels": label, "input_bytes": 4 * n, "wire_bytes": wire, "median_s": t,
-                        "gb_per_s": 4 * n / t / 1e9, "vs_memcpy": t_copy / t, "compile_s": max(first - t, 0.0),
-                        "threads": threads})
-    return records
-
-
-def run_codec(out: Path) -> None:
-    print("codec-only: local encode+decode on the FNO's gradient, 1 thread ...", flush=True)
-    records = codec_benchmark()
-    (out / "codec.json").write_text(json.dumps(records, indent=2))
-    cols = ["codec", "kernels", "input_bytes", "wire_bytes", "median_s", "gb_per_s", "vs_memcpy", "compile_s", "threads"]
-    with (out / "codec.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(records)
-    print_table(["codec", "kernels", "MB in", "MB wire", "ms", "GB/s", "vs memcpy", "compile s"],
-                [[r["codec"], r["kernels"], f"{r['input_bytes'] / 1e6:.2f}", f"{r['wire_bytes'] / 1e6:.3f}",
-                  f"{1e3 * r['median_s']:.2f}", f"{r['gb_per_s']:.2f}", f"{r['vs_memcpy']:.3f}",
-                  f"{r['compile_s']:.1f}" if r["compile_s"] >= 0.05 else ""] for r in records])
-
-
 # ---- main -------------------------------------------------------------------------------------------------
 def run_network(args: argparse.Namespace, rows: list[Row], bandwidths: list[tuple[str, int | None]],
                 out: Path) -> list[dict]:
@@ -535,20 +383,51 @@ def run_network(args: argparse.Namespace, rows: list[Row], bandwidths: list[tupl
         topo = netns.Topology(args.nodes, rate)
         per_node = args.ranks_per_node
         run_root = out / "runs" / (f"{label}-{args.nodes}n" + (f"x{per_node}" if per_node > 1 else ""))
-        records = []
         print(f"\n== {label}, {args.nodes} nodes x {per_node} rank(s): {len(rows)} rows x {args.steps} steps "
               f"(namespaces {topo.prefix}-*) ==", flush=True)
         with netns.Network(topo):
-            for j, row in enumerate(rows):
-                print(f"  {row.spec} ...", end=" ", flush=True)
-                outcome = run_row(topo, row, run_root, 29500 + j, args.steps, args.eval_every, timeout, per_node)
-                records.append(summarize(row, outcome, run_root / row.name, label, args.nodes))
-                records[-1]["ranks_per_node"] = per_node
-                print(f"{outcome.status} ({outcome.wall_s:.0f} s)", flush=True)
-        compare(records)
-        write_results(out, "results", records, COLUMNS)
-        everything += records
+            for rep in range(args.repeats):   # every row once per pass: repeats interleave, drift hits all rows
+                records = []
+                root = run_root / f"repeat{rep}" if args.repeats > 1 else run_root
+                for j, row in enumerate(rows):
+                    print(f"  {row.spec}{f' (repeat {rep + 1}/{args.repeats})' if args.repeats > 1 else ''} ...",
+                          end=" ", flush=True)
+                    outcome = run_row(topo, row, root, 29500 + j, args.steps, args.eval_every, timeout, per_node)
+                    records.append({**summarize(row, outcome, root / row.name, label, args.nodes),
+                                    "ranks_per_node": per_node, "repeat": rep})
+                    print(f"{outcome.status} ({outcome.wall_s:.0f} s)", flush=True)
+                compare(records)
+                write_results(out, "results", records, COLUMNS)
+                everything += records
     return everything
+
+
+MEDIANS = ("median_step_s", "floor_step_s", "ratio_to_floor", "exchange_s", "exposed_s", "overhead_removed",
+           "test_rel_l2", "bytes_per_step", "compression_ratio", "peak_memory_mb", "replica_max_abs_diff")
+
+
+def aggregate(records: list[dict]) -> list[dict]:
+    """One row per (bandwidth, row) over its repeats: the median of each measure, the step time's min-max spread,
+    time-to-fp32 as the median of the repeats that got there. A single repeat passes through unchanged."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["bandwidth"], r["row"]), []).append(r)
+    if all(len(g) == 1 for g in groups.values()):
+        return records
+    out = []
+    for group in groups.values():
+        ok = [r for r in group if r["status"] == "ok"]
+        agg = {**(ok or group)[0], "repeats": len(group),
+               "status": "ok" if len(ok) == len(group) else f"{len(ok)}/{len(group)} ok"}
+        for key in MEDIANS:
+            values = [r[key] for r in ok if isinstance(r.get(key), (int, float))]
+            agg[key] = statistics.median(values) if values else None
+        steps = [r["median_step_s"] for r in ok if r.get("median_step_s")]
+        agg["step_spread"] = f"{min(steps):.3f}-{max(steps):.3f}" if steps else None
+        reached = [r["time_to_fp32_l2_s"] for r in ok if isinstance(r.get("time_to_fp32_l2_s"), (int, float))]
+        agg["time_to_fp32_l2_s"] = statistics.median(reached) if len(reached) * 2 > len(ok) else "never"
+        out.append(agg)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -563,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows: NAME[:key=value,...,real|complex], e.g. 'none,fp16,torch_powersgd:rank=1,real' "
                         "(default: every registered compressor); fp32 'none' is always added")
     p.add_argument("--steps", type=int, default=None, help="training steps per row (default 100)")
+    p.add_argument("--repeats", type=int, default=1, help="passes over all rows, interleaved; the table gives "
+                                                          "medians and the spread (the issue's targets: >= 3)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between test evaluations (default 10)")
     p.add_argument("--row-timeout", type=float, default=0, help="seconds before a row's ranks are killed "
                                                                 "(default 120 + 10 * steps)")
@@ -599,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
             [f"parallel.zero_stage={args.zero_stage or 3}"] if args.engine == "deepspeed" else [])
         if not 2 <= args.nodes <= netns.MAX_NODES:
             raise ValueError(f"--nodes {args.nodes}: must be in 2..{netns.MAX_NODES}")
+        if args.repeats < 1:
+            raise ValueError(f"--repeats {args.repeats}: must be >= 1")
         if args.ranks_per_node < 1:
             raise ValueError(f"--ranks-per-node {args.ranks_per_node}: must be >= 1")
         if args.steps <= WARMUP_STEPS:
@@ -628,9 +511,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.codec_only:
             ensure_data()
-            records = run_network(args, rows, bandwidths, out)
+            records = aggregate(run_network(args, rows, bandwidths, out))
+            (out / "summary.json").write_text(json.dumps(records, indent=2))
             print()
             print_comm_table(records)
+            if args.repeats > 1:
+                print(f"medians of {args.repeats} interleaved repeats; spread: min-max of their median step times")
             print(f"{args.nodes * args.ranks_per_node} ranks ({args.ranks_per_node} per namespace, 1 thread each) "
                   f"shared {os.cpu_count()} cores; "
                   f"{' '.join(ENGINE)}")

@@ -36,7 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))   # `python bench/data.py` from anywhere
 
-from bench.comm import DATA, _fmt, ensure_data, print_table, write_results
+from bench.comm import DATA, ensure_data, write_results
+from bench.table import _fmt, print_table
 
 CONFIG = ROOT / "configs" / "darcy_fno.toml"
 MODEL = ["model.fno.width=32", "model.fno.modes=[12,12]", "model.fno.padding=0", "data.batch_size=16"]

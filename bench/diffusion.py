@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))   # `python bench/diffusion.py` from anywhere
 import numpy as np
 import torch
 
-from bench.comm import _fmt, print_table  # the benchmarks' one table format
+from bench.table import _fmt, print_table  # the benchmarks' one table format
 from trainer.compress.base import mixed_seed
 from trainer.diffusion.metrics import crps_ensemble, ensemble_mean_rel_l2, spectrum_error, spread_skill_ratio
 from trainer.diffusion.samplers import SAMPLERS, STOCHASTIC, nfe

@@ -25,7 +25,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 # case -> (config, overrides, grid): the `make demo` FNO on its 33x33 Darcy data, and bench/comm.py's FNO at 64x64
 CASES = {
@@ -104,7 +103,7 @@ def measure(case: str, sets: list[str], steps: int, foreach: bool, deterministic
 
 
 def main(argv: list[str] | None = None) -> int:
-    from comm import print_table
+    from bench.table import print_table
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)

@@ -146,3 +146,20 @@ def test_metrics_and_comparisons(tmp_path):
     assert by["powersgd:rank=4"]["time_to_fp32_l2_s"] == "never"
     assert by["none"]["time_to_fp32_l2_s"] == pytest.approx(6.0) and by["none"]["overhead_removed"] == 0
     assert "_train" not in by["none"] and "floor_step_s" not in by["int8"]
+
+
+def test_repeats_aggregate_to_medians_and_spread():
+    """--repeats: one row per (bandwidth, row), medians of each measure, the min-max spread of step times, and a
+    repeat that failed counted, not averaged in."""
+    def rec(row, rep, step, status="ok", **more):
+        return {"row": row, "bandwidth": "100mbit", "nodes": 2, "status": status, "repeat": rep, "error": "",
+                "median_step_s": step if status == "ok" else None, "overhead_removed": more.get("rm"),
+                "time_to_fp32_l2_s": more.get("t2", "never")}
+    records = [rec("skip", 0, 1.0), rec("none", 0, 2.0), rec("int8", 0, 1.2, rm=0.8, t2=10.0),
+               rec("skip", 1, 1.1), rec("none", 1, 2.2), rec("int8", 1, 1.4, rm=0.7, t2=12.0),
+               rec("skip", 2, 0.9), rec("none", 2, 2.1), rec("int8", 2, 9.9, status="timeout")]
+    agg = {r["row"]: r for r in comm.aggregate(records)}
+    assert agg["skip"]["median_step_s"] == 1.0 and agg["skip"]["step_spread"] == "0.900-1.100"
+    assert agg["int8"]["status"] == "2/3 ok" and agg["int8"]["median_step_s"] == pytest.approx(1.3)
+    assert agg["int8"]["overhead_removed"] == pytest.approx(0.75) and agg["int8"]["time_to_fp32_l2_s"] == 11.0
+    assert comm.aggregate(records[:3]) == records[:3]      # one repeat: unchanged

@@ -1,0 +1,151 @@
+"""Codec-only benchmark: each compressor's local encode + decode on the benchmark FNO's 9.5 MB flat gradient, one
+thread, against memcpy (`dst.copy_(src)`). Run by `bench/comm.py --codec-only` (and at the end of a full comm run);
+see bench/README.md, "Codecs at memory speed". Writes codec.json / codec.csv and prints a table.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bench.table import print_table
+
+
+def _median_time(fn: Callable[[], object], min_time: float = 0.5, min_reps: int = 5) -> float:
+    fn()   # warm-up (allocations, lazy init)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _fno_views():
+    """The benchmark FNO's parameters as the ParamViews of one flat float32 bucket (complex ones as 2 floats each)."""
+    from trainer.compress.base import ParamView
+    from trainer.models.fno import FNO
+    model = FNO(1, 1, (12, 12), width=32, padding=0)
+    views, offset = [], 0
+    for name, p in model.named_parameters():
+        numel = p.numel() * (2 if p.is_complex() else 1)
+        views.append(ParamView(name, offset, numel, tuple(p.shape), p.is_complex()))
+        offset += numel
+    return views, offset
+
+
+class _LocalTransport:
+    """World size 1: the compressor's own encode/decode work, no communication."""
+    rank, world_size, name = 0, 1, "local"
+
+    def allreduce_(self, t):
+        return t
+
+    def allgather(self, t):
+        return t.unsqueeze(0)
+
+    def all_to_all(self, t):
+        return t
+
+    def broadcast_(self, t, src=0):
+        return t
+
+
+def codec_benchmark(threads: int = 1) -> list[dict]:
+    """Time each codec's local encode+decode on the model's flat gradient; GB/s of fp32 input.
+
+    Codecs with a compiled kernel get two rows: the path FIELDTRAIN_KERNELS selects (default auto: compiled)
+    and "(reference)", the torch reference; compile_s is the first call's extra time (compilation and the
+    self-check; inductor caches compiled code on disk, so a rerun pays less). PowerSGD rows run
+    PowerSGDCompressor.exchange itself (world size 1, error feedback off, as for the other codecs)."""
+    import torch
+
+    import kernels
+    from kernels import fused
+    from trainer.compress.powersgd import PowerSGDCompressor, powersgd_floats, powersgd_matrix
+    from trainer.config import CommConfig, PowerSGDOptions
+    torch.set_num_threads(threads)
+    views, n = _fno_views()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, generator=gen)
+    dst = torch.empty_like(x)
+    k = math.ceil(0.01 * n)
+    block = 256
+
+    def int_codec(bits: int) -> Callable[[], tuple[torch.Tensor, int]]:
+        def run():
+            codes, s = kernels.encode_blockwise(x, bits, block, generator=gen)
+            return kernels.decode_blockwise(codes, s, n, bits, block), codes.numel() + 4 * s.numel()
+        return run
+
+    def sign():
+        packed, scale = kernels.pack_signs(x), x.abs().mean()
+        return kernels.unpack_signs(packed, n, scale=scale), packed.numel() + 4
+
+    def topk():
+        v, i = kernels.topk_select(x, k)
+        return kernels.scatter_dense(n, i, v), 8 * k
+
+    def randk():
+        v, i = kernels.randk_select(x, k, gen)
+        return kernels.scatter_dense(n, i, v), 8 * k
+
+    def powersgd(rank: int) -> Callable[[], tuple[torch.Tensor, int]]:
+        cfg = CommConfig(compressor="powersgd", error_feedback=False, powersgd=PowerSGDOptions(rank))
+        comp = PowerSGDCompressor(cfg, _LocalTransport())
+        work = x.clone()
+        wire = 0
+        for v in views:
+            matrix = powersgd_matrix(v.shape, v.is_complex, cfg)
+            wire += 4 * (v.numel if matrix is None else sum(powersgd_floats(*matrix)))
+
+        def run():
+            out = comp.exchange(work, views)     # P = orth(M Q), Q = M^H P, approx = P Q^H, per matrix
+            comp.commit()                        # this step's Q warm-starts the next
+            return out, wire
+        return run
+
+    selected = fused.mode()
+    codecs: list[tuple[str, str, Callable[[], tuple[torch.Tensor, int]]]] = [
+        ("fp16", selected, lambda: (x.to(torch.float16).to(torch.float32), 2 * n))]
+    for name, fn in [("int8", int_codec(8)), ("int4", int_codec(4)), ("sign", sign)]:
+        codecs += [(name, selected, fn), (f"{name} (reference)", "reference", fn)]
+    codecs += [("topk(1%)", selected, topk), ("randk(1%)", selected, randk),
+               ("powersgd(r=1)", selected, powersgd(1)), ("powersgd(r=4)", selected, powersgd(4))]
+
+    t_copy = _median_time(lambda: dst.copy_(x))
+    copy_gbps = 4 * n / t_copy / 1e9
+    records = [{"codec": "memcpy", "kernels": "", "input_bytes": 4 * n, "wire_bytes": 4 * n, "median_s": t_copy,
+                "gb_per_s": copy_gbps, "vs_memcpy": 1.0, "compile_s": 0.0, "threads": threads}]
+    for name, mode, fn in codecs:
+        with kernels.kernel_mode(mode):
+            t0 = time.perf_counter()
+            wire = fn()[1]
+            first = time.perf_counter() - t0
+            t = _median_time(fn)
+        label = mode if name.split()[0] in ("int8", "int4", "sign") else "torch"     # the codecs with compiled kernels
+        records.append({"codec": name, "kernels": label, "input_bytes": 4 * n, "wire_bytes": wire, "median_s": t,
+                        "gb_per_s": 4 * n / t / 1e9, "vs_memcpy": t_copy / t, "compile_s": max(first - t, 0.0),
+                        "threads": threads})
+    return records
+
+
+def run_codec(out: Path) -> None:
+    print("codec-only: local encode+decode on the FNO's gradient, 1 thread ...", flush=True)
+    records = codec_benchmark()
+    (out / "codec.json").write_text(json.dumps(records, indent=2))
+    cols = ["codec", "kernels", "input_bytes", "wire_bytes", "median_s", "gb_per_s", "vs_memcpy", "compile_s", "threads"]
+    with (out / "codec.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(records)
+    print_table(["codec", "kernels", "MB in", "MB wire", "ms", "GB/s", "vs memcpy", "compile s"],
+                [[r["codec"], r["kernels"], f"{r['input_bytes'] / 1e6:.2f}", f"{r['wire_bytes'] / 1e6:.3f}",
+                  f"{1e3 * r['median_s']:.2f}", f"{r['gb_per_s']:.2f}", f"{r['vs_memcpy']:.3f}",
+                  f"{r['compile_s']:.1f}" if r["compile_s"] >= 0.05 else ""] for r in records])
