@@ -125,7 +125,8 @@ def choose_bucket_cap(cfg, name: str, transport, module: torch.nn.Module, t_back
     and the backward time are the slowest rank's)."""
     w, plan = transport.world_size, gradient_plan(module, cfg)
     n = plan.n
-    cls = _compressors()[name] if _compressors()[name].cost_model else _compressors()["none"]
+    registry = _compressors()
+    cls = registry[name] if registry[name].cost_model else registry["none"]
     alpha, beta = measure_link(transport)
     measured = torch.tensor([t_backward, cls.encode_seconds(cfg, n)], dtype=torch.float64)
     t_backward, encode = transport.allgather(measured).max(0).values.tolist()
@@ -133,7 +134,7 @@ def choose_bucket_cap(cfg, name: str, transport, module: torch.nn.Module, t_back
     comm = sum(_collective_time(k, b, w, 0.0, beta) for k, b in ops)
     latency = sum(_collective_time(k, 0, w, alpha, 0.0) for k, _ in ops)
     rows = [(exposed_time(t_backward, k, comm, encode, latency), k) for k in BUCKET_COUNTS]
-    best_exposed, best = min(rows)
+    best = min(rows)[1]
     cap = 4 * n / best / 2**20 * 1.05    # parameters are not split: a little room so k buckets stay k
     log.info("bucket cap: %s over alpha %.1f us, %.3f Gbit/s, backward %.1f ms, exchange %.1f ms + encode %.1f ms "
              "per step; exposed by bucket count: %s -> %d bucket(s), cap %.2f MB", name, alpha * 1e6,
