@@ -27,6 +27,7 @@ CONFIG = REPO / "configs" / "gmm25_tb.toml"
 PUBLISHED = {"pis": (1.769, 0.534, 3.85), "dds": (1.760, 0.424, 7.36), "tb": (1.176, 0.690, 4.01),
              "tb_expl": (0.560, 0.749, 4.01), "vargrad_expl": (0.615, 0.642, 4.01),
              "tb_expl_ls": (0.171, 0.653, 4.57)}
+PUBLISHED["dds_cos"] = PUBLISHED["dds_cos_lp"] = PUBLISHED["dds"]     # DDS with its own code's schedule (+ Langevin)
 BEST = {"gmm25": 0.171, "funnel": 0.424, "manywell": 3.85}
 TARGETS = {"gmm25": 5.0 ** 0.5, "funnel": 1.0, "manywell": 1.0}     # target -> sigma (sigma^2 = 5, 1, 1)
 METHODS = {"pis": ["model.density_sampler.method=pis"], "dds": ["model.density_sampler.method=dds"],
@@ -35,18 +36,23 @@ METHODS = {"pis": ["model.density_sampler.method=pis"], "dds": ["model.density_s
            "vargrad_expl": ["model.density_sampler.method=vargrad",
                             "model.density_sampler.exploration_std=0.4472135954999579"],
            "tb_expl_ls": ["model.density_sampler.method=tb", "model.density_sampler.exploration_std=0.4472135954999579",
-                          "model.density_sampler.local_search=true"]}
+                          "model.density_sampler.local_search=true"],
+           # DDS's code's settings for its Funnel runs (trainer/density/sde.py: cos_sq steps, alpha 0.6875, t_f 6.4)
+           "dds_cos": ["model.density_sampler.method=dds", "model.density_sampler.ou_schedule=cos_sq"],
+           "dds_cos_lp": ["model.density_sampler.method=dds", "model.density_sampler.ou_schedule=cos_sq",
+                          "model.density_sampler.langevin=true"]}
 REDUCED = {"T": 20, "steps": 300, "batch": 64, "eval_samples": 500, "every": 300}
 FULL = {"T": 100, "steps": 25000, "batch": 300, "eval_samples": 2000, "every": 2500}   # evaluate + checkpoint every
 
 
-def run(target: str, method: str, budget: dict, out: Path, nproc: int, resume: bool = False) -> dict:
+def run(target: str, method: str, budget: dict, out: Path, nproc: int, resume: bool = False,
+        extra: list[str] | None = None) -> dict:
     sets = [f"run.out_dir={out / 'runs'}", f"run.name={target}_{method}", f"model.density_sampler.target={target}",
             f"model.density_sampler.sigma={TARGETS[target]}", f"model.density_sampler.T={budget['T']}",
             f"train.max_steps={budget['steps']}", f"data.batch_size={budget['batch'] // nproc}",
             f"model.density_sampler.eval_samples={budget['eval_samples']}", "train.progress=false",
             f"train.eval_every={budget['every']}", f"train.ckpt_every={budget['every']}",
-            "model.density_sampler.exploration_std=0.0", "run.threads_per_rank=1", *METHODS[method]]
+            "model.density_sampler.exploration_std=0.0", "run.threads_per_rank=1", *METHODS[method], *(extra or [])]
     cmd = [sys.executable, "-m", "launch.cli", "sampler", "train", str(CONFIG),
            "--resume" if resume and (out / "runs" / f"{target}_{method}" / "checkpoints").is_dir() else "--overwrite",
            *(["--nproc", str(nproc)] if nproc > 1 else []), *[a for s in sets for a in ("--set", s)]]
@@ -71,22 +77,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue runs from their latest checkpoints")
     p.add_argument("--targets", default=",".join(TARGETS))
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--steps", type=int, default=None, help="training steps (and evaluation interval, at most 2500) "
+                   "instead of the budget's: an ablation, not the published budget")
+    p.add_argument("--set", action="append", default=[], help="a config override for every run (KEY=VALUE)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    budget = FULL if args.full else REDUCED
-    print(f"budget: {'published' if args.full else 'REDUCED (not comparable with the paper)'} {budget}; "
+    budget = dict(FULL if args.full else REDUCED)
+    if args.steps:
+        budget.update(steps=args.steps, every=min(args.steps, budget["every"] if args.full else args.steps))
+    kind = "published" if args.full else "REDUCED (not comparable with the paper)"
+    if args.steps or args.set:
+        kind = f"{kind}, changed by --steps/--set {args.set} (an ablation)"
+    print(f"budget: {kind} {budget}; "
           f"{args.nproc} rank(s) per run sharing {os.cpu_count()} cores, 1 thread each")
     rows = []
     for target in args.targets.split(","):
         for method in args.methods.split(","):
-            row = run(target, method, budget, out, args.nproc, args.resume)
+            row = run(target, method, budget, out, args.nproc, args.resume, args.set)
             rows.append(row)
             print(json.dumps(row) if "error" in row else
                   f"{target:9s} {method:13s} |ELBO-logZ| {row['log_z_error']:8.3f} (published {row['published']})  "
                   f"|IW-logZ| {row['iw_log_z_error']:8.3f}  W2^2 {row['w2_squared'] or float('nan'):9.3f}  "
                   f"ESS {row['ess']:.3f}  {row['wall_s']:.0f} s", flush=True)
-    (out / "density_bench.json").write_text(json.dumps({"budget": budget, "nproc": args.nproc,
+    (out / "density_bench.json").write_text(json.dumps({"budget": budget, "sets": args.set, "nproc": args.nproc,
                                                          "cores": os.cpu_count(), "rows": rows}, indent=2))
     keys = sorted({k for r in rows for k in r})
     with (out / "density_bench.csv").open("w", newline="") as f:

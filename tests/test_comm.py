@@ -173,6 +173,50 @@ def test_auto_measures_the_link_and_picks_a_candidate(small_darcy, tmp_path):
     assert r["replica_max_abs_diff"] == 0.0
 
 
+def _auto_measure_worker(rank: int, port: int, root: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    import trainer.compress.auto as auto
+    from trainer.compress.transport import make_transport
+    from trainer.config import CommConfig
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8))
+    cfg = CommConfig(compressor="auto", auto_trials=1, auto_candidates=["none", "int8", "sign", "powersgd"])
+    transport = make_transport("torch")
+    # the real thing: a timed exchange of the model's gradient, two buckets (cap below the first layer's size)
+    real = {name: auto.measure_exchange(cfg, transport, model, name, 0.005, 2) for name in ("int8", "powersgd")}
+    # a link where the cost model is wrong: rank 1 measures sign slow, so every rank must reject it
+    auto.SHORTLIST, auto.MAX_TRIALED = float("inf"), 4       # time every candidate
+    fake = {"none": 2.0, "int8": 0.5, "sign": 0.01 if rank == 0 else 1.0, "powersgd": 0.7}
+    auto.measure_exchange = lambda cfg, transport, module, name, cap, trials: fake[name]
+    chosen = auto.choose_compressor(cfg, transport, model)
+    with open(os.path.join(root, f"rank{rank}.json"), "w") as f:
+        json.dump({"real": real, "chosen": chosen, "buckets": [[n for n, _ in b] for b in auto._buckets(model, 0.005)]},
+                  f)
+    dist.destroy_process_group()
+
+
+def test_auto_times_its_shortlist_and_every_rank_takes_the_slowest_ranks_numbers(tmp_path):
+    run_two_ranks(_auto_measure_worker, (str(tmp_path),), "fork", 120, "timing auto's shortlist")
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert all(0 < t < 60 for r in (r0, r1) for t in r["real"].values()), (r0["real"], r1["real"])
+    # predicted order would not matter: measured per rank (0.01 / 1.0 for sign), the max over ranks decides
+    assert r0["chosen"] == r1["chosen"] == "int8"
+    # DDP's order (last layer first), a new bucket where the 5 KB cap would be passed (the 64 x 32 weight is 8 KB)
+    assert r0["buckets"] == [["1.bias", "1.weight", "0.bias"], ["0.weight"]]
+
+
+def test_log_choice_prefers_measured_times_over_predictions():
+    from trainer.compress.auto import log_choice
+    rows = [(0.05, "sign", 0.03, 0.02, 3e5), (0.10, "powersgd", 0.1, 0.0, 1.2e6), (0.8, "none", 0.8, 0.0, 9.5e6)]
+    assert log_choice(rows, "predicted only") == "sign"
+    assert log_choice(rows, "measured", {"sign": 0.16, "powersgd": 0.12}) == "powersgd"
+    assert log_choice(rows, "a tie goes to the earlier row", {"sign": 0.12, "powersgd": 0.12}) == "sign"
+
+
 # ---- buckets for overlap with backward (trainer/compress/auto.py) ----
 
 def test_exposed_time_of_bucketed_exchange_matches_the_pipeline_closed_forms():

@@ -77,26 +77,35 @@ def brownian_policy(T: int, correct_variance: bool = True, shift: torch.Tensor |
     return policy
 
 
-def ou_policy(T: int, beta: float, correct_variance: bool = True):
-    """The exact DDS kernel; without the variance correction, the continuous-time f* = grad log h_t at t_k."""
-    v2, s2, lam = SIGMA ** 2, S ** 2, math.exp(-beta / T)
+def _lams(T: int, beta: float | None, b2) -> torch.Tensor:
+    """(T+1,) Lambda_k = prod_{j >= k} lambda_j (Lambda_T = 1) for the schedule b2 (default: constant beta)."""
+    b2 = sde.ou_constant(T, beta) if b2 is None else b2
+    lam = torch.tensor([math.sqrt(1 - v) for v in b2], dtype=F64)
+    return torch.cat([lam.flip(0).cumprod(0).flip(0), torch.ones(1, dtype=F64)]), lam
 
-    def Lam(t):
-        return torch.exp(-beta * (1 - t))[:, None]
 
-    def E(t):
-        return v2 + Lam(t) ** 2 * (s2 - v2)
+def ou_policy(T: int, beta: float | None, correct_variance: bool = True, b2=None):
+    """The exact DDS kernel for the schedule b2 (default: constant beta; lambda_k -> lambda, Lambda_k -> Lambda(t_k)
+    in the module docstring); without the variance correction (constant beta only), the continuous-time
+    f* = grad log h_t at t_k."""
+    v2, s2 = SIGMA ** 2, S ** 2
+    Lams, lam = _lams(T, beta, b2)
+
+    def E(L):
+        return v2 + L ** 2 * (s2 - v2)
 
     def policy(t, x):
-        core = (v2 * M + (s2 - v2) * Lam(t) * x) / (v2 * E(t))
+        k = (t * T).round().long()
+        Lk, Lk1 = Lams[k][:, None], Lams[k + 1][:, None]
+        core = (v2 * M + (s2 - v2) * Lk * x) / (v2 * E(Lk))
         if not correct_variance:
-            return Lam(t) * core, None
-        return (1 + lam) / 2 * Lam(t + 1 / T) * core, torch.log(E(t + 1 / T) / E(t)).expand_as(x)
+            return Lk * core, None
+        return (1 + lam[k][:, None]) / 2 * Lk1 * core, torch.log(E(Lk1) / E(Lk)).expand_as(x)
     return policy
 
 
-def ou_prior_mismatch(x0: torch.Tensor, beta: float) -> torch.Tensor:
-    lam0 = math.exp(-beta)
+def ou_prior_mismatch(x0: torch.Tensor, beta: float | None, T: int = 1, b2=None) -> torch.Tensor:
+    lam0 = _lams(T, beta, b2)[0][0].item()
     e0 = SIGMA ** 2 + lam0 ** 2 * (S ** 2 - SIGMA ** 2)
     return sde.gaussian_log_prob(x0, lam0 * M, e0) - sde.gaussian_log_prob(x0, 0.0, SIGMA ** 2)
 
@@ -211,7 +220,7 @@ def test_ou_exact_kernel_up_to_the_prior_mismatch():
     log_w_f, tr = forward_log_w(ou_policy(T, beta), n, T, reference="ou", ou_beta=beta)
     log_w_b, bt = backward_log_w(ou_policy(T, beta), n, T, reference="ou", ou_beta=beta)
     for log_w, path in ((log_w_f, tr), (log_w_b, bt)):
-        mismatch = ou_prior_mismatch(path.x[:, 0], beta)
+        mismatch = ou_prior_mismatch(path.x[:, 0], beta, T)
         assert mismatch.abs().max() > 1e-3            # beta = 2 remembers x_0: the correction is needed
         assert (log_w - mismatch - C).abs().max() < 1e-9
 
@@ -222,6 +231,78 @@ def test_ou_exact_kernel_gives_log_z_once_the_reference_forgets_x0(T):
     log_w_f, _ = forward_log_w(ou_policy(T, beta), 400, T, reference="ou", ou_beta=beta)
     log_w_b, _ = backward_log_w(ou_policy(T, beta), 400, T, reference="ou", ou_beta=beta)
     assert_all_exact(log_w_f, log_w_b)
+
+
+@pytest.mark.parametrize("T", [2, 24])
+def test_ou_cos_sq_exact_kernel_up_to_the_prior_mismatch(T):
+    """DDS's cos_sq steps (down to b_k^2 ~ 1e-66 at the last one) with the exact kernel: log w = log Z on every path
+    up to the prior mismatch, forwards and backwards, so the reference-relative log densities stay exact there."""
+    b2 = sde.ou_cos_sq(T, alpha=1.5, tfinal=6.4)     # alpha^2 tfinal = 14.4: the reference forgets x_0 to ~e^-7
+    log_w_f, tr = forward_log_w(ou_policy(T, None, b2=b2), 400, T, reference="ou", ou_noise=b2)
+    log_w_b, bt = backward_log_w(ou_policy(T, None, b2=b2), 400, T, reference="ou", ou_noise=b2)
+    for log_w, path in ((log_w_f, tr), (log_w_b, bt)):
+        assert (log_w - ou_prior_mismatch(path.x[:, 0], None, T, b2) - C).abs().max() < 1e-9
+
+
+def test_ou_cos_sq_exact_kernel_in_float32():
+    """The same in float32 at T = 100, where the last steps' noise (b_k ~ 1e-33 .. 1e-5) is far below the states' ulp:
+    written as plain Gaussian log densities these steps give NaN and O(1) errors; the reference-relative form has
+    only rounding: ~1e-7 relative per term, ~100 steps of terms of size <= ~10 -> 1e-4 (measured 2e-5)."""
+    T, n = 100, 2000
+    b2 = sde.ou_cos_sq(T, alpha=1.5, tfinal=6.4)
+    exact = ou_policy(T, None, b2=b2)
+
+    def policy32(t, x):
+        drift, log_var = exact(t.double(), x.double())
+        return drift.float(), log_var.float()
+
+    tr = sde.simulate_forward(policy32, n, T, SIGMA, gen(0), dim=DIM, dtype=torch.float32, reference="ou", ou_noise=b2)
+    log_w = est.log_weights(tr.log_pf, tr.log_pb, TARGET.log_prob(tr.x[:, -1].double()).float()).double()
+    assert (log_w - ou_prior_mismatch(tr.x[:, 0].double(), None, T, b2) - C).abs().max() < 1e-3
+
+
+def test_ou_cos_sq_schedule():
+    """The DDS code's step scheme: decreasing steps whose noise sums to alpha^2 tfinal, the last one ~0; b_0 by
+    hand for DDS's Funnel settings (T = 128, alpha 0.6875, tfinal 6.4): b_0^2 = alpha^2 tfinal c_0 / sum_k c_k,
+    c_0 = cos^4(phi_0) ~ 1, phi_0 = pi/2 s / (1 + s), and by the trapezoid rule (error ~ 1e-5 here)
+    sum_k c_k = (T - 1) (1 + s) (2/pi) int_{phi_0}^{pi/2} cos^4 + c_0 / 2, int = 3 pi / 16 - phi_0 + 2/3 phi_0^3 + ...
+    = 47.49, so b_0 = 0.2523."""
+    b2 = sde.ou_cos_sq(128, 0.6875, 6.4)
+    assert len(b2) == 128 and all(x > y for x, y in zip(b2, b2[1:])) and 0 < b2[-1] < 1e-60
+    assert abs(sum(b2) - 0.6875 ** 2 * 6.4) < 1e-12
+    s, phi0 = sde.COS_SQ_S, math.pi / 2 * sde.COS_SQ_S / (1 + sde.COS_SQ_S)
+    c0 = math.cos(phi0) ** 4
+    total = 127 * (1 + s) * 2 / math.pi * (3 * math.pi / 16 - phi0 + 2 / 3 * phi0 ** 3) + c0 / 2
+    assert abs(b2[0] - 0.6875 ** 2 * 6.4 * c0 / total) < 1e-4 * b2[0]
+    assert sde.ou_cos_sq(4, 10.0, 6.4)[0] == 1.0         # clipped at b = 1 (a fresh draw from the reference)
+    with pytest.raises(ValueError, match="'ou_alpha'"):
+        sde.ou_cos_sq(4, 0.0, 6.4)
+    with pytest.raises(ValueError, match="'ou_noise'"):
+        sde.simulate_forward(ou_policy(4, 2.0), 4, 4, SIGMA, dim=DIM, reference="ou", ou_noise=[0.1] * 3)
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_ou_reference_relative_log_densities_are_the_path_density(learned):
+    """sum log p_F - sum log p_B of the reference-relative columns equals the same sum of the plain Gaussian log
+    densities of the path, forwards and backwards, for a policy that is not the exact one (float64 rounding)."""
+    T, beta, n = 7, 3.0, 50
+    lam, b2 = math.exp(-beta / T), -math.expm1(-2 * beta / T)
+    var = SIGMA ** 2 * b2
+
+    def policy(t, x):
+        return 0.3 * x.flip(1) + t[:, None], (0.2 * torch.tanh(x) if learned else None)
+
+    for tr in (sde.simulate_forward(policy, n, T, SIGMA, gen(2), dim=DIM, dtype=F64, reference="ou", ou_beta=beta),
+               sde.simulate_backward(policy, TARGET.sample(n, gen(3)), T, SIGMA, gen(4), reference="ou",
+                                     ou_beta=beta)):
+        plain = sde.gaussian_log_prob(tr.x[:, 0], 0.0, SIGMA ** 2)
+        for k in range(T):
+            x, x_next = tr.x[:, k], tr.x[:, k + 1]
+            drift, log_var = policy(torch.full((n,), k / T, dtype=F64), x)
+            v = var if log_var is None else var * log_var.exp()
+            plain = plain + sde.gaussian_log_prob(x_next, lam * x + 2 * SIGMA ** 2 * (1 - lam) * drift, v)
+            plain = plain - sde.gaussian_log_prob(x, lam * x_next, var)
+        assert torch.allclose(tr.log_pf.sum(1) - tr.log_pb.sum(1), plain, rtol=0, atol=1e-9)
 
 
 def test_ou_continuous_time_control_brackets_log_z():

@@ -25,6 +25,8 @@ def sets(*overrides: str) -> list[str]:
     (["model.density_sampler.T=0"], "'model.density_sampler.T' = 0; must be an integer >= 1"),
     (["model.density_sampler.sigma=0.0"], "'model.density_sampler.sigma' = 0.0; must be > 0"),
     (["model.density_sampler.method=pis"], "method 'pis' differentiates through on-policy paths"),
+    (["model.density_sampler.ou_schedule=cosine"], "'model.density_sampler.ou_schedule' = 'cosine'; allowed: "),
+    (["model.density_sampler.ou_alpha=-1.0"], "'model.density_sampler.ou_alpha' = -1.0; must be > 0"),
 ])
 def test_bad_sampler_config_names_the_key(sets_, says):
     from trainer.config import load_config
@@ -82,8 +84,9 @@ def trained(tmp_path_factory) -> dict:
     base = [f"run.out_dir={tmp / 'runs'}", *TINY, "data.batch_size=32", "model.density_sampler.eval_samples=256"]
     steps = ["train.max_steps=30"]
     runs = [{"name": "tb", "overrides": steps},
-            {"name": "dds", "overrides": steps + ["model.density_sampler.method=dds",
-                                                  "model.density_sampler.exploration_std=0.0"]},
+            {"name": "dds", "overrides": steps + ["model.density_sampler.method=dds",   # DDS's own schedule
+                                                  "model.density_sampler.exploration_std=0.0",
+                                                  "model.density_sampler.ou_schedule=cos_sq"]},
             {"name": "vargrad_fsdp2", "overrides": steps + ["model.density_sampler.method=vargrad",
                                                             "parallel.engine=fsdp2", "comm.compressor=int8"]},
             {"name": "tb_z3", "overrides": steps + ["parallel.engine=deepspeed", "parallel.zero_stage=3"]},

@@ -222,6 +222,7 @@ class CommConfig:
     hierarchy: str = "none"        # "node": fp32 reduce inside a node, the compressor between nodes (ddp)
     auto_candidates: list = field(default_factory=lambda: ["none", "fp16", "powersgd", "int8", "int4", "sign", "topk"])
     auto_every: int = 0            # auto under ddp: re-measure the link and re-decide every N steps (0: once)
+    auto_trials: int = 2           # auto under ddp: timed exchanges per shortlisted candidate (0: the cost model alone)
     powersgd: PowerSGDOptions = field(default_factory=PowerSGDOptions)
     topk: TopKOptions = field(default_factory=TopKOptions)
     randk: RandKOptions = field(default_factory=RandKOptions)
@@ -239,6 +240,7 @@ class CommConfig:
                              f"groups; with comm.transport = {self.transport!r} use comm.hierarchy = 'none'")
         _positive("comm.start_step", self.start_step, zero_ok=True)
         _positive("comm.auto_every", self.auto_every, zero_ok=True)
+        _positive("comm.auto_trials", self.auto_trials, zero_ok=True)
         from trainer.compress.auto import candidates
         if not isinstance(self.auto_candidates, list) or not self.auto_candidates:
             raise ValueError(f"config key 'comm.auto_candidates' = {self.auto_candidates!r}; give a non-empty list, "
@@ -448,7 +450,7 @@ RESUME_RULES = {
     "train": {"*": "allow"},
     "ema": {"*": "allow", "kind": "refuse"},   # the average so far is of one kind; its settings shape what follows
     "comm": {"*": "reset", "transport": "allow", "start_step": "allow", "auto_candidates": "allow",
-             "auto_every": "allow"},
+             "auto_every": "allow", "auto_trials": "allow"},
     "dist": {"*": "allow"},
 }
 RESUME_WHY = {"refuse": "cannot change on resume", "reset": "compressor state starts afresh",

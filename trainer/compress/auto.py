@@ -7,7 +7,14 @@ Link model (Hockney's alpha-beta): a message of b bytes costs alpha + beta*b. Fo
 alpha and beta come from timed allreduces of a small and a large buffer at start-up (the slowest rank's
 times, so every rank decides the same). Each compressor's local encode/decode time is measured on the
 model's own gradient size with the kernels it uses. Per step, a compressor costs its collectives on every
-DDP bucket plus its encode/decode; the prediction table and the choice are logged.
+DDP bucket plus its encode/decode.
+
+The model prunes; a measurement decides. Predictions miss what the formulas leave out (a compressor's extra
+passes, error feedback, Python overhead per collective, a transport's per-message cost: sign's predicted 49 ms
+measured ~160 ms at 100 Mbit/s), so the candidates predicted within SHORTLIST x the best are timed doing the real
+thing, `comm.auto_trials` exchanges each of a gradient of the model's size and bucket layout on the live link
+(fresh compressors, discarded after: training state is untouched), and the fastest measured wins (the slowest rank's
+time, so every rank decides the same). The prediction table, the measured times and the choice are logged.
 """
 
 from __future__ import annotations
@@ -143,9 +150,55 @@ def choose_bucket_cap(cfg, name: str, transport, module: torch.nn.Module, t_back
     return cap
 
 
+SHORTLIST = 2.0     # candidates predicted within this factor of the best are measured
+MAX_TRIALED = 3     # ... at most this many, in predicted order
+
+
+def _buckets(module: torch.nn.Module, bucket_cap_mb: float) -> list[list[tuple[str, torch.Tensor]]]:
+    """The trainable parameters in DDP's bucket order (reverse registration order, cut at the cap)."""
+    cap, buckets, size = bucket_cap_mb * 2**20, [[]], 0
+    for name, p in reversed([(n, p) for n, p in module.named_parameters() if p.requires_grad]):
+        nbytes = 4 * p.numel() * (2 if p.is_complex() else 1)
+        if buckets[-1] and size + nbytes > cap:
+            buckets.append([])
+            size = 0
+        buckets[-1].append((name, p))
+        size += nbytes
+    return buckets
+
+
+def measure_exchange(cfg, transport, module: torch.nn.Module, name: str, bucket_cap_mb: float, trials: int) -> float:
+    """Seconds one step of `name`'s exchange takes on this rank (the fastest of `trials`, after one warm-up), on a
+    random gradient of the module's size in its bucket layout; a fresh compressor, discarded after. A collective:
+    every rank calls it with the same arguments."""
+    from trainer.compress.base import ParamView
+    registry = _compressors()
+    compressor = registry[name](cfg, transport)
+    compressor.seed = 0
+    layout = []
+    for bucket in _buckets(module, bucket_cap_mb):
+        views, offset = [], 0
+        for pname, p in bucket:
+            n = p.numel() * (2 if p.is_complex() else 1)
+            views.append(ParamView(pname, offset, n, tuple(p.shape), p.is_complex()))
+            offset += n
+        layout.append((torch.randn(offset, generator=torch.Generator().manual_seed(len(layout))), views))
+    sync = torch.zeros(1)
+    best = math.inf
+    for trial in range(trials + 1):
+        transport.allreduce_(sync)       # line the ranks up: arrival skew is not exchange time
+        t0 = time.perf_counter()
+        for grad, views in layout:
+            compressor.exchange(grad.clone(), views)
+        if trial:
+            best = min(best, time.perf_counter() - t0)
+        compressor.rollback()
+    return best
+
+
 def choose_compressor(cfg, transport, module: torch.nn.Module, bucket_cap_mb: float = 25.0) -> str:
-    """The candidate with the least predicted exchange time per step (ties go to the earlier candidate), for
-    gradients sent in buckets of `bucket_cap_mb`."""
+    """The fastest candidate per step for gradients sent in buckets of `bucket_cap_mb`: predicted by the cost model
+    for all, measured for the shortlist (module docstring); ties go to the earlier candidate."""
     w, plan, registry = transport.world_size, gradient_plan(module, cfg), _compressors()
     n = plan.n
     buckets = max(1, math.ceil(4 * n / (bucket_cap_mb * 2**20)))
@@ -158,14 +211,26 @@ def choose_compressor(cfg, transport, module: torch.nn.Module, bucket_cap_mb: fl
         comm = sum(_collective_time(k, b / buckets, w, alpha, beta) * buckets for k, b in ops)
         sent = sum(_wire_bytes(k, b, w) for k, b in ops)
         rows.append((comm + enc, name, comm, enc, sent))
+    best_predicted = min(r[0] for r in rows)
+    shortlist = [r[1] for r in sorted(rows, key=lambda r: r[0]) if r[0] <= SHORTLIST * best_predicted][:MAX_TRIALED]
+    measured = {}
+    if cfg.auto_trials and len(shortlist) > 1:
+        t = torch.tensor([measure_exchange(cfg, transport, module, name, bucket_cap_mb, cfg.auto_trials)
+                          for name in shortlist], dtype=torch.float64)
+        measured = dict(zip(shortlist, transport.allgather(t).max(0).values.tolist()))
     return log_choice(rows, f"auto compressor: link alpha {alpha * 1e6:.1f} us, {8 / beta / 1e9:.3f} Gbit/s over {w} "
-                            f"ranks, {n} floats in {buckets} bucket(s)")
+                            f"ranks, {n} floats in {buckets} bucket(s)", measured)
 
 
-def log_choice(rows: list[tuple[float, str, float, float, float]], header: str) -> str:
-    """The name of the least predicted (step seconds, name, comm s, encode s, bytes sent) row, the table logged."""
-    best = min(rows, key=lambda r: r[0])
+def log_choice(rows: list[tuple[float, str, float, float, float]], header: str,
+               measured: dict[str, float] | None = None) -> str:
+    """The name of the row with the least measured step seconds, or (none measured) the least predicted, of rows
+    (predicted step seconds, name, comm s, encode s, bytes sent); the table is logged."""
+    measured = measured or {}
+    best = (min(measured, key=lambda name: (measured[name], [r[1] for r in rows].index(name))) if measured
+            else min(rows, key=lambda r: r[0])[1])
     lines = [f"  {name:9s} predicted {t * 1e3:8.2f} ms/step (comm {c * 1e3:8.2f}, encode {e * 1e3:6.2f}) "
-             f"sends {s / 1e6:7.3f} MB" for t, name, c, e, s in rows]
-    log.info("%s\n%s\n  -> %s", header, "\n".join(lines), best[1])
-    return best[1]
+             f"sends {s / 1e6:7.3f} MB" + (f"   measured {measured[name] * 1e3:8.2f} ms" if name in measured else "")
+             for t, name, c, e, s in rows]
+    log.info("%s\n%s\n  -> %s", header, "\n".join(lines), best)
+    return best

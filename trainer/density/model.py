@@ -23,12 +23,13 @@ from torch import nn
 
 from trainer.compress.base import mixed_seed
 from trainer.density import objectives
-from trainer.density.sde import OU_BETA, simulate_backward, simulate_forward
+from trainer.density.sde import OU_BETA, ou_constant, ou_cos_sq, simulate_backward, simulate_forward
 from trainer.density.targets import checked_log_prob, get_target
 from trainer.registry import Batch, DataSpec, ModelSpec, register_model
 
 METHODS = ("pis", "dds", "tb", "vargrad")
 REPARAMETERISED = ("pis", "dds")   # differentiate through the simulated path; on-policy only
+OU_SCHEDULES = ("constant", "cos_sq")
 
 
 @dataclass
@@ -41,9 +42,15 @@ class DensitySamplerConfig:
     sigma: float = 1.0             # diffusion coefficient (sigma^2 = 5 for 25GMM, 1 for Funnel and Manywell)
     width: int = 64
     layers: int = 2                # hidden layers of the joint network
-    langevin: bool = False         # u = NN1(t, x) + NN2(t) * clip(grad log pi(x)) (PIS's parametrisation)
+    langevin: bool = False         # u = NN1(t, x) + NN2(t) * clip(grad log pi(x)), NN2(t) in R^d (PIS's form)
     grad_clip: float = 1e4         # the Langevin term's clip
     learned_variance: bool = False
+    # DDS's OU reference (trainer/density/sde.py): "constant" rate ou_beta, or DDS's cos_sq steps, whose noise
+    # sum_k b_k^2 = ou_alpha^2 ou_tfinal (DDS's Funnel settings: alpha 0.6875, tfinal 6.4)
+    ou_schedule: str = "constant"
+    ou_beta: float = OU_BETA
+    ou_alpha: float = 0.6875
+    ou_tfinal: float = 6.4
     exploration_std: float = 0.0   # off-policy noise (std) added to each step (TB, VarGrad), decayed linearly to 0
     exploration_until: float = 0.5     # ... over this fraction of the run
     log_z_scale: float = 100.0     # TB: log Z = scale * theta, so Adam moves log Z scale x lr per step (1e-1 at 1e-3)
@@ -65,7 +72,10 @@ class DensitySamplerConfig:
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"config key 'model.density_sampler.{k}' = {v!r}; must be an integer >= 1")
-        for k in ("sigma", "grad_clip", "log_z_scale"):
+        if self.ou_schedule not in OU_SCHEDULES:
+            raise ValueError(f"config key 'model.density_sampler.ou_schedule' = {self.ou_schedule!r}; allowed: "
+                             f"{', '.join(map(repr, OU_SCHEDULES))}")
+        for k in ("sigma", "grad_clip", "log_z_scale", "ou_beta", "ou_alpha", "ou_tfinal"):
             if not 0 < getattr(self, k) < math.inf:
                 raise ValueError(f"config key 'model.density_sampler.{k}' = {getattr(self, k)!r}; must be > 0")
         if self.exploration_std < 0 or not 0 <= self.exploration_until <= 1:
@@ -85,6 +95,14 @@ class DensitySamplerConfig:
     @property
     def reference(self) -> str:
         return "ou" if self.method == "dds" else "brownian"
+
+    def ou_noise(self) -> list[float] | None:
+        """The OU steps' b_k^2 (None for the Brownian reference)."""
+        if self.reference != "ou":
+            return None
+        if self.ou_schedule == "cos_sq":
+            return ou_cos_sq(self.T, self.ou_alpha, self.ou_tfinal)
+        return ou_constant(self.T, self.ou_beta)
 
 
 class TimeEmbedding(nn.Module):
@@ -117,7 +135,7 @@ class Policy(nn.Module):
         self.net = nn.Sequential(*layers, out)
         self.langevin = None
         if cfg.langevin:
-            last = nn.Linear(w, 1)
+            last = nn.Linear(w, dim)       # a weight per coordinate, as PIS's and DDS's code
             nn.init.zeros_(last.weight), nn.init.zeros_(last.bias)
             self.langevin = nn.Sequential(TimeEmbedding(w), nn.GELU(), last)
         self.learned_variance, self.grad_clip = cfg.learned_variance, cfg.grad_clip
@@ -158,11 +176,12 @@ class DensitySampler(nn.Module):
         dtype = p.dtype if p.is_floating_point() else torch.float32
         if x1 is None:
             traj = simulate_forward(self.drift, n, c.T, c.sigma, None, exploration_std, dim=self.target.dim,
-                                    reference=c.reference, ou_beta=OU_BETA, keep_graph=c.method in REPARAMETERISED,
+                                    reference=c.reference, ou_noise=c.ou_noise(),
+                                    keep_graph=c.method in REPARAMETERISED,
                                     dtype=dtype, device=p.device, noise=noise)
         else:
             traj = simulate_backward(self.drift, x1.to(dtype), c.T, c.sigma, generator, reference=c.reference,
-                                     ou_beta=OU_BETA)
+                                     ou_noise=c.ou_noise())
         x_T = traj.x[:, -1]
         out = {"log_pf": traj.log_pf.sum(1), "log_pb": traj.log_pb.sum(1), "x": x_T,
                "log_reward": checked_log_prob(self.target, x_T)}

@@ -13,26 +13,39 @@ Brownian reference: PIS (Zhang & Chen 2022), TB and VarGrad (Sendera et al. 2024
 u = 0 is Brownian motion sigma W_t, so sum log p_B = log P_ref(x_{1:T}) - log N(x_T; 0, sigma^2 I).
 
 OU reference: DDS, the denoising diffusion sampler (Vargas, Grathwohl, Doucet 2023; not the decomposed diffusion
-sampler of inverse problems). The reference dx = -beta x dt + sigma sqrt(2 beta) dW is stationary at N(0, sigma^2 I)
-and reversible, so its exact transitions serve both directions; with lambda = e^{-beta dt} = sqrt(1 - alpha):
+sampler of inverse problems). The reference is an OU process stationary at N(0, sigma^2 I) and reversible; step k keeps
+lambda_k of the state and adds noise of variance sigma^2 b_k^2, b_k^2 = 1 - lambda_k^2 (the DDS paper's alpha_k), so its
+exact transitions serve both directions:
     x_0 ~ N(0, sigma^2 I)
-    p_F(x_{k+1} | x_k) = N(lambda x_k + 2 sigma^2 (1 - lambda) f(t_k, x_k), sigma^2 alpha e^{log_var} I)
-    p_B(x_k | x_{k+1}) = N(lambda x_{k+1}, sigma^2 alpha I)
+    p_F(x_{k+1} | x_k) = N(lambda_k x_k + 2 sigma^2 (1 - lambda_k) f(t_k, x_k), sigma^2 b_k^2 e^{log_var} I)
+    p_B(x_k | x_{k+1}) = N(lambda_k x_{k+1}, sigma^2 b_k^2 I)
 The forward step is the DDS paper's exponential integrator: the time reversal of the OU with marginals p_t has drift
 -beta x + 2 sigma^2 beta f, f = grad log(p_t / N(0, sigma^2 I)); holding f at f(t_k, x_k) and integrating the rest
 exactly over the step gives the mean above and the OU's own variance. The policy's drift is f (0: the reference).
-log N(x_0; 0, sigma^2 I) is added to log_pf[:, 0], so sum log p_F is the log density of the whole path. Memory of x_0
-fades as e^{-beta}: at beta = OU_BETA, e^-5 = 0.7%. beta is constant in time here (OU_BETA is our choice); the DDS
-code also offers cosine-shaped per-step schedules, not implemented.
+Schedules of b_k^2 (`ou_constant`, `ou_cos_sq`, or any sequence via `ou_noise`):
+    constant   lambda_k = e^{-beta / T}: memory of x_0 fades as e^{-beta} (e^-5 = 0.7% at the default OU_BETA)
+    cos_sq     DDS's code (`cos_sq_fn_step_scheme`, used for its Funnel runs): b_k = min(1, alpha sqrt(Delta_k)),
+               Delta_k = t_f c_k / sum_j c_j, c_k = cos^4(pi/2 (k / (T - 1) + s) / (1 + s)), s = 0.008: large steps at
+               the noise end, vanishing ones at the target end (the last is ~1e-33), sum_k b_k^2 = alpha^2 t_f.
+Steps of tiny variance make log p_F and log p_B ill-conditioned (x_{k+1} - lambda_k x_k is a difference of nearly equal
+numbers), so both columns are stored relative to the reference transition p_ref(x_{k+1} | x_k) = N(lambda_k x_k,
+sigma^2 b_k^2 I), a common term that cancels in every objective and estimate:
+    log_pf[:, k] = log p_F - log p_ref = -1/2 sum_d ((r - a)^2 e^{-log_var} + log_var - r^2)
+    log_pb[:, k] = log p_B - log p_ref = log N(x_k; 0, sigma^2 I) - log N(x_{k+1}; 0, sigma^2 I)    (reversibility)
+with the standardised increment r = (x_{k+1} - lambda_k x_k) / (sigma b_k) and drift a = 2 sigma f b_k / (1 + lambda_k)
+(= 2 sigma^2 (1 - lambda_k) f / (sigma b_k)), each formed without cancellation: r = a + e^{log_var / 2} eps forwards,
+r = b_k x_{k+1} / sigma - lambda_k eps backwards (x_k = lambda_k x_{k+1} + sigma b_k eps). log N(x_0; 0, sigma^2 I) is
+added to log_pf[:, 0], so sum log p_F - sum log p_B is the log density ratio of the whole path against p_B.
 
 Off-policy exploration (Sendera et al. 2024; gfn-diffusion's add_expl_var) adds exploration_std^2 to every step's
 sampling variance; log p_F is the policy's density without it, so exploration moves the samples, not the objective.
+Brownian reference only: the OU methods (DDS) differentiate through on-policy paths.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -49,13 +62,16 @@ class Trajectory(NamedTuple):
 
 
 class _Steps(NamedTuple):
-    """Per step k: forward mean = scale x_k + gain drift, variance var e^{log_var}; backward mean b_scale[k] x_{k+1},
-    variance b_var[k] (0: the point mass at 0)."""
-    scale: float
-    gain: float
-    var: float
+    """Per step k: forward mean = scale[k] x_k + gain[k] drift, variance var[k] e^{log_var}; backward mean
+    b_scale[k] x_{k+1}, variance b_var[k] (0: the point mass at 0). OU only: b[k] (noise std / sigma) and
+    a_gain[k] = gain[k] / (sigma b[k]), the drift in units of the step's noise (module docstring)."""
+    scale: list[float]
+    gain: list[float]
+    var: list[float]
     b_scale: list[float]
     b_var: list[float]
+    b: list[float] | None = None
+    a_gain: list[float] | None = None
 
 
 def time_grid(T: int, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
@@ -63,22 +79,53 @@ def time_grid(T: int, dtype: torch.dtype | None = None, device=None) -> torch.Te
     return torch.arange(T + 1, dtype=dtype or torch.get_default_dtype(), device=device) / T
 
 
-def _steps(reference: str, T, sigma, ou_beta) -> _Steps:
+def _check_T(T) -> None:
     if isinstance(T, bool) or not isinstance(T, int) or T < 1:
         raise ValueError(f"'T' = {T!r}; must be an integer >= 1 (the number of steps)")
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma < math.inf:
-        raise ValueError(f"'sigma' = {sigma!r}; must be a number > 0")
+
+
+def _positive(key: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{key!r} = {value!r}; must be a number > 0")
+    return float(value)
+
+
+def ou_constant(T: int, beta: float = OU_BETA) -> list[float]:
+    """b_k^2 of the constant-rate OU: 1 - e^{-2 beta / T} at every step."""
+    _check_T(T)
+    return [-math.expm1(-2 * _positive("ou_beta", beta) / T)] * T
+
+
+COS_SQ_S = 0.008   # the offset of Nichol & Dhariwal's cosine schedule, as DDS's code uses it
+
+
+def ou_cos_sq(T: int, alpha: float, tfinal: float) -> list[float]:
+    """b_k^2 of DDS's `cos_sq` step scheme (module docstring): min(1, alpha^2 Delta_k), sum_k Delta_k = tfinal."""
+    _check_T(T)
+    alpha, tfinal = _positive("ou_alpha", alpha), _positive("ou_tfinal", tfinal)
+    c = [math.cos(math.pi / 2 * ((k / (T - 1) if T > 1 else 0.0) + COS_SQ_S) / (1 + COS_SQ_S)) ** 4 for k in range(T)]
+    total = sum(c)
+    return [min(1.0, alpha ** 2 * tfinal * ck / total) for ck in c]
+
+
+def _steps(reference: str, T, sigma, ou_beta, ou_noise=None) -> _Steps:
+    _check_T(T)
+    s2 = _positive("sigma", sigma) ** 2
     if reference not in REFERENCES:
         raise ValueError(f"'reference' = {reference!r}; must be one of {REFERENCES}")
-    dt, s2 = 1.0 / T, float(sigma) ** 2
+    dt = 1.0 / T
     if reference == "brownian":
         ratio = [k / (k + 1) for k in range(T)]   # t_k / t_{k+1}
-        return _Steps(1.0, dt, s2 * dt, ratio, [r * s2 * dt for r in ratio])
-    if isinstance(ou_beta, bool) or not isinstance(ou_beta, (int, float)) or not 0 < ou_beta < math.inf:
-        raise ValueError(f"'ou_beta' = {ou_beta!r}; must be a number > 0")
-    lam = math.exp(-ou_beta * dt)
-    alpha = -math.expm1(-2 * ou_beta * dt)
-    return _Steps(lam, 2 * s2 * (1 - lam), s2 * alpha, [lam] * T, [s2 * alpha] * T)
+        return _Steps([1.0] * T, [dt] * T, [s2 * dt] * T, ratio, [r * s2 * dt for r in ratio])
+    b2 = ou_constant(T, ou_beta) if ou_noise is None else [float(v) for v in ou_noise]
+    if len(b2) != T or not all(0 < v <= 1 for v in b2):
+        raise ValueError(f"'ou_noise' has {len(b2)} values in [{min(b2, default=0):g}, {max(b2, default=0):g}]; "
+                         f"expected T = {T} step variances b_k^2 in (0, 1]")
+    b = [math.sqrt(v) for v in b2]
+    lam = [math.sqrt(1 - v) for v in b2]
+    sigma = math.sqrt(s2)
+    return _Steps(lam, [2 * s2 * v / (1 + l) for v, l in zip(b2, lam)], [s2 * v for v in b2], lam,
+                  [s2 * v for v in b2], b, [2 * sigma * bk / (1 + l) for bk, l in zip(b, lam)])
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor | float, var: torch.Tensor | float) -> torch.Tensor:
@@ -93,21 +140,35 @@ def _randn(shape, generator, dtype, device) -> torch.Tensor:
     return torch.randn(shape, generator=generator, dtype=dtype, device=gen_device).to(device)
 
 
-def _policy_step(policy: Policy, t: torch.Tensor, x: torch.Tensor, base_var: float):
+def _policy_step(policy: Policy, t: torch.Tensor, x: torch.Tensor):
     drift, log_var = policy(t, x)
     if drift.shape != x.shape or (log_var is not None and log_var.shape != x.shape):
         raise ValueError(f"policy returned drift {tuple(drift.shape)} and log_var "
                          f"{None if log_var is None else tuple(log_var.shape)} for x {tuple(x.shape)}; expected both "
                          f"{tuple(x.shape)} (log_var may be None)")
-    var = torch.full_like(x, base_var) if log_var is None else base_var * torch.exp(log_var)
-    return drift, var
+    return drift, log_var
+
+
+def _ou_log_ratio(r: torch.Tensor, a: torch.Tensor, log_var: torch.Tensor | None) -> torch.Tensor:
+    """log p_F - log p_ref of an OU step from its standardised increment r and drift a (module docstring)."""
+    if log_var is None:
+        return (a * (r - 0.5 * a)).sum(-1)          # -1/2 ((r - a)^2 - r^2)
+    return -0.5 * ((r - a) ** 2 * torch.exp(-log_var) + log_var - r ** 2).sum(-1)
+
+
+def _half_sq_norm_diff(x: torch.Tensor, y: torch.Tensor, s2: float) -> torch.Tensor:
+    """log N(x; 0, s2 I) - log N(y; 0, s2 I)."""
+    return 0.5 * (y.square().sum(-1) - x.square().sum(-1)) / s2
 
 
 def simulate_forward(policy: Policy, n: int, T: int, sigma: float, generator: torch.Generator | None = None,
                      exploration_std: float = 0.0, *, dim: int, reference: str = "brownian", ou_beta: float = OU_BETA,
-                     keep_graph: bool = False, dtype: torch.dtype | None = None, device=None,
+                     ou_noise: Sequence[float] | None = None, keep_graph: bool = False,
+                     dtype: torch.dtype | None = None, device=None,
                      noise: Callable[[int], torch.Tensor] | None = None) -> Trajectory:
-    """n trajectories x_0 -> x_T under the policy, with per-step log p_F and log p_B.
+    """n trajectories x_0 -> x_T under the policy, with per-step log p_F and log p_B (OU: both relative to the
+    reference transition; module docstring). The OU steps' b_k^2 are `ou_noise` when given, else `ou_constant(T,
+    ou_beta)`.
 
     The standard normal noise is noise(k) (n, dim) for step k (k = -1: the OU start) when given (e.g. rows of a
     global batch's noise, so trajectories do not depend on how a batch is split), else drawn from `generator`.
@@ -115,7 +176,7 @@ def simulate_forward(policy: Policy, n: int, T: int, sigma: float, generator: to
     keep_graph=False (TB, VarGrad, off-policy training): every state is detached, so gradients reach the policy only
     through log p_F of the given path. keep_graph=True (PIS, DDS): the path stays a differentiable function of the
     policy (reparameterised noise); exploration is then refused, since it would no longer sample the policy."""
-    steps = _steps(reference, T, sigma, ou_beta)
+    steps = _steps(reference, T, sigma, ou_beta, ou_noise)
     for key, value in (("n", n), ("dim", dim)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{key!r} = {value!r}; must be an integer >= 1")
@@ -124,7 +185,11 @@ def simulate_forward(policy: Policy, n: int, T: int, sigma: float, generator: to
     if keep_graph and exploration_std > 0:
         raise ValueError(f"'exploration_std' = {exploration_std!r} with keep_graph=True: the reparameterised "
                          f"objectives (PIS, DDS) need on-policy paths")
+    if reference == "ou" and exploration_std > 0:
+        raise ValueError(f"'exploration_std' = {exploration_std!r} with the OU reference: exploration is for the "
+                         f"Brownian reference's off-policy objectives (TB, VarGrad)")
     dtype = dtype or torch.get_default_dtype()
+    s2 = float(sigma) ** 2
 
     def draw(k: int) -> torch.Tensor:
         if noise is None:
@@ -140,16 +205,27 @@ def simulate_forward(policy: Policy, n: int, T: int, sigma: float, generator: to
         log_p0 = torch.zeros(n, dtype=dtype, device=device)
     else:
         x = sigma * draw(-1)
-        log_p0 = gaussian_log_prob(x, 0.0, float(sigma) ** 2)
+        log_p0 = gaussian_log_prob(x, 0.0, s2)
     xs, log_pf, log_pb = [x], [], []
     for k in range(T):
-        drift, var = _policy_step(policy, t[k].expand(n), x, steps.var)
-        mean = steps.scale * x + steps.gain * drift
-        x_next = mean + torch.sqrt(var + exploration_std ** 2) * draw(k)
-        if not keep_graph:
-            x_next = x_next.detach()
-        log_pf.append(gaussian_log_prob(x_next, mean, var))
-        log_pb.append(_backward_log_prob(steps, k, x, x_next))
+        drift, log_var = _policy_step(policy, t[k].expand(n), x)
+        z = draw(k)
+        mean = steps.scale[k] * x + steps.gain[k] * drift
+        if steps.b is None:
+            var = torch.full_like(x, steps.var[k]) if log_var is None else steps.var[k] * torch.exp(log_var)
+            x_next = mean + torch.sqrt(var + exploration_std ** 2) * z
+            if not keep_graph:
+                x_next = x_next.detach()
+            log_pf.append(gaussian_log_prob(x_next, mean, var))
+            log_pb.append(_backward_log_prob(steps, k, x, x_next))
+        else:
+            sd_rel = z if log_var is None else torch.exp(0.5 * log_var) * z    # noise in units of sigma b_k
+            x_next = mean + (float(sigma) * steps.b[k]) * sd_rel
+            if not keep_graph:
+                x_next = x_next.detach()
+            a = steps.a_gain[k] * drift
+            log_pf.append(_ou_log_ratio(a + sd_rel, a, log_var))
+            log_pb.append(_half_sq_norm_diff(x, x_next, s2))
         x = x_next
         xs.append(x)
     log_pf[0] = log_pf[0] + log_p0
@@ -164,31 +240,41 @@ def _backward_log_prob(steps: _Steps, k: int, x: torch.Tensor, x_next: torch.Ten
 
 def simulate_backward(policy: Policy, x1: torch.Tensor, T: int, sigma: float,
                       generator: torch.Generator | None = None, *, reference: str = "brownian",
-                      ou_beta: float = OU_BETA) -> Trajectory:
+                      ou_beta: float = OU_BETA, ou_noise: Sequence[float] | None = None) -> Trajectory:
     """Trajectories ending at the given x1 (n, d) (exact target samples for EUBO, replay-buffer samples for off-policy
-    TB), drawn with p_B from x_T = x1 back to x_0, with per-step log p_F and log p_B. States are detached; gradients
-    reach the policy through log p_F."""
-    steps = _steps(reference, T, sigma, ou_beta)
+    TB), drawn with p_B from x_T = x1 back to x_0, with per-step log p_F and log p_B (OU: relative to the reference
+    transition, as in `simulate_forward`). States are detached; gradients reach the policy through log p_F."""
+    steps = _steps(reference, T, sigma, ou_beta, ou_noise)
     if x1.ndim != 2:
         raise ValueError(f"'x1' has shape {tuple(x1.shape)}; expected (n, d)")
     n, d = x1.shape
+    s2 = float(sigma) ** 2
     x = x1.detach()
-    xs, log_pb = [x], []
+    xs, log_pb, r = [x], [], []
     for k in reversed(range(T)):
         if steps.b_var[k] == 0:
             x_prev = torch.zeros_like(x)
         else:
-            x_prev = steps.b_scale[k] * x + math.sqrt(steps.b_var[k]) * _randn(x.shape, generator, x.dtype, x.device)
-        log_pb.append(_backward_log_prob(steps, k, x_prev, x))
+            z = _randn(x.shape, generator, x.dtype, x.device)
+            x_prev = steps.b_scale[k] * x + math.sqrt(steps.b_var[k]) * z
+        if steps.b is None:
+            log_pb.append(_backward_log_prob(steps, k, x_prev, x))
+        else:
+            r.append(steps.b[k] / float(sigma) * x - steps.b_scale[k] * z)    # (x - lambda_k x_prev) / (sigma b_k)
+            log_pb.append(_half_sq_norm_diff(x_prev, x, s2))
         x = x_prev
         xs.append(x)
     path = torch.stack(xs[::-1], 1)                                        # (n, T+1, d)
     t = time_grid(T, x1.dtype, x1.device)[:-1].expand(n, T).reshape(-1)    # (n T,), row-major like path[:, :-1]
     x_k = path[:, :-1].reshape(n * T, d)
-    drift, var = _policy_step(policy, t, x_k, steps.var)
-    mean = steps.scale * x_k + steps.gain * drift
-    log_pf = gaussian_log_prob(path[:, 1:].reshape(n * T, d), mean, var).reshape(n, T)
-    if reference == "ou":
-        log_p0 = gaussian_log_prob(path[:, 0], 0.0, float(sigma) ** 2)
+    drift, log_var = _policy_step(policy, t, x_k)
+    if steps.b is None:      # the Brownian steps are all alike
+        mean = x_k + steps.gain[0] * drift
+        var = steps.var[0] if log_var is None else steps.var[0] * torch.exp(log_var)
+        log_pf = gaussian_log_prob(path[:, 1:].reshape(n * T, d), mean, var).reshape(n, T)
+    else:
+        a = torch.tensor(steps.a_gain, dtype=x1.dtype, device=x1.device).repeat(n)[:, None] * drift
+        log_pf = _ou_log_ratio(torch.stack(r[::-1], 1).reshape(n * T, d), a, log_var).reshape(n, T)
+        log_p0 = gaussian_log_prob(path[:, 0], 0.0, s2)
         log_pf = torch.cat([(log_pf[:, 0] + log_p0)[:, None], log_pf[:, 1:]], 1)
     return Trajectory(path, log_pf, torch.stack(log_pb[::-1], 1))
