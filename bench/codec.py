@@ -40,23 +40,6 @@ def _fno_views():
     return views, offset
 
 
-class _LocalTransport:
-    """World size 1: the compressor's own encode/decode work, no communication."""
-    rank, world_size, name = 0, 1, "local"
-
-    def allreduce_(self, t):
-        return t
-
-    def allgather(self, t):
-        return t.unsqueeze(0)
-
-    def all_to_all(self, t):
-        return t
-
-    def broadcast_(self, t, src=0):
-        return t
-
-
 def codec_benchmark(threads: int = 1) -> list[dict]:
     """Time each codec's local encode+decode on the model's flat gradient; GB/s of fp32 input.
 
@@ -69,6 +52,7 @@ def codec_benchmark(threads: int = 1) -> list[dict]:
     import kernels
     from kernels import fused
     from trainer.compress.powersgd import PowerSGDCompressor, powersgd_floats, powersgd_matrix
+    from trainer.compress.transport import LocalTransport
     from trainer.config import CommConfig, PowerSGDOptions
     torch.set_num_threads(threads)
     views, n = _fno_views()
@@ -98,7 +82,7 @@ def codec_benchmark(threads: int = 1) -> list[dict]:
 
     def powersgd(rank: int) -> Callable[[], tuple[torch.Tensor, int]]:
         cfg = CommConfig(compressor="powersgd", error_feedback=False, powersgd=PowerSGDOptions(rank))
-        comp = PowerSGDCompressor(cfg, _LocalTransport())
+        comp = PowerSGDCompressor(cfg, LocalTransport())
         work = x.clone()
         wire = 0
         for v in views:

@@ -65,6 +65,20 @@ def timed(fn, repeats: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def local_exchange_seconds(cls, cfg, n: int) -> float:
+    """Median seconds of `cls`'s whole exchange of n floats (one flat parameter) on a world of one: every pass it
+    makes (encode, error feedback, decode), no communication. A fresh compressor, discarded after."""
+    from trainer.compress.transport import LocalTransport
+    compressor = cls(cfg, LocalTransport())
+    compressor.seed = 0
+    x, views = torch.randn(n), [ParamView("grad", 0, n, (n,), False)]
+
+    def step():
+        compressor.exchange(x.clone(), views)
+        compressor.commit()
+    return timed(step)
+
+
 class Compressor:
     """Base class: subclasses implement `exchange` and keep state through `get`/`put`, and, to be a candidate of
     `comm.compressor = "auto"`, their cost model: `collectives` and `encode_seconds`."""

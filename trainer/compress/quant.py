@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from kernels import decode_blockwise, encode_blockwise
-from trainer.compress.base import (Compressor, GradientPlan, ParamView, as_bytes, timed, bucket_state, call_generator, from_bytes,
-                                   put_bucket_state, shard_length)
+from trainer.compress.base import (Compressor, GradientPlan, ParamView, as_bytes, bucket_state, call_generator, from_bytes,
+                                   local_exchange_seconds, put_bucket_state, shard_length)
 
 # ---- the compressor -----------------------------------------------------------------------------------------
 class QuantizedCompressor(Compressor):
@@ -38,13 +38,8 @@ class QuantizedCompressor(Compressor):
 
     @classmethod
     def encode_seconds(cls, cfg, n: int) -> float:
-        """Worker and server side: two encode + decode passes over n floats."""
-        x, block = torch.randn(n), cfg.options(cls.name).block_size
-
-        def qdq():
-            codes, scales = encode_blockwise(x, cls.bits, block)
-            decode_blockwise(codes, scales, n, cls.bits, block)
-        return 2 * timed(qdq)
+        """Worker and server side, error feedback included: the whole exchange on a world of one."""
+        return local_exchange_seconds(cls, cfg, n)
 
     def __init__(self, cfg, transport, bits: int | None = None):
         super().__init__(cfg, transport)

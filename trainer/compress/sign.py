@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from kernels import pack_signs, unpack_signs
-from trainer.compress.base import Compressor, GradientPlan, ParamView, as_bytes, timed, bucket_state, from_bytes, put_bucket_state, shard_length
+from trainer.compress.base import (Compressor, GradientPlan, ParamView, as_bytes, bucket_state, from_bytes,
+                                   local_exchange_seconds, put_bucket_state, shard_length)
 
 
 def _scaled_sign(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,8 +43,7 @@ class SignCompressor(Compressor):
 
     @classmethod
     def encode_seconds(cls, cfg, n: int) -> float:
-        x = torch.randn(n)
-        return 2 * timed(lambda: unpack_signs(pack_signs(x), n))
+        return local_exchange_seconds(cls, cfg, n)     # both phases' passes, error feedback included
 
     def _decode(self, msg: torch.Tensor, shard: int) -> torch.Tensor:
         """(rows, shard/8 + 4) uint8 of sign bits + one float32 scale -> (rows, shard) of +-scale."""

@@ -22,7 +22,8 @@ import math
 import torch
 
 from kernels import randk_select, scatter_dense, topk_select
-from trainer.compress.base import Compressor, GradientPlan, ParamView, bucket_state, timed, call_generator, from_bytes, put_bucket_state
+from trainer.compress.base import (Compressor, GradientPlan, ParamView, bucket_state, call_generator, from_bytes,
+                                   local_exchange_seconds, put_bucket_state)
 
 
 class TopKCompressor(Compressor):
@@ -39,16 +40,8 @@ class TopKCompressor(Compressor):
 
     @classmethod
     def encode_seconds(cls, cfg, n: int) -> float:
-        x, k = torch.randn(n), math.ceil(cfg.options(cls.name).density * n)
-
-        def select_and_scatter():
-            values, indices = cls._select_for_cost(x, k)
-            scatter_dense(n, indices, values)
-        return timed(select_and_scatter)
-
-    @staticmethod
-    def _select_for_cost(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return topk_select(x, k)
+        """Selection, EF21's estimate updates and the scatter: the whole exchange on a world of one."""
+        return local_exchange_seconds(cls, cfg, n)
 
     @property
     def ef21(self) -> bool:
@@ -103,10 +96,6 @@ class RandKCompressor(TopKCompressor):
     (d/k) RandK(grad) without error feedback. Indices come from a per-(seed, rank, call) generator."""
 
     name = "randk"
-
-    @staticmethod
-    def _select_for_cost(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return randk_select(x, k, torch.Generator().manual_seed(0))
 
     @property
     def ef21(self) -> bool:

@@ -104,6 +104,27 @@ class MPITransport:
         return out.to(t.device)
 
 
+class LocalTransport:
+    """World size 1, no communication: a compressor's own encode/decode work, timed alone (its cost model, the codec
+    benchmark)."""
+    name, rank, world_size = "local", 0, 1
+
+    def allreduce_(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def allgather(self, t: torch.Tensor) -> torch.Tensor:
+        return t.unsqueeze(0)
+
+    def all_to_all(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        return t
+
+    def reduce_scatter(self, t: torch.Tensor) -> torch.Tensor:
+        return t[0]
+
+
 def ring_allreduce_bytes(nbytes: int, world_size: int) -> int:
     """Bytes one rank sends in a ring allreduce of `nbytes` (reduce-scatter + allgather)."""
     return 2 * (world_size - 1) * nbytes // world_size
