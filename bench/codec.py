@@ -1,5 +1,6 @@
 """Codec-only benchmark: each compressor's local encode + decode on the benchmark FNO's 9.5 MB flat gradient, one
-thread, against memcpy (`dst.copy_(src)`). Run by `bench/comm.py --codec-only` (and at the end of a full comm run);
+thread, against memcpy (`dst.copy_(src)`), and the same compressors' whole exchange on a world of one (every pass
+around the codec: padding, error feedback, both phases). Run by `bench/comm.py --codec-only` (and at the end of a full comm run);
 see bench/README.md, "Codecs at memory speed". Writes codec.json / codec.csv and prints a table.
 """
 
@@ -103,6 +104,20 @@ def codec_benchmark(threads: int = 1) -> list[dict]:
     codecs += [("topk(1%)", selected, topk), ("randk(1%)", selected, randk),
                ("powersgd(r=1)", selected, powersgd(1)), ("powersgd(r=4)", selected, powersgd(4))]
 
+    def whole_exchange(name: str) -> Callable[[], tuple[torch.Tensor, int]]:
+        """The compressor's whole exchange on a world of one, error feedback on (as in training): every pass it
+        makes around its codec (padding, residuals, both phases), no communication."""
+        from trainer.compress import COMPRESSORS
+        comp = COMPRESSORS[name](CommConfig(compressor=name), LocalTransport())
+        comp.seed = 0
+
+        def run():
+            out = comp.exchange(x.clone(), views)
+            comp.commit()
+            return out, 0                   # nothing crosses a world of one: see the codec's row for its bytes
+        return run
+    codecs += [(f"{name} exchange", selected, whole_exchange(name)) for name in ("int8", "int4", "sign", "topk", "randk")]
+
     t_copy = _median_time(lambda: dst.copy_(x))
     copy_gbps = 4 * n / t_copy / 1e9
     records = [{"codec": "memcpy", "kernels": "", "input_bytes": 4 * n, "wire_bytes": 4 * n, "median_s": t_copy,
@@ -114,6 +129,7 @@ def codec_benchmark(threads: int = 1) -> list[dict]:
             first = time.perf_counter() - t0
             t = _median_time(fn)
         label = mode if name.split()[0] in ("int8", "int4", "sign") else "torch"     # the codecs with compiled kernels
+        label = "exchange, W=1" if name.endswith("exchange") else label
         records.append({"codec": name, "kernels": label, "input_bytes": 4 * n, "wire_bytes": wire, "median_s": t,
                         "gb_per_s": 4 * n / t / 1e9, "vs_memcpy": t_copy / t, "compile_s": max(first - t, 0.0),
                         "threads": threads})
@@ -130,6 +146,7 @@ def run_codec(out: Path) -> None:
         w.writeheader()
         w.writerows(records)
     print_table(["codec", "kernels", "MB in", "MB wire", "ms", "GB/s", "vs memcpy", "compile s"],
-                [[r["codec"], r["kernels"], f"{r['input_bytes'] / 1e6:.2f}", f"{r['wire_bytes'] / 1e6:.3f}",
+                [[r["codec"], r["kernels"], f"{r['input_bytes'] / 1e6:.2f}",
+                  f"{r['wire_bytes'] / 1e6:.3f}" if r["wire_bytes"] else "-",
                   f"{1e3 * r['median_s']:.2f}", f"{r['gb_per_s']:.2f}", f"{r['vs_memcpy']:.3f}",
                   f"{r['compile_s']:.1f}" if r["compile_s"] >= 0.05 else ""] for r in records])

@@ -163,11 +163,22 @@ def bucket_state(comp: Compressor, views: list[ParamView], suffix: str, like: to
     return out
 
 
-def put_bucket_state(comp: Compressor, views: list[ParamView], suffix: str, flat: torch.Tensor,
-                     local: bool = True) -> None:
-    """Split a bucket-layout tensor back into per-parameter pending state (copies: `flat` may be reused)."""
+def add_bucket_state_(comp: Compressor, views: list[ParamView], suffix: str, flat: torch.Tensor,
+                      local: bool = True) -> torch.Tensor:
+    """flat += the per-parameter state `name + suffix` where it exists (`bucket_state` without the zeros pass)."""
     for v in views:
-        comp.put(v.name + suffix, v.slice(flat).clone(), local)
+        t = comp.get(v.name + suffix, local)
+        if t is not None and t.numel() == v.numel:
+            v.slice(flat).add_(t)
+    return flat
+
+
+def put_bucket_state(comp: Compressor, views: list[ParamView], suffix: str, flat: torch.Tensor,
+                     local: bool = True, copy: bool = True) -> None:
+    """Split a bucket-layout tensor back into per-parameter pending state (copies, since `flat` may be reused;
+    copy=False keeps views of a tensor the caller hands over)."""
+    for v in views:
+        comp.put(v.name + suffix, v.slice(flat).clone() if copy else v.slice(flat), local)
 
 
 def _splitmix64(x: int) -> int:

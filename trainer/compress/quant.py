@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from kernels import decode_blockwise, encode_blockwise
-from trainer.compress.base import (Compressor, GradientPlan, ParamView, as_bytes, bucket_state, call_generator, from_bytes,
-                                   local_exchange_seconds, put_bucket_state, shard_length)
+from trainer.compress.base import (Compressor, GradientPlan, ParamView, add_bucket_state_, as_bytes, call_generator,
+                                   from_bytes, local_exchange_seconds, put_bucket_state, shard_length)
 
 # ---- the compressor -----------------------------------------------------------------------------------------
 class QuantizedCompressor(Compressor):
@@ -65,18 +65,20 @@ class QuantizedCompressor(Compressor):
         shard = shard_length(n, W, unit)
         gen = call_generator(self, grad.device)
 
-        x = torch.zeros(W * shard, dtype=torch.float32, device=grad.device)
+        x = torch.empty(W * shard, dtype=torch.float32, device=grad.device)
         x[:n] = grad
+        x[n:] = 0
         if ef:
-            x[:n] += bucket_state(self, views, "/e", grad)
+            add_bucket_state_(self, views, "/e", x[:n])
         codes, s = encode_blockwise(x, self.bits, B, generator=gen)
-        if ef:
-            put_bucket_state(self, views, "/e", x[:n] - decode_blockwise(codes, s, W * shard, self.bits, B)[:n])
+        if ef:     # the residual x - D(Q(x)), computed in the decoded buffer, handed over without a copy
+            residual = decode_blockwise(codes, s, W * shard, self.bits, B)
+            put_bucket_state(self, views, "/e", torch.sub(x, residual, out=residual)[:n], copy=False)
 
         # phase 1: row j of `to_servers` is shard j, for rank j to average
         to_servers = self._encode(codes, s, W)
         mine = self._decode(self.transport.all_to_all(to_servers), shard)       # (W, shard): every rank's shard r
-        y = mine.sum(0) / W
+        y = mine.sum(0).div_(W)
         key = f"server{W}/" + "|".join(v.name for v in views)   # this rank's shard of this bucket layout
         if ef:
             e_s = self.get(key)
@@ -84,7 +86,8 @@ class QuantizedCompressor(Compressor):
                 y += e_s
         codes2, s2 = encode_blockwise(y, self.bits, B, generator=gen)
         if ef:
-            self.put(key, y - decode_blockwise(codes2, s2, shard, self.bits, B))
+            residual = decode_blockwise(codes2, s2, shard, self.bits, B)
+            self.put(key, torch.sub(y, residual, out=residual))
 
         # phase 2: everyone gets every averaged shard
         from_server = self._encode(codes2, s2, 1)[0]

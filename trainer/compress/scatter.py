@@ -69,7 +69,6 @@ from kernels import unpack_int4, unpack_signs
 from trainer.comm import ExchangeStats, restore_compressor_state, save_compressor_state
 from trainer.compress import COMPRESSORS
 from trainer.compress.base import Compressor, as_bytes, from_bytes, mixed_seed
-from trainer.compress.sign import _scaled_sign
 from trainer.compress.transport import CountingTransport, make_transport
 from trainer.config import CommConfig
 
@@ -266,9 +265,9 @@ class SignScatter(ResidualScatter):
         Sp = -(-S // 8) * 8
         xp = torch.zeros(W, Sp, dtype=torch.float32, device=x.device)
         xp[:, :S] = x
-        valid = (torch.arange(Sp, device=x.device) < S).expand(W, Sp)
-        c, scale = _scaled_sign(xp, valid)
-        return torch.cat([pack_signs(xp.view(-1)).view(W, Sp // 8), as_bytes(scale)], dim=1), c[:, :S]
+        scale = xp.abs().sum(dim=1, keepdim=True) / torch.full((W, 1), max(S, 1), device=x.device)   # mean |x| per row
+        c = (xp[:, :S] >= 0).to(torch.float32).mul_(2).sub_(1).mul_(scale)       # +-scale (sign(0) = +), exactly
+        return torch.cat([pack_signs(xp.view(-1)).view(W, Sp // 8), as_bytes(scale)], dim=1), c
 
     def decode(self, msg, S):
         W, nb = msg.shape[0], -(-S // 8)

@@ -18,15 +18,17 @@ from __future__ import annotations
 import torch
 
 from kernels import pack_signs, unpack_signs
-from trainer.compress.base import (Compressor, GradientPlan, ParamView, as_bytes, bucket_state, from_bytes,
+from trainer.compress.base import (Compressor, GradientPlan, ParamView, add_bucket_state_, as_bytes, from_bytes,
                                    local_exchange_seconds, put_bucket_state, shard_length)
 
 
-def _scaled_sign(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of x (rows, m) -> (c = scale * sign(x) on valid entries, 0 elsewhere; scale (rows, 1))."""
-    count = valid.sum(dim=1, keepdim=True).clamp(min=1)
-    scale = (x.abs() * valid).sum(dim=1, keepdim=True) / count
-    return torch.where(x >= 0, scale, -scale) * valid, scale
+def _sign_message(x: torch.Tensor, valid: int) -> torch.Tensor:
+    """Rows of x (rows, m), m a multiple of 8, whose entries past the first `valid` (row-major) are 0 -> (rows, m/8 + 4)
+    uint8: each row's sign bits, then its scale = mean |x| over the row's valid entries (float32 bytes)."""
+    rows, m = x.shape
+    count = torch.tensor([[min(m, max(1, valid - j * m))] for j in range(rows)], device=x.device)
+    scale = x.abs().sum(dim=1, keepdim=True) / count             # the zero padding adds nothing
+    return torch.cat([pack_signs(x.reshape(-1)).view(rows, m // 8), as_bytes(scale)], dim=1)
 
 
 class SignCompressor(Compressor):
@@ -54,29 +56,32 @@ class SignCompressor(Compressor):
     def exchange(self, grad: torch.Tensor, views: list[ParamView]) -> torch.Tensor:
         W, r, n, ef = self.transport.world_size, self.transport.rank, grad.numel(), self.cfg.error_feedback
         shard = shard_length(n, W, 8)
-        valid = (torch.arange(W * shard, device=grad.device) < n).view(W, shard)
+        mine_valid = min(shard, max(0, n - r * shard))       # entries of this rank's shard inside the bucket
 
-        x = torch.zeros(W * shard, dtype=torch.float32, device=grad.device)
+        x = torch.empty(W * shard, dtype=torch.float32, device=grad.device)
         x[:n] = grad
+        x[n:] = 0
         if ef:
-            x[:n] += bucket_state(self, views, "/e", grad)
-        c, scale = _scaled_sign(x.view(W, shard), valid)
-        if ef:
-            put_bucket_state(self, views, "/e", x[:n] - c.reshape(-1)[:n])
-
+            add_bucket_state_(self, views, "/e", x[:n])
         # phase 1: row j = (sign bits, scale) of shard j, for rank j to average
-        to_servers = torch.cat([pack_signs(x).view(W, shard // 8), as_bytes(scale)], dim=1)
-        y = self._decode(self.transport.all_to_all(to_servers), shard).sum(0) / W * valid[r]
+        to_servers = _sign_message(x.view(W, shard), n)
+        if ef:     # the residual x - c, c = what the servers decode (0 on the padding), in c's buffer, not copied
+            c = self._decode(to_servers, shard).view(-1)
+            c[n:] = 0
+            put_bucket_state(self, views, "/e", torch.sub(x, c, out=c)[:n], copy=False)
+        y = self._decode(self.transport.all_to_all(to_servers), shard).sum(0).div_(W)
+        y[mine_valid:] = 0
         key = f"server{W}/" + "|".join(v.name for v in views)   # this rank's shard of this bucket layout
         if ef:
             e_s = self.get(key)
             if e_s is not None and e_s.shape == y.shape:
                 y += e_s
-        c_s, scale_s = _scaled_sign(y.view(1, shard), valid[r:r + 1])
+        from_server = _sign_message(y.view(1, shard), mine_valid)
         if ef:
-            self.put(key, y - c_s[0])
+            c_s = self._decode(from_server, shard)[0]
+            c_s[mine_valid:] = 0
+            self.put(key, torch.sub(y, c_s, out=c_s))
 
         # phase 2: everyone gets every server's (bits, scale); padding decodes to +-scale and is cut off
-        from_server = torch.cat([pack_signs(y), as_bytes(scale_s[0])])
-        out = self._decode(self.transport.allgather(from_server), shard).reshape(-1)[:n]
+        out = self._decode(self.transport.allgather(from_server[0]), shard).reshape(-1)[:n]
         return grad.copy_(out)
