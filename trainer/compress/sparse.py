@@ -61,7 +61,7 @@ class TopKCompressor(Compressor):
         # uses atomics) and the sum order is fixed -> bit-identical on every rank, and g never drifts.
         for j in range(got.shape[0]):
             scatter_dense(n, idx[j], vals[j], out=out)
-        return out / got.shape[0]
+        return out.div_(got.shape[0])
 
     def exchange(self, grad: torch.Tensor, views: list[ParamView]) -> torch.Tensor:
         n = grad.numel()
@@ -77,8 +77,8 @@ class TopKCompressor(Compressor):
         values, indices = self._select(grad - g_i, k)
         scatter_dense(n, indices, values, out=g_i)                                    # g_i += c_i
         g += self._mean_sparse(n, values, indices)                                    # g += mean_j c_j
-        put_bucket_state(self, views, "/g_i", g_i)
-        put_bucket_state(self, views, "/g", g, local=False)
+        put_bucket_state(self, views, "/g_i", g_i, copy=False)                       # both built here, not reused
+        put_bucket_state(self, views, "/g", g, local=False, copy=False)
         return grad.copy_(g)
 
     def load_state_dict(self, state: dict, same_world: bool) -> str | None:
