@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.compress import COMPRESSORS
-from trainer.compress.base import Compressor, ParamView
+from trainer.compress.base import Compressor, ParamView, bucket_views
 from trainer.compress.powersgd import powersgd_floats, powersgd_matrix
 from trainer.compress.simple import AllReduceCompressor
 from trainer.compress.transport import make_transport, ring_allreduce_bytes
@@ -142,12 +142,9 @@ class GradientExchange:
         """Where each parameter of a bucket sits in its flat buffer (complex ones as 2x float32)."""
         key = tuple(id(p) for p in params)
         if key not in self._views:
-            views, offset = [], 0
-            for p in params:
-                n = p.numel() * (2 if p.is_complex() else 1)
-                views.append(ParamView(self._names[id(p)], offset, n, tuple(p.shape), p.is_complex()))
-                offset += n
-            assert offset == numel, f"bucket layout: params cover {offset} floats, buffer has {numel}"
+            views = bucket_views([(self._names[id(p)], p) for p in params])
+            covered = views[-1].offset + views[-1].numel if views else 0
+            assert covered == numel, f"bucket layout: params cover {covered} floats, buffer has {numel}"
             self._views[key] = views
         return self._views[key]
 

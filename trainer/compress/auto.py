@@ -171,18 +171,14 @@ def measure_exchange(cfg, transport, module: torch.nn.Module, name: str, bucket_
     """Seconds one step of `name`'s exchange takes on this rank (the fastest of `trials`, after one warm-up), on a
     random gradient of the module's size in its bucket layout; a fresh compressor, discarded after. A collective:
     every rank calls it with the same arguments."""
-    from trainer.compress.base import ParamView
-    registry = _compressors()
-    compressor = registry[name](cfg, transport)
+    from trainer.compress.base import bucket_views
+    compressor = _compressors()[name](cfg, transport)
     compressor.seed = 0
     layout = []
     for bucket in _buckets(module, bucket_cap_mb):
-        views, offset = [], 0
-        for pname, p in bucket:
-            n = p.numel() * (2 if p.is_complex() else 1)
-            views.append(ParamView(pname, offset, n, tuple(p.shape), p.is_complex()))
-            offset += n
-        layout.append((torch.randn(offset, generator=torch.Generator().manual_seed(len(layout))), views))
+        views = bucket_views(bucket)
+        numel = views[-1].offset + views[-1].numel
+        layout.append((torch.randn(numel, generator=torch.Generator().manual_seed(len(layout))), views))
     sync = torch.zeros(1)
     best = math.inf
     for trial in range(trials + 1):

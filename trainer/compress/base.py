@@ -65,6 +65,16 @@ def timed(fn, repeats: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def bucket_views(named: list[tuple[str, torch.Tensor]]) -> list[ParamView]:
+    """Where each (name, parameter) of a bucket sits in its flat buffer, in order (complex ones as 2x float32)."""
+    views, offset = [], 0
+    for name, p in named:
+        n = p.numel() * (2 if p.is_complex() else 1)
+        views.append(ParamView(name, offset, n, tuple(p.shape), p.is_complex()))
+        offset += n
+    return views
+
+
 def local_exchange_seconds(cls, cfg, n: int) -> float:
     """Median seconds of `cls`'s whole exchange of n floats (one flat parameter) on a world of one: every pass it
     makes (encode, error feedback, decode), no communication. A fresh compressor, discarded after."""
