@@ -12,6 +12,10 @@ rounding and the 2^-24 grid of u. i is the element's index in the vector; the ke
 from the caller's generator. The quantiser assumes finite input: a block containing inf/NaN gives undefined
 q for that block.
 
+4-bit codes from `encode_blockwise` put a block's two halves side by side: byte j of a block holds element j
+(low nibble) and element j + block_size/2 (high nibble), so packing and unpacking read and write contiguous
+runs; `pack_int4` keeps the plain layout (element 2i low, 2i+1 high) for callers that pack whole vectors.
+
 Each codec has a torch reference (`_*_reference`, the source of truth) and a compiled path
 (`_*_compiled`: a torch.compile'd body over the whole blocks, the reference formula on the short tail),
 dispatched by `kernels.fused.FusedKernel`; both give the same bytes.
@@ -96,13 +100,49 @@ def _unpack_int4_reference(packed: torch.Tensor, n: int) -> torch.Tensor:
     return (nib ^ 8) - 8                                          # sign-extend the 4-bit two's complement
 
 
+def _pack_halves(q: torch.Tensor) -> torch.Tensor:
+    """int (rows, 2h) -> uint8 (rows, h): column j in the low nibble, column j + h in the high one (two contiguous
+    reads, which vectorise; adjacent pairs need a strided gather)."""
+    q = q.to(torch.int32)
+    h = q.shape[1] // 2
+    return ((q[:, :h] & 15) | ((q[:, h:] & 15) << 4)).to(torch.uint8)
+
+
+def _unpack_halves(b: torch.Tensor) -> torch.Tensor:
+    """uint8 (rows, h) -> int32 (rows, 2, h): the sign-extended low nibbles, then the high ones."""
+    shifts = torch.tensor([0, 4], dtype=torch.int32, device=b.device).view(1, 2, 1)
+    return (((b.to(torch.int32).unsqueeze(1) >> shifts) & 15) ^ 8) - 8
+
+
+def _pack_blocks(q: torch.Tensor, block: int) -> torch.Tensor:
+    """int8 (n,) -> uint8 (ceil(n/2),), block even: per block, element j beside element j + block/2 (the short
+    last block of t elements: j beside j + ceil(t/2), a 0 nibble when t is odd)."""
+    n = q.numel()
+    full = n // block * block
+    head = _pack_halves(q[:full].view(-1, block)).view(-1)
+    if full == n:
+        return head
+    tail = torch.zeros(2 * ((n - full + 1) // 2), dtype=q.dtype, device=q.device)
+    tail[:n - full] = q[full:]
+    return torch.cat([head, _pack_halves(tail.view(1, -1)).view(-1)])
+
+
+def _unpack_blocks(codes: torch.Tensor, n: int, block: int) -> torch.Tensor:
+    """The inverse of `_pack_blocks`: -> int8 (n,)."""
+    full = n // block * block
+    q = _unpack_halves(codes[:full // 2].view(-1, block // 2)).reshape(-1)
+    if full < n:
+        q = torch.cat([q, _unpack_halves(codes[full // 2:].view(1, -1)).reshape(-1)[:n - full]])
+    return q.to(torch.int8)
+
+
 def _encode4_reference(x, levels, block, key, cols):
     q, scales = _quantize_reference(x, levels, block, key, cols)
-    return _pack_int4_reference(q), scales
+    return _pack_blocks(q, block), scales
 
 
 def _decode4_reference(codes, scales, n, block, cols):
-    return _dequantize_reference(_unpack_int4_reference(codes, n), scales, block, cols)
+    return _dequantize_reference(_unpack_blocks(codes, n, block), scales, block, cols)
 
 
 # ---- compiled path: full blocks by a compiled body writing into one output buffer, the short tail by the
@@ -122,32 +162,20 @@ def _dequantize_body(q, scales, cols, out):                          # q, out (r
     out.view(rows, block).copy_(q.view(rows, block).float() * scales.float().unsqueeze(1))
 
 
-def _pack_pairs(q: torch.Tensor) -> torch.Tensor:
-    """int8 (rows, 2m) -> uint8 (rows, m): the low nibble from the even column, the high one from the odd."""
-    q = q.to(torch.int32).view(q.shape[0], q.shape[1] // 2, 2)
-    return ((q[:, :, 0] & 15) | ((q[:, :, 1] & 15) << 4)).to(torch.uint8)
-
-
-def _unpack_pairs(b: torch.Tensor) -> torch.Tensor:
-    """uint8 (rows, m) -> int32 (rows, 2m), sign-extended nibbles."""
-    b = b.to(torch.int32)
-    return (torch.stack([b & 15, b >> 4], dim=2).view(b.shape[0], 2 * b.shape[1]) ^ 8) - 8
-
-
 def _encode4_body(x, levels, key, cols, codes_out, s_out):           # block even; codes_out (rows * block / 2,)
     block = cols.shape[0]
     rows = s_out.shape[0]
     index = cols + torch.arange(rows, dtype=torch.int32, device=x.device).view(-1, 1) * block
     q, s = _quantize_rows(x.view(rows, block), levels, key, index)
-    codes_out.view(rows, block // 2).copy_(_pack_pairs(q))
+    codes_out.view(rows, block // 2).copy_(_pack_halves(q))
     s_out.copy_(s)
 
 
 def _decode4_body(codes, scales, cols, out):                         # block even
     block = cols.shape[0]
     rows = scales.shape[0]
-    q = _unpack_pairs(codes.view(rows, block // 2))
-    out.view(rows, block).copy_(q.float() * scales.float().unsqueeze(1))
+    q = _unpack_halves(codes.view(rows, block // 2))
+    out.view(rows, 2, block // 2).copy_(q.float() * scales.float().view(rows, 1, 1))
 
 
 _BODIES: dict[str, object] = {}
@@ -198,7 +226,7 @@ def _encode4_compiled(x, levels, block, key, cols):                  # block eve
         _body(_encode4_body)(x[:full], levels, key, cols, codes[:full // 2], s[:nf])
     if full < n:
         qt, s[nf:] = _quantize_rows(x[full:].view(1, -1), levels, key, cols[:n - full] + full)
-        codes[full // 2:] = _pack_int4_reference(qt.view(-1))
+        codes[full // 2:] = _pack_blocks(qt.view(-1), block)
     return codes, s
 
 
@@ -210,7 +238,7 @@ def _decode4_compiled(codes, scales, n, block, cols):               # block even
     if nf:
         _body(_decode4_body)(codes[:full // 2], scales[:nf], cols, out[:full])
     if full < n:
-        out[full:] = _unpack_int4_reference(codes[full // 2:], n - full).float() * scales[nf].float()
+        out[full:] = _unpack_blocks(codes[full // 2:], n - full, block).float() * scales[nf].float()
     return out
 
 
@@ -277,25 +305,32 @@ def dequantize_blockwise(q: torch.Tensor, scales: torch.Tensor, block_size: int)
     return _DEQUANTIZE(q, scales, block_size, _cols(block_size, q.device))
 
 
-def encode_blockwise(x: torch.Tensor, bits: int, block_size: int, stochastic: bool = True,
-                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float (n,) -> (codes uint8 (n bits / 8,), scales): `quantize_blockwise`, then for bits = 4 `pack_int4`;
-    bits = 8 codes are q's bytes. One fused pass when block_size is even (4 bits) or always (8 bits)."""
+def _check_byte_encoding(bits: int, block_size: int) -> None:
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8 for a byte encoding, got {bits}")
+    if bits == 4 and block_size % 2:
+        raise ValueError(f"block_size must be even for 4-bit codes (two halves of a block share its bytes), "
+                         f"got {block_size}")
+
+
+def encode_blockwise(x: torch.Tensor, bits: int, block_size: int, stochastic: bool = True,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float (n,) -> (codes uint8 (n bits / 8,), scales): `quantize_blockwise`'s q; bits = 8 codes are q's bytes,
+    bits = 4 codes pack each block's halves (`_pack_blocks`: byte j of a block holds element j in its low nibble and
+    element j + block_size/2 in its high one; block_size must be even). One fused pass on the compiled path."""
+    _check_byte_encoding(bits, block_size)
     if bits == 8:
         q, scales = quantize_blockwise(x, 8, block_size, stochastic, generator)
         return q.view(torch.uint8), scales
     levels = _check_quantize_args(x, bits, block_size)
     key = random_key(generator, x.device) if stochastic else None
     args = (x, levels, block_size, key, _cols(block_size, x.device))
-    return _ENCODE4(*args) if block_size % 2 == 0 else _encode4_reference(*args)
+    return _ENCODE4(*args)
 
 
 def decode_blockwise(codes: torch.Tensor, scales: torch.Tensor, n: int, bits: int, block_size: int) -> torch.Tensor:
     """The inverse of `encode_blockwise` up to quantisation: (codes, scales) -> float32 (n,)."""
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8 for a byte encoding, got {bits}")
+    _check_byte_encoding(bits, block_size)
     if codes.dim() != 1 or codes.dtype != torch.uint8:
         raise ValueError(f"codes must be 1-D uint8, got {codes.dtype} of shape {tuple(codes.shape)}")
     if codes.numel() != (n * bits + 7) // 8:
@@ -304,7 +339,7 @@ def decode_blockwise(codes: torch.Tensor, scales: torch.Tensor, n: int, bits: in
         return dequantize_blockwise(codes.view(torch.int8), scales, block_size)
     _check_scales(n, scales, block_size)
     args = (codes, scales, n, block_size, _cols(block_size, codes.device))
-    return _DECODE4(*args) if block_size % 2 == 0 else _decode4_reference(*args)
+    return _DECODE4(*args)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

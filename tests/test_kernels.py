@@ -399,8 +399,29 @@ def test_compiled_codecs_match_reference_bytes(compiled_mode, n, bits, stochasti
     for got, want in zip(results["compiled"], results["reference"]):
         assert got.dtype == want.dtype and torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8))
     q, s, _, codes, s2, decoded, _ = results["reference"]
-    assert torch.equal(s, s2) and torch.equal(codes, pack_int4(q) if bits == 4 else q.view(torch.uint8))
+    assert torch.equal(s, s2) and torch.equal(codes, _halves_layout(q, 16) if bits == 4 else q.view(torch.uint8))
     assert torch.equal(decoded, dequantize_blockwise(q, s, 16))
+
+
+def _halves_layout(q: torch.Tensor, block: int) -> torch.Tensor:
+    """encode_blockwise's 4-bit layout written out element by element: byte j of a block of t elements holds
+    element j (low nibble) and element j + ceil(t/2) (high; 0 past the end)."""
+    out = []
+    for start in range(0, q.numel(), block):
+        b = q[start:start + block].tolist()
+        h = (len(b) + 1) // 2
+        out += [(b[j] & 15) | ((b[j + h] & 15) << 4 if j + h < len(b) else 0) for j in range(h)]
+    return torch.tensor(out, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("n", [1, 16, 17, 40, 47])
+def test_int4_codes_hold_a_blocks_halves(n):
+    x = torch.randn(n, generator=_gen("cpu", n))
+    q, _ = quantize_blockwise(x, 4, 16, stochastic=False)
+    codes, _ = encode_blockwise(x, 4, 16, stochastic=False)
+    assert torch.equal(codes, _halves_layout(q, 16))
+    with pytest.raises(ValueError, match="block_size must be even"):
+        encode_blockwise(x, 4, 15)
 
 
 @pytest.mark.parametrize("n,k", [(1000, 100), (5003, 4099)])

@@ -241,6 +241,9 @@ class CommConfig:
         _positive("comm.start_step", self.start_step, zero_ok=True)
         _positive("comm.auto_every", self.auto_every, zero_ok=True)
         _positive("comm.auto_trials", self.auto_trials, zero_ok=True)
+        if self.int4.block_size % 2:
+            raise ValueError(f"config key 'comm.int4.block_size' = {self.int4.block_size!r}; must be even (a block's "
+                             f"two halves share its bytes)")
         from trainer.compress.auto import candidates
         if not isinstance(self.auto_candidates, list) or not self.auto_candidates:
             raise ValueError(f"config key 'comm.auto_candidates' = {self.auto_candidates!r}; give a non-empty list, "

@@ -61,8 +61,7 @@ class QuantizedCompressor(Compressor):
 
     def exchange(self, grad: torch.Tensor, views: list[ParamView]) -> torch.Tensor:
         W, B, n, ef = self.transport.world_size, self.block, grad.numel(), self.cfg.error_feedback
-        unit = B if self.bits == 8 or B % 2 == 0 else 2 * B     # int4 shards must pack to whole bytes
-        shard = shard_length(n, W, unit)
+        shard = shard_length(n, W, B)     # whole blocks: each rank's codes are a contiguous run of bytes
         gen = call_generator(self, grad.device)
 
         x = torch.empty(W * shard, dtype=torch.float32, device=grad.device)
