@@ -192,6 +192,17 @@ def measure_exchange(cfg, transport, module: torch.nn.Module, name: str, bucket_
     return best
 
 
+def encode_costs(classes: list, cfg, n: int, transport) -> list[float]:
+    """Each class's measured `encode_seconds` for n floats, the slowest rank's. Every rank first runs each once and
+    waits for the others: first calls compile kernels (torch.compile runs gcc in worker processes), and a rank
+    timing its codecs while another compiles beside it on the same cores measured them 5-7x too slow."""
+    for cls in classes:
+        cls.encode_seconds(cfg, n)
+    transport.allgather(torch.zeros(1, dtype=torch.float64))   # a barrier
+    encode = torch.tensor([cls.encode_seconds(cfg, n) for cls in classes], dtype=torch.float64)
+    return transport.allgather(encode).max(0).values.tolist()
+
+
 def choose_compressor(cfg, transport, module: torch.nn.Module, bucket_cap_mb: float = 25.0) -> str:
     """The fastest candidate per step for gradients sent in buckets of `bucket_cap_mb`: predicted by the cost model
     for all, measured for the shortlist (module docstring); ties go to the earlier candidate."""
@@ -199,8 +210,7 @@ def choose_compressor(cfg, transport, module: torch.nn.Module, bucket_cap_mb: fl
     n = plan.n
     buckets = max(1, math.ceil(4 * n / (bucket_cap_mb * 2**20)))
     alpha, beta = measure_link(transport)
-    encode = torch.tensor([registry[c].encode_seconds(cfg, n) for c in cfg.auto_candidates], dtype=torch.float64)
-    encode = transport.allgather(encode).max(0).values.tolist()
+    encode = encode_costs([registry[c] for c in cfg.auto_candidates], cfg, n, transport)
     rows = []
     for name, enc in zip(cfg.auto_candidates, encode):
         ops = registry[name].collectives(cfg, plan, w)

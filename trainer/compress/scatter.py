@@ -419,7 +419,7 @@ def choose_scatter_compressor(cfg: CommConfig, transport, numel: int, buffers: i
     """The candidate (cfg.auto_candidates that have a scatter form and fit cfg.ef_state) with the least predicted
     time for `buffers` reduce-scatters of numel/buffers floats each, on the link measured by `measure_link`
     (Hockney alpha-beta; a ring reduce-scatter and an all-to-all both cost (W-1) alpha + (W-1)/W b beta)."""
-    from trainer.compress.auto import _collective_time, log_choice, measure_link
+    from trainer.compress.auto import _collective_time, encode_costs, log_choice, measure_link
     w = transport.world_size
     per = max(numel // buffers // w, 1) * w
     candidates = []
@@ -435,8 +435,7 @@ def choose_scatter_compressor(cfg: CommConfig, transport, numel: int, buffers: i
                          f"{', '.join(map(repr, [n for n in SCATTER_COMPRESSORS if n not in ('auto', 'skip')]))}")
     alpha, beta = measure_link(transport)
     # one quantise (not auto's worker + server two) per call: half of auto's measured encode time
-    encode = torch.tensor([FORMS[c].encode_seconds(cfg, numel) for c in candidates], dtype=torch.float64)
-    encode = transport.allgather(encode).max(0).values.tolist()
+    encode = encode_costs([FORMS[c] for c in candidates], cfg, numel, transport)
     rows = []
     for name, enc in zip(candidates, encode):
         ops = scatter_collectives(name, cfg, per, w)
