@@ -237,7 +237,7 @@ def test_complex_weights_stored_as_real_give_the_same_outputs_gradients_and_name
 
 
 def test_a_deepspeed_outside_the_pinned_range_is_refused(monkeypatch):
-    import trainer.parallel.deepspeed as adapter
+    import trainer.parallel.deepspeed_import as adapter
     from importlib import metadata
     lo, hi = adapter._SUPPORTED_RANGE
     assert lo <= adapter._version_tuple(metadata.version("deepspeed")) < hi, \
@@ -249,7 +249,7 @@ def test_a_deepspeed_outside_the_pinned_range_is_refused(monkeypatch):
 
 def test_a_jit_build_is_refused_with_the_stale_lock_named(tmp_path, monkeypatch):
     """What a DeepSpeed op build meets inside the engine's initialisation: no compile, a message naming the lock."""
-    import trainer.parallel.deepspeed as adapter
+    import trainer.parallel.deepspeed_import as adapter
     (tmp_path / "deepspeed_shm_comm").mkdir()
     lock = tmp_path / "deepspeed_shm_comm" / "lock"
     lock.touch()
