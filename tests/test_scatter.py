@@ -351,7 +351,7 @@ def test_start_step_sends_fp32_first():
 
 # ---- bytes and memory ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("variant,block", [(v, BLOCK) for v in VARIANTS] + [("int4", 33)])
+@pytest.mark.parametrize("variant,block", [(v, BLOCK) for v in VARIANTS] + [("int4", 34)])
 def test_bytes_match_the_cost_model(variant, block, world):
     """The bytes CountingTransport counts are exactly what `scatter_collectives` predicts (padding included), and
     bytes_uncompressed is an fp32 reduce-scatter's (W-1)/W * 4 W S."""

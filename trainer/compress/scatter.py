@@ -226,8 +226,7 @@ class QuantScatter(ResidualScatter):
         return self.cfg.options(self.name).block_size
 
     def padded(self, S: int) -> int:
-        unit = self.block if self.bits == 8 or self.block % 2 == 0 else 2 * self.block
-        return -(-S // unit) * unit
+        return -(-S // self.block) * self.block      # whole blocks (int4's are even: whole bytes)
 
     def encode(self, x, key):
         W, S = x.shape
