@@ -24,6 +24,8 @@ def test_defaults_and_overrides(tmp_path):
     ("data.test_fraction=1.5", "data.test_fraction"),
     ("train.epochs=0", "train.epochs"),
     ("comm.int4.block_size=255", "comm.int4.block_size"),
+    ("optim.gamma=1.5", "optim.gamma"),
+    ("optim.step_size=0", "optim.step_size"),
 ])
 def test_bad_keys_and_values_name_the_key(override, named):
     with pytest.raises(ValueError, match=named.replace(".", r"\.")):

@@ -262,3 +262,19 @@ def test_a_corrupt_test_chunk_stops_the_run_before_the_first_step(small_darcy, t
     assert "chunk 5 of array 'targets'" in r.stderr and "checksum mismatch" in r.stderr, r.stderr[-3000:]
     assert "in the test split" in r.stderr
     assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_step_scheduler_multiplies_the_lr_by_gamma_every_step_size_steps(small_darcy, tmp_path):
+    """optim.scheduler = "step" (DDS's schedule, torch's StepLR): lr gamma^((s - warmup) // step_size) after a linear
+    warm-up of `warmup_steps`."""
+    from trainer.config import load_config
+    from trainer.train import Trainer
+    t = Trainer(load_config(CONFIG, [f"data.path={small_darcy}", f"run.out_dir={tmp_path}", *SMALL_MODEL,
+                                     "optim.lr=5e-3", "optim.scheduler=step", "optim.step_size=3", "optim.gamma=0.5",
+                                     "optim.warmup_steps=2"]))
+    lrs = []
+    for _ in range(9):
+        lrs.append(t.scheduler.get_last_lr()[0])
+        t.scheduler.step()
+    want = [5e-3 * f for f in (0.5, 1, 1, 1, 1, 0.5, 0.5, 0.5, 0.25)]
+    assert lrs == pytest.approx(want, rel=1e-12)

@@ -116,13 +116,18 @@ class OptimConfig:
     weight_decay: float = 1e-4
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     momentum: float = 0.9          # sgd only
-    scheduler: str = "cosine"      # per step over the whole run
+    scheduler: str = "cosine"      # per step over the whole run; "step": lr * gamma^(steps after warm-up // step_size)
     warmup_steps: int = 0
+    step_size: int = 1000          # "step" only
+    gamma: float = 0.1             # "step" only
     grad_clip: float = 0.0         # 0: off
 
     def __post_init__(self):
         _choice("optim.name", self.name, ("adam", "adamw", "sgd"))
-        _choice("optim.scheduler", self.scheduler, ("cosine", "constant"))
+        _choice("optim.scheduler", self.scheduler, ("cosine", "constant", "step"))
+        _positive("optim.step_size", self.step_size)
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"config key 'optim.gamma' = {self.gamma!r}; must be in (0, 1]")
         _positive("optim.lr", self.lr)
         _positive("optim.weight_decay", self.weight_decay, zero_ok=True)
         _positive("optim.warmup_steps", self.warmup_steps, zero_ok=True)

@@ -330,6 +330,8 @@ class Trainer:
                 return (step + 1) / o.warmup_steps
             if o.scheduler == "constant":
                 return 1.0
+            if o.scheduler == "step":                   # torch's StepLR after the warm-up
+                return o.gamma ** ((step - o.warmup_steps) // o.step_size)
             progress = min(1.0, (step - o.warmup_steps) / max(1, self.total_steps - o.warmup_steps))
             return 0.5 * (1 + math.cos(math.pi * progress))
 
