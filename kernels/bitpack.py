@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels import native
 from kernels.fused import FusedKernel, compile_body
 
 
@@ -66,13 +67,15 @@ _BODY: list = []
 
 
 def _pack_signs_compiled(x: torch.Tensor) -> torch.Tensor:
-    if not _BODY:
-        _BODY.append(compile_body(_pack_signs_body))
     x = x.contiguous()
     n = x.numel()
     full = n // 8 * 8
     out = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device)
-    if full:
+    if full and x.dtype == torch.float32 and native.usable(x):
+        native.pack_signs(x, full // 8, out)
+    elif full:
+        if not _BODY:
+            _BODY.append(compile_body(_pack_signs_body))
         _BODY[0](x[:full], out[:full // 8])
     if full < n:
         out[full // 8:] = pack_bits(x[full:] >= 0)
@@ -101,14 +104,32 @@ def _sign_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return _TABLES[key]
 
 
-def unpack_signs(packed: torch.Tensor, n: int, dtype: torch.dtype = torch.float32,
-                 scale: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 -> (n,) of +1 (bit set) / -1 (bit clear) in `dtype`, times `scale` (a one-element tensor) if given.
-
-    A lookup of each byte in the (256, 8) table of +-1 (times scale): one gather of 8 values per byte.
-    """
-    _check_n(n, packed, 8)
+def _unpack_signs_reference(packed: torch.Tensor, n: int, dtype: torch.dtype, scale: torch.Tensor | None):
     table = _sign_table(packed.device, dtype)
     if scale is not None:
         table = table * scale.to(dtype).reshape(())
     return torch.index_select(table, 0, packed.int()).view(-1)[:n]
+
+
+def _unpack_signs_fast(packed: torch.Tensor, n: int, dtype: torch.dtype, scale: torch.Tensor | None):
+    if dtype != torch.float32 or not native.usable(packed):
+        return _unpack_signs_reference(packed, n, dtype, scale)          # no compiled body: the lookup is one gather
+    out = torch.empty(8 * packed.numel(), dtype=dtype)
+    native.unpack_signs(packed, packed.numel(), 1.0 if scale is None else scale.to(dtype).item(), out)
+    return out[:n]
+
+
+_UNPACK_SIGNS = FusedKernel("unpack_signs", _unpack_signs_fast, _unpack_signs_reference,
+                            lambda d: (torch.arange(256, dtype=torch.uint8, device=d), 2041, torch.float32,
+                                       torch.tensor([-0.75], device=d)))
+
+
+def unpack_signs(packed: torch.Tensor, n: int, dtype: torch.dtype = torch.float32,
+                 scale: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 -> (n,) of +1 (bit set) / -1 (bit clear) in `dtype`, times `scale` (a one-element tensor) if given.
+
+    The reference looks each byte up in the (256, 8) table of +-1 (times scale): one gather of 8 values per byte;
+    on CPU, float32, the C of `kernels.native` copies the same table rows.
+    """
+    _check_n(n, packed, 8)
+    return _UNPACK_SIGNS(packed.contiguous(), n, dtype, scale)

@@ -16,15 +16,17 @@ q for that block.
 (low nibble) and element j + block_size/2 (high nibble), so packing and unpacking read and write contiguous
 runs; `pack_int4` keeps the plain layout (element 2i low, 2i+1 high) for callers that pack whole vectors.
 
-Each codec has a torch reference (`_*_reference`, the source of truth) and a compiled path
-(`_*_compiled`: a torch.compile'd body over the whole blocks, the reference formula on the short tail),
-dispatched by `kernels.fused.FusedKernel`; both give the same bytes.
+Each codec has a torch reference (`_*_reference`, the source of truth) and a compiled path (`_*_compiled`) for
+the whole blocks, the reference formula on the short tail: on CPU the hand-written C of `kernels.native` (one
+read of each block), elsewhere or without a C compiler a torch.compile'd body. `kernels.fused.FusedKernel`
+dispatches and checks that the compiled path gives the reference's bytes.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kernels import native
 from kernels.fused import FusedKernel, compile_body
 from kernels.rng import random_key, uniform
 
@@ -194,6 +196,9 @@ def _quantize_compiled(x, levels, block, key, cols):
     x = x.float().contiguous()
     q = torch.empty(n, dtype=torch.int8, device=x.device)
     s = torch.empty(_num_blocks(n, block), dtype=torch.float32, device=x.device)
+    if native.usable(x):
+        native.quantize8(x, n, block, levels.item(), key, q, s)
+        return q, s
     if nf:
         _body(_quantize_body)(x[:full], levels, key, cols, q[:full], s[:nf])
     if full < n:
@@ -203,11 +208,14 @@ def _quantize_compiled(x, levels, block, key, cols):
 
 
 def _dequantize_compiled(q, scales, block, cols):
-    q, scales = q.contiguous(), scales.contiguous()
+    q, scales = q.contiguous(), scales.float().contiguous()
     n = q.numel()
     nf = n // block
     full = nf * block
     out = torch.empty(n, dtype=torch.float32, device=q.device)
+    if q.dtype == torch.int8 and native.usable(q):
+        native.dequantize8(q, scales, n, block, out)
+        return out
     if nf:
         _body(_dequantize_body)(q[:full], scales[:nf], cols, out[:full])
     if full < n:
@@ -222,6 +230,9 @@ def _encode4_compiled(x, levels, block, key, cols):                  # block eve
     x = x.float().contiguous()
     codes = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
     s = torch.empty(_num_blocks(n, block), dtype=torch.float32, device=x.device)
+    if native.usable(x):
+        native.encode4(x, n, block, levels.item(), key, codes, s)
+        return codes, s
     if nf:
         _body(_encode4_body)(x[:full], levels, key, cols, codes[:full // 2], s[:nf])
     if full < n:
@@ -231,10 +242,13 @@ def _encode4_compiled(x, levels, block, key, cols):                  # block eve
 
 
 def _decode4_compiled(codes, scales, n, block, cols):               # block even
-    codes, scales = codes.contiguous(), scales.contiguous()
+    codes, scales = codes.contiguous(), scales.float().contiguous()
     nf = n // block
     full = nf * block
     out = torch.empty(n, dtype=torch.float32, device=codes.device)
+    if native.usable(codes):
+        native.decode4(codes, scales, n, block, out)
+        return out
     if nf:
         _body(_decode4_body)(codes[:full // 2], scales[:nf], cols, out[:full])
     if full < n:

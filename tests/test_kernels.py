@@ -11,7 +11,7 @@ import torch
 from kernels import (KernelMismatchError, decode_blockwise, dequantize_blockwise, encode_blockwise, hash32,
                      kernel_mode, pack_bits, pack_int4, pack_signs, quantize_blockwise, randk_select, scatter_dense,
                      topk_select, uniform, unpack_bits, unpack_int4, unpack_signs)
-from kernels import bitpack, fused, quant
+from kernels import bitpack, fused, native, quant
 from kernels.rng import random_key, uniform_int
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -376,12 +376,16 @@ def test_stochastic_rounding_unbiased_over_calls_int8():
 SIZES_COMPILED = [16 * 9, 16 * 9 + 7, 16 * 12 + 10]          # whole blocks; short odd tail; short even tail
 
 
-@pytest.fixture(scope="module")
-def compiled_mode():
-    """Every kernel call in the test on the compiled path (compiled once per body for the module: shapes are
-    dynamic, so the sizes here share graphs)."""
-    with kernel_mode("compiled"):
-        yield
+@pytest.fixture(scope="module", params=["native", "inductor"])
+def compiled_mode(request):
+    """Every kernel call in the test on the compiled path: on CPU the C of kernels.native, then, with it switched
+    off, torch.compile's (compiled once per body for the module: shapes are dynamic, so the sizes share graphs)."""
+    with kernel_mode("compiled"), pytest.MonkeyPatch.context() as mp:
+        if request.param == "native" and native.library() is None:
+            pytest.skip("no C compiler: the native codecs are not built here")
+        if request.param == "inductor":
+            mp.setattr(native, "_lib", [None])
+        yield request.param
 
 
 @pytest.mark.parametrize("n", SIZES_COMPILED)
@@ -483,3 +487,57 @@ def test_unpack_signs_scale_and_dtype():
     got = unpack_signs(pack_signs(x), 45, scale=scale)
     assert torch.equal(got, torch.where(x >= 0, 0.375, -0.375))
     assert unpack_signs(pack_signs(x), 45, torch.bfloat16, scale=scale).dtype == torch.bfloat16
+
+
+# ---- the hand-written C codecs (kernels.native) ----
+
+def _awkward(n: int, seed: int) -> torch.Tensor:
+    """Values that probe every branch of the formula: an all-zero block, subnormal blocks (1 / absmax overflows to
+    inf, so inv = 0), huge values, signed zeros, exact +-absmax and exact half-way points for nearest rounding."""
+    x = torch.randn(n, generator=_gen("cpu", seed)) * torch.logspace(-3, 3, n)
+    x[:300] = 0.0
+    x[300:600] = 1e-41 * torch.randn(300, generator=_gen("cpu", seed + 1))
+    x[600:650] = 3e38
+    x[650:700:2] = -0.0
+    x[700:900] = torch.arange(-100, 100) + 0.5                             # absmax 99.5; many land on k + 1/2
+    return x
+
+
+@pytest.mark.skipif(native.library() is None, reason="no C compiler: the native codecs are not built here")
+@pytest.mark.parametrize("bits,block", [(8, 256), (8, 7), (8, 300), (4, 256), (4, 2), (4, 10000)])
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_native_codecs_match_reference_bytes(bits, block, stochastic):
+    """Odd and tiny blocks, and int4 blocks longer than the C's 4096-element staging buffer."""
+    n = 3 * 10000 + 123
+    x = _awkward(n, block)
+    results = {}
+    for mode in ("compiled", "reference"):
+        with kernel_mode(mode):
+            codes, s = encode_blockwise(x, bits, block, stochastic=stochastic, generator=_gen("cpu", 3))
+            decoded = decode_blockwise(codes, s, n, bits, block)
+            packed = pack_signs(x)
+            results[mode] = (codes, s, decoded, packed, unpack_signs(packed, n, scale=s[1:2]))
+    for got, want in zip(results["compiled"], results["reference"]):
+        assert got.dtype == want.dtype and torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8))
+
+
+def test_native_build_is_cached_and_a_missing_compiler_falls_back_logged(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("FIELDTRAIN_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_lib", [])
+    if native.library() is not None:
+        built = list((tmp_path / "kernels").iterdir())
+        assert len(built) == 1 and built[0].suffix == ".so"                 # no temporary files left behind
+        stamp = built[0].stat().st_mtime_ns
+        monkeypatch.setattr(native, "_lib", [])
+        assert native.library() is not None and built[0].stat().st_mtime_ns == stamp      # reused, not rebuilt
+    monkeypatch.setattr(native, "_lib", [])
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with caplog.at_level(logging.WARNING, logger="kernels.native"):
+        assert native.library() is None and native.library() is None
+    assert len(caplog.records) == 1 and "native C codecs unavailable" in caplog.records[0].message
+    x = torch.randn(fused.AUTO_MIN_NUMEL + 5, generator=_gen("cpu"))
+    with kernel_mode("compiled"):                                          # torch.compile's path instead
+        got = encode_blockwise(x, 4, 256, generator=_gen("cpu", 2))
+    with kernel_mode("reference"):
+        want = encode_blockwise(x, 4, 256, generator=_gen("cpu", 2))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -1,0 +1,278 @@
+"""Hand-written C for the CPU codecs: one pass per block where inductor's generated code makes two or three.
+
+Inductor flattens a (rows, block) pointwise loop, so it reads each block twice (absmax, then quantise), recomputes
+the block's scale for every vector and builds the element index from a table. Here each block is read into L1
+once for its absmax and quantised from there, the scale is computed once per block, and the index is a running
+counter. The formulas are the torch references' (kernels/quant.py, kernels/rng.py, kernels/bitpack.py) written in
+the same float32 operations and order: built with -ffp-contract=off (no fused multiply-add) and without
+-ffast-math, so every result is bit-identical, which `kernels.fused.FusedKernel` checks before first use.
+
+The source is compiled once per machine by the system C compiler (`cc`, or $CC) into the cache folder
+($FIELDTRAIN_CACHE, default ~/.cache/fieldtrain) under a name that hashes source, flags, compiler and CPU model
+(-march=native), written to a temporary name and renamed, so ranks compiling at once never load half a file.
+Without a compiler, `library()` returns None after one logged warning and callers use inductor or the reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC", "-std=c11"]
+
+SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+#define C1 0x9E3779B1u
+#define C2 0x85EBCA6Bu
+
+/* kernels.rng.uniform of index base + j: u = (h >>> 8) 2^-24, h = fmix(key, index); uint32 arithmetic wraps as
+   torch's int32 does. (base + j + k0) C1 = t0 + j C1 with t0 = (base + k0) C1, so the loop's multiply becomes an
+   induction variable. */
+static inline float uniform24(uint32_t t0, uint32_t j, uint32_t k1) {
+    uint32_t t = (t0 + j * C1) ^ k1;
+    uint32_t h = (t ^ (t >> 16)) * C2;
+    return (float)(int32_t)(h >> 8) * 0x1p-24f;
+}
+
+/* absmax over a block as the largest |x| bit pattern: for non-negative floats integer order is float order */
+static inline float block_absmax(const float *x, int64_t b) {
+    uint32_t m = 0;
+    for (int64_t j = 0; j < b; j++) {
+        uint32_t u; memcpy(&u, x + j, 4);
+        u &= 0x7FFFFFFFu;
+        m = u > m ? u : m;
+    }
+    float f; memcpy(&f, &m, 4);
+    return f;
+}
+
+static inline float block_inv(float absmax, float L) {
+    float inv = (1.0f / absmax) * L;
+    return inv < INFINITY ? inv : 0.0f;
+}
+
+static inline float clampf(float v, float L) {
+    v = v > -L ? v : -L;
+    return v < L ? v : L;
+}
+
+/* q for elements [0, m) of a block at xr with indices base + j: stochastic floor(v + u) or rint(v) (half to even) */
+
+#define QUANT_LOOP(m, Q)                                                                                            \
+    if (stochastic) {                                                                                              \
+        uint32_t t0 = (base + k0) * C1;                                                                            \
+        for (int64_t j = 0; j < (m); j++) Q(j, clampf(floorf(xr[j] * inv + uniform24(t0, (uint32_t)j, k1)), L));   \
+    } else {                                                                                                       \
+        for (int64_t j = 0; j < (m); j++) Q(j, clampf(rintf(xr[j] * inv), L));                                   \
+    }
+
+/* one block of t elements at index base: q int8 (t,), returns its scale */
+static inline __attribute__((always_inline)) float quantize8_block(const float *restrict xr, int64_t t, float L,
+        int stochastic, uint32_t base, uint32_t k0, uint32_t k1, int8_t *restrict qr) {
+    float absmax = block_absmax(xr, t), inv = block_inv(absmax, L);
+#define STORE8(j, v) qr[j] = (int8_t)(int32_t)(v)
+    QUANT_LOOP(t, STORE8)
+    return absmax / L;
+}
+
+/* quantize_blockwise: n elements in blocks of b (the last may be short) -> q int8 (n,), s (ceil(n / b),). The
+   common block sizes get loops of constant length (no vector prologue or epilogue per block). */
+void ft_quantize8(const float *restrict x, int64_t n, int64_t b, float L, int stochastic, int32_t key0,
+                  int32_t key1, int8_t *restrict q, float *restrict s) {
+    uint32_t k0 = (uint32_t)key0, k1 = (uint32_t)key1;
+    int64_t full = n / b, r = 0;
+#define FULL_ROWS8(B) for (; r < full; r++) s[r] = quantize8_block(x + r * (B), (B), L, stochastic, (uint32_t)(r * (B)), k0, k1, q + r * (B))
+    if (b == 256) FULL_ROWS8(256);
+    else if (b == 512) FULL_ROWS8(512);
+    else if (b == 128) FULL_ROWS8(128);
+    else FULL_ROWS8(b);
+    if (full * b < n) s[full] = quantize8_block(x + full * b, n - full * b, L, stochastic, (uint32_t)(full * b), k0, k1,
+                                                q + full * b);
+}
+
+/* encode_blockwise(bits=4), b even: byte j of a block of t elements holds element j (low nibble) and
+   j + ceil(t/2) (high; 0 past the end). Each half's q is staged in 2048-byte pieces (L1). */
+void ft_encode4(const float *restrict x, int64_t n, int64_t b, float L, int stochastic, int32_t key0,
+                int32_t key1, uint8_t *restrict codes, float *restrict s) {
+    uint32_t k0 = (uint32_t)key0, k1 = (uint32_t)key1;
+    int8_t lo[2048], hi[2048];
+    for (int64_t r = 0; r * b < n; r++) {
+        int64_t t = n - r * b < b ? n - r * b : b, h = (t + 1) / 2;
+        const float *restrict xrow = x + r * b;
+        uint8_t *restrict cr = codes + r * (b / 2);
+        float absmax = block_absmax(xrow, t), inv = block_inv(absmax, L);
+        for (int64_t c = 0; c < h; c += 2048) {
+            int64_t m = h - c < 2048 ? h - c : 2048, mh = t - h - c < m ? t - h - c : m;
+            const float *restrict xr = xrow + c;
+            uint32_t base = (uint32_t)(r * b + c);
+#define STORELO(j, v) lo[j] = (int8_t)(int32_t)(v)
+            QUANT_LOOP(m, STORELO)
+            xr = xrow + c + h;
+            base = (uint32_t)(r * b + c + h);
+#define STOREHI(j, v) hi[j] = (int8_t)(int32_t)(v)
+            QUANT_LOOP(mh, STOREHI)
+            for (int64_t j = mh; j < m; j++) hi[j] = 0;
+            for (int64_t j = 0; j < m; j++) cr[c + j] = (uint8_t)((lo[j] & 15) | ((hi[j] & 15) << 4));
+        }
+        s[r] = absmax / L;
+    }
+}
+
+void ft_dequantize8(const int8_t *restrict q, const float *restrict s, int64_t n, int64_t b, float *restrict out) {
+    for (int64_t r = 0; r * b < n; r++) {
+        int64_t t = n - r * b < b ? n - r * b : b;
+        float sr = s[r];
+        for (int64_t j = 0; j < t; j++) out[r * b + j] = (float)q[r * b + j] * sr;
+    }
+}
+
+void ft_decode4(const uint8_t *restrict codes, const float *restrict s, int64_t n, int64_t b, float *restrict out) {
+    for (int64_t r = 0; r * b < n; r++) {
+        int64_t t = n - r * b < b ? n - r * b : b, h = (t + 1) / 2;
+        float sr = s[r];
+        const uint8_t *restrict cr = codes + r * (b / 2);
+        float *restrict o = out + r * b;
+        for (int64_t j = 0; j < t - h; j++) {
+            int32_t c = cr[j];
+            o[j] = (float)(((c & 15) ^ 8) - 8) * sr;
+            o[j + h] = (float)(((c >> 4) ^ 8) - 8) * sr;
+        }
+        if (t - h < h) o[h - 1] = (float)(((cr[h - 1] & 15) ^ 8) - 8) * sr;          /* odd t: the last low nibble */
+    }
+}
+
+/* pack_signs: bit j of byte i = (x[8 i + j] >= 0), m whole bytes */
+void ft_pack_signs(const float *x, int64_t m, uint8_t *out) {
+    for (int64_t i = 0; i < m; i++) {
+        uint32_t acc = 0;
+        for (int j = 0; j < 8; j++) acc |= (uint32_t)(x[8 * i + j] >= 0.0f) << j;
+        out[i] = (uint8_t)acc;
+    }
+}
+
+/* unpack_signs with a scale: +s where the bit is set, -s where clear, 8 m floats; each byte copies its row of
+   a 256 x 8 table of +-s (8 KiB, in L1) */
+void ft_unpack_signs(const uint8_t *restrict packed, int64_t m, float s, float *restrict out) {
+    float table[256 * 8];
+    for (int c = 0; c < 256; c++)
+        for (int j = 0; j < 8; j++) table[8 * c + j] = (c >> j) & 1 ? s : -s;
+    for (int64_t i = 0; i < m; i++) memcpy(out + 8 * i, table + 8 * packed[i], 32);
+}
+"""
+
+_SIGNATURES = {
+    "ft_quantize8": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_int32,
+                     ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p],
+    "ft_encode4": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_int32,
+                   ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p],
+    "ft_dequantize8": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p],
+    "ft_decode4": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p],
+    "ft_pack_signs": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p],
+    "ft_unpack_signs": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p],
+}
+
+_lib: list = []           # [CDLL or None] once tried
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    digest = hashlib.sha256("\0".join([SOURCE, *FLAGS, version, _cpu_model(), platform.machine()]).encode())
+    cache = Path(os.environ.get("FIELDTRAIN_CACHE", Path.home() / ".cache" / "fieldtrain")) / "kernels"
+    lib = cache / f"codecs-{digest.hexdigest()[:16]}.so"
+    if lib.exists():
+        return lib
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        src = Path(tmp) / "codecs.c"
+        src.write_text(SOURCE)
+        out = Path(tmp) / lib.name
+        r = subprocess.run([compiler, *FLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"{compiler} failed on the codec kernels: {r.stderr.strip()[-2000:]}")
+        os.replace(out, lib)
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled codec library, built on first use; None (logged once) where no C compiler works or
+    FIELDTRAIN_NATIVE=0."""
+    if not _lib:
+        lib = None
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if os.environ.get("FIELDTRAIN_NATIVE", "1") == "0":
+            log.info("kernels: native C codecs off (FIELDTRAIN_NATIVE=0)")
+        elif compiler is None:
+            log.warning("kernels: no C compiler (cc, gcc or $CC); the CPU codecs use torch.compile or the torch reference")
+        else:
+            try:
+                lib = ctypes.CDLL(str(_build(compiler)))
+                for name, args in _SIGNATURES.items():
+                    getattr(lib, name).argtypes = args
+                    getattr(lib, name).restype = None
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                log.warning("kernels: native C codecs unavailable (%s); using torch.compile or the torch reference",
+                            str(e).splitlines()[0][:300])
+                lib = None
+        _lib.append(lib)
+    return _lib[0]
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """True when the C codecs can run on these tensors: CPU, contiguous, and the library built."""
+    return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors) and library() is not None
+
+
+def _p(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+# The wrappers take contiguous CPU tensors (float32 x and scales, int8 q, uint8 codes) and fill the outputs;
+# `key` is kernels.rng's (2,) int32 key, None for nearest rounding. n counts elements, the last block may be short.
+def quantize8(x, n: int, block: int, levels: float, key, q_out, s_out) -> None:
+    k0, k1 = key.tolist() if key is not None else (0, 0)
+    library().ft_quantize8(_p(x), n, block, levels, int(key is not None), k0, k1, _p(q_out), _p(s_out))
+
+
+def encode4(x, n: int, block: int, levels: float, key, codes_out, s_out) -> None:
+    k0, k1 = key.tolist() if key is not None else (0, 0)
+    library().ft_encode4(_p(x), n, block, levels, int(key is not None), k0, k1, _p(codes_out), _p(s_out))
+
+
+def dequantize8(q, scales, n: int, block: int, out) -> None:
+    library().ft_dequantize8(_p(q), _p(scales), n, block, _p(out))
+
+
+def decode4(codes, scales, n: int, block: int, out) -> None:
+    library().ft_decode4(_p(codes), _p(scales), n, block, _p(out))
+
+
+def pack_signs(x, m: int, out) -> None:
+    library().ft_pack_signs(_p(x), m, _p(out))
+
+
+def unpack_signs(packed, m: int, scale: float, out) -> None:
+    library().ft_unpack_signs(_p(packed), m, scale, _p(out))
