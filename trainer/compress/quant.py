@@ -77,7 +77,11 @@ class QuantizedCompressor(Compressor):
         # phase 1: row j of `to_servers` is shard j, for rank j to average
         to_servers = self._encode(codes, s, W)
         mine = self._decode(self.transport.all_to_all(to_servers), shard)       # (W, shard): every rank's shard r
-        y = mine.sum(0).div_(W)
+        y = mine[0]                   # mine is this call's own decode buffer: accumulate in place (sum(0) zero-fills)
+        for j in range(1, W):
+            y += mine[j]
+        if W > 1:
+            y.div_(W)
         key = f"server{W}/" + "|".join(v.name for v in views)   # this rank's shard of this bucket layout
         if ef:
             e_s = self.get(key)
