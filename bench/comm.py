@@ -531,4 +531,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from launch.cli import reexec_with_hugepage_malloc
+    reexec_with_hugepage_malloc()            # the codec rows run here; the ranks are `fieldtrain` commands anyway
     sys.exit(main())

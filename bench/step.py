@@ -121,13 +121,15 @@ def main(argv: list[str] | None = None) -> int:
         if case not in CASES:
             raise SystemExit(f"--cases: unknown case {case!r}; allowed: {', '.join(CASES)}")
         rows.append(measure(case, args.set, args.steps, args.optimizer_foreach, not args.no_deterministic, args.top))
+        rows[-1]["glibc_hugepages"] = "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")
     (out / "step.json").write_text(json.dumps(rows, indent=2))
     with (out / "step_ops.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["case", "op", "calls", "self_ms", "share"])
         w.writeheader()
         w.writerows({"case": r["case"], **op} for r in rows for op in r["top_ops"])
     print(f"1 rank, 1 thread, on a machine of {os.cpu_count()} cores (load average at the end "
-          f"{os.getloadavg()[0]:.2f})")
+          f"{os.getloadavg()[0]:.2f}); glibc malloc with 2 MiB pages: "
+          f"{'yes' if rows and rows[0]['glibc_hugepages'] else 'no (FIELDTRAIN_HUGEPAGES=0 or not glibc)'}")
     print_table(["case", "grid", "padding", "step s (median)", "p10", "p90", "ops/step", "profiled ms"],
                 [[r["case"], str(r["grid"]), f"{r['padding']}{' (fast)' if r['fast_padding'] else ''}",
                   f"{r['median_s']:.3f}", f"{r['p10_s']:.3f}", f"{r['p90_s']:.3f}", str(r["profiled_ops"]),
@@ -141,4 +143,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from launch.cli import reexec_with_hugepage_malloc
+    reexec_with_hugepage_malloc()            # as every `fieldtrain` command runs (launch/cli.py)
     sys.exit(main())

@@ -159,6 +159,7 @@ def test_resume_with_another_batch_size_follows_the_lr_rule(small_darcy, finishe
                    "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "optim.lr changed from 0.01 to 0.02" in r.stderr
+    assert "glibc malloc: 2 MiB pages" in r.stderr      # the console script re-executes itself with the tunable
     assert "data.batch_size changed from 8 to 4" in r.stderr and "learning rate x 0.707107" in r.stderr, r.stderr
     state = final_state(run)
     assert state["trainer"]["step"] == 8 and state["trainer"]["batch_size"] == 4
@@ -278,3 +279,12 @@ def test_step_scheduler_multiplies_the_lr_by_gamma_every_step_size_steps(small_d
         t.scheduler.step()
     want = [5e-3 * f for f in (0.5, 1, 1, 1, 1, 0.5, 0.5, 0.5, 0.25)]
     assert lrs == pytest.approx(want, rel=1e-12)
+
+
+def test_hugepage_malloc_env_adds_the_tunable_once():
+    from launch.cli import HUGEPAGE_TUNABLE, hugepage_malloc_env
+    assert hugepage_malloc_env({})["GLIBC_TUNABLES"] == HUGEPAGE_TUNABLE
+    assert hugepage_malloc_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "X": "1"}) == {
+        "GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{HUGEPAGE_TUNABLE}", "X": "1"}
+    assert hugepage_malloc_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None      # the user's choice stands
+    assert hugepage_malloc_env({"FIELDTRAIN_HUGEPAGES": "0"}) is None
