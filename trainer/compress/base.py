@@ -217,6 +217,15 @@ def call_generator(comp: Compressor, device: torch.device) -> torch.Generator:
     return g
 
 
+def mean_rows_(m: torch.Tensor) -> torch.Tensor:
+    """The mean of the rows of m (W, k), accumulated into row 0 in place and returned (m.sum(0) would zero-fill
+    and write a new buffer: a gradient-sized pass more). Adds in row order, the same on every rank."""
+    y = m[0]
+    for j in range(1, m.shape[0]):
+        y += m[j]
+    return y.div_(m.shape[0]) if m.shape[0] > 1 else y
+
+
 def shard_length(n: int, world: int, unit: int) -> int:
     """Elements per shard when n is padded to `world` equal shards that are whole multiples of `unit`."""
     return max(-(-n // (world * unit)), 1) * unit

@@ -19,7 +19,7 @@ import torch
 
 from kernels import decode_blockwise, encode_blockwise
 from trainer.compress.base import (Compressor, GradientPlan, ParamView, add_bucket_state_, as_bytes, call_generator,
-                                   from_bytes, local_exchange_seconds, put_bucket_state, shard_length)
+                                   from_bytes, local_exchange_seconds, mean_rows_, put_bucket_state, shard_length)
 
 # ---- the compressor -----------------------------------------------------------------------------------------
 class QuantizedCompressor(Compressor):
@@ -77,11 +77,7 @@ class QuantizedCompressor(Compressor):
         # phase 1: row j of `to_servers` is shard j, for rank j to average
         to_servers = self._encode(codes, s, W)
         mine = self._decode(self.transport.all_to_all(to_servers), shard)       # (W, shard): every rank's shard r
-        y = mine[0]                   # mine is this call's own decode buffer: accumulate in place (sum(0) zero-fills)
-        for j in range(1, W):
-            y += mine[j]
-        if W > 1:
-            y.div_(W)
+        y = mean_rows_(mine)                                                      # mine is this call's own buffer
         key = f"server{W}/" + "|".join(v.name for v in views)   # this rank's shard of this bucket layout
         if ef:
             e_s = self.get(key)

@@ -19,7 +19,7 @@ import torch
 
 from kernels import pack_signs, unpack_signs
 from trainer.compress.base import (Compressor, GradientPlan, ParamView, add_bucket_state_, as_bytes, from_bytes,
-                                   local_exchange_seconds, put_bucket_state, shard_length)
+                                   local_exchange_seconds, mean_rows_, put_bucket_state, shard_length)
 
 
 def _sign_message(x: torch.Tensor, valid: int) -> torch.Tensor:
@@ -27,7 +27,7 @@ def _sign_message(x: torch.Tensor, valid: int) -> torch.Tensor:
     uint8: each row's sign bits, then its scale = mean |x| over the row's valid entries (float32 bytes)."""
     rows, m = x.shape
     count = torch.tensor([[min(m, max(1, valid - j * m))] for j in range(rows)], device=x.device)
-    scale = x.abs().sum(dim=1, keepdim=True) / count             # the zero padding adds nothing
+    scale = torch.linalg.vector_norm(x, 1, dim=1, keepdim=True) / count     # one pass; the zero padding adds nothing
     return torch.cat([pack_signs(x.reshape(-1)).view(rows, m // 8), as_bytes(scale)], dim=1)
 
 
@@ -51,6 +51,8 @@ class SignCompressor(Compressor):
         """(rows, shard/8 + 4) uint8 of sign bits + one float32 scale -> (rows, shard) of +-scale."""
         nb = shard // 8
         scale = from_bytes(msg[:, nb:], torch.float32)                  # (rows, 1)
+        if msg.shape[0] == 1:
+            return unpack_signs(msg[0, :nb], shard, scale=scale[0]).unsqueeze(0)
         return torch.stack([unpack_signs(row[:nb], shard, scale=s) for row, s in zip(msg, scale)])
 
     def exchange(self, grad: torch.Tensor, views: list[ParamView]) -> torch.Tensor:
@@ -69,7 +71,7 @@ class SignCompressor(Compressor):
             c = self._decode(to_servers, shard).view(-1)
             c[n:] = 0
             put_bucket_state(self, views, "/e", torch.sub(x, c, out=c)[:n], copy=False)
-        y = self._decode(self.transport.all_to_all(to_servers), shard).sum(0).div_(W)
+        y = mean_rows_(self._decode(self.transport.all_to_all(to_servers), shard))
         y[mine_valid:] = 0
         key = f"server{W}/" + "|".join(v.name for v in views)   # this rank's shard of this bucket layout
         if ef:
