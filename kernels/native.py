@@ -172,6 +172,29 @@ void ft_unpack_signs(const uint8_t *restrict packed, int64_t m, float s, float *
         for (int j = 0; j < 8; j++) table[8 * c + j] = (c >> j) & 1 ? s : -s;
     for (int64_t i = 0; i < m; i++) memcpy(out + 8 * i, table + 8 * packed[i], 32);
 }
+
+/* the indices i with |x_i| >= thr, ascending, into out[0, cap); returns how many there are (more than cap: the
+   caller retries elsewhere). With AVX-512, 16 compares give a mask whose set bits are walked (few: thr keeps ~1%). */
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+int64_t ft_select_abs_ge(const float *restrict x, int64_t n, float thr, int64_t *restrict out, int64_t cap) {
+    int64_t count = 0, i = 0;
+#ifdef __AVX512F__
+    __m512 t = _mm512_set1_ps(thr);
+    for (; i + 16 <= n; i += 16) {
+        __mmask16 m = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_loadu_ps(x + i)), t, _CMP_GE_OQ);  /* NaN: false */
+        while (m) {
+            if (count < cap) out[count] = i + __builtin_ctz(m);
+            count++;
+            m &= (__mmask16)(m - 1);
+        }
+    }
+#endif
+    for (; i < n; i++)
+        if (fabsf(x[i]) >= thr) { if (count < cap) out[count] = i; count++; }
+    return count;
+}
 """
 
 _SIGNATURES = {
@@ -183,7 +206,9 @@ _SIGNATURES = {
     "ft_decode4": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p],
     "ft_pack_signs": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p],
     "ft_unpack_signs": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p],
+    "ft_select_abs_ge": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64],
 }
+_RETURNS = {"ft_select_abs_ge": ctypes.c_int64}
 
 _lib: list = []           # [CDLL or None] once tried
 
@@ -232,7 +257,7 @@ def library() -> ctypes.CDLL | None:
                 lib = ctypes.CDLL(str(_build(compiler)))
                 for name, args in _SIGNATURES.items():
                     getattr(lib, name).argtypes = args
-                    getattr(lib, name).restype = None
+                    getattr(lib, name).restype = _RETURNS.get(name)
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 log.warning("kernels: native C codecs unavailable (%s); using torch.compile or the torch reference",
                             str(e).splitlines()[0][:300])
@@ -276,3 +301,10 @@ def pack_signs(x, m: int, out) -> None:
 
 def unpack_signs(packed, m: int, scale: float, out) -> None:
     library().ft_unpack_signs(_p(packed), m, scale, _p(out))
+
+
+def select_abs_ge(x, thr: float, capacity: int):
+    """int64 indices of |x| >= thr, ascending (torch.nonzero's answer), or None when more than `capacity` match."""
+    out = torch.empty(capacity, dtype=torch.int64)
+    count = library().ft_select_abs_ge(_p(x), x.numel(), thr, _p(out), capacity)
+    return out[:count] if count <= capacity else None

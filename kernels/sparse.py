@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels import fused, native
 from kernels.fused import FusedKernel, compile_body
 from kernels.rng import random_key, uniform_int
 
@@ -31,25 +32,37 @@ def topk_select(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     Exact, but cheaper than a full torch.topk on large n: a threshold t from a strided sample of |x|
     keeps the candidates |x| >= t; when at least k survive, every top-k entry is among them (the k-th
     largest is >= t), so topk over the candidates is the exact answer. Otherwise, a full topk.
-    Ties at the threshold are broken by torch.topk on |x|, then the indices are sorted.
+    Ties at the threshold are broken by torch.topk on |x|; the candidates, and so the indices, are ascending.
     """
     n = _check(x, k)
-    mag = x.abs()
     idx = None
     samples = 1 << 16
     if 0 < k and 4 * samples < n:
-        sample = mag[:: n // samples][:samples]
+        sample = x[:: n // samples][:samples].abs()
         p = k / n
         # rank of the threshold in the sample: the (1-p) quantile, lowered by 4 binomial std devs
         rank = int(samples * (1 - p) - 4 * (samples * p * (1 - p)) ** 0.5) - 8
         if rank >= 1:
-            cand = torch.nonzero(mag >= sample.kthvalue(rank).values).squeeze(1)
+            # the rank-th smallest = the smallest of the (samples - rank + 1) largest: a short topk, not a selection
+            threshold = torch.topk(sample, samples - rank + 1, sorted=False).values.min()
+            cand = _candidates(x, threshold, k)                               # ascending
             if cand.numel() >= k:
-                idx = cand[torch.topk(mag[cand], k, sorted=False).indices]
+                keep = torch.zeros(cand.numel(), dtype=torch.bool, device=x.device)
+                keep[torch.topk(x[cand].abs(), k, sorted=False).indices] = True
+                idx = cand[keep]                                              # still ascending: no sort
     if idx is None:
-        idx = torch.topk(mag, k, sorted=False).indices
-    idx = idx.sort().values
+        idx = torch.topk(x.abs(), k, sorted=False).indices.sort().values
     return x[idx], idx.to(torch.int32)
+
+
+def _candidates(x: torch.Tensor, threshold: torch.Tensor, k: int) -> torch.Tensor:
+    """Ascending int64 indices of |x| >= threshold: on CPU float32 one pass of kernels.native's C (room for 4k + 4096
+    of them; the threshold's expected count is ~k), else torch.nonzero of the mask (a mask pass, then a compaction)."""
+    if x.dtype == torch.float32 and fused.mode() != "reference" and native.usable(x):
+        found = native.select_abs_ge(x, threshold.item(), 4 * k + 4096)
+        if found is not None:
+            return found
+    return torch.nonzero(x.abs() >= threshold).squeeze(1)
 
 
 def randk_select(x: torch.Tensor, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

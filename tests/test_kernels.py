@@ -541,3 +541,22 @@ def test_native_build_is_cached_and_a_missing_compiler_falls_back_logged(monkeyp
     with kernel_mode("reference"):
         want = encode_blockwise(x, 4, 256, generator=_gen("cpu", 2))
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.skipif(native.library() is None, reason="no C compiler: the native codecs are not built here")
+def test_native_topk_candidates_are_torch_nonzeros():
+    """The C compaction gives torch.nonzero's indices (ties at the threshold, signed zeros, a tail past the last
+    16-element chunk), and None when more than its room match, which sends topk_select to torch."""
+    from kernels.sparse import _candidates
+    x = torch.randn(100_003, generator=_gen("cpu")).round(decimals=1)          # many ties at every threshold
+    x[:50] = -0.0
+    thr = torch.tensor(2.0)
+    want = torch.nonzero(x.abs() >= thr).squeeze(1)
+    assert torch.equal(_candidates(x, thr, 1000), want)
+    assert native.select_abs_ge(x, 2.0, want.numel() - 1) is None
+    assert torch.equal(_candidates(x, thr, 1), want)                             # room 4100 < count: torch's answer
+    assert want.numel() > 4100
+    for mode in ("compiled", "reference"):
+        with kernel_mode(mode):
+            v, i = topk_select(x, 3000)
+        assert torch.equal(i, topk_select(x, 3000)[1]) and torch.equal(v, x[i.long()])
