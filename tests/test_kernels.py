@@ -491,6 +491,14 @@ def test_unpack_signs_scale_and_dtype():
 
 # ---- the hand-written C codecs (kernels.native) ----
 
+@pytest.fixture
+def native_on(monkeypatch):
+    """The C codecs on, whatever an earlier fixture did (compiled_mode's "inductor" switches them off)."""
+    monkeypatch.setattr(native, "_lib", [])
+    if native.library() is None:
+        pytest.skip("no C compiler: the native codecs are not built here")
+
+
 def _awkward(n: int, seed: int) -> torch.Tensor:
     """Values that probe every branch of the formula: an all-zero block, subnormal blocks (1 / absmax overflows to
     inf, so inv = 0), huge values, signed zeros, exact +-absmax and exact half-way points for nearest rounding."""
@@ -503,10 +511,9 @@ def _awkward(n: int, seed: int) -> torch.Tensor:
     return x
 
 
-@pytest.mark.skipif(native.library() is None, reason="no C compiler: the native codecs are not built here")
 @pytest.mark.parametrize("bits,block", [(8, 256), (8, 7), (8, 300), (4, 256), (4, 2), (4, 10000)])
 @pytest.mark.parametrize("stochastic", [True, False])
-def test_native_codecs_match_reference_bytes(bits, block, stochastic):
+def test_native_codecs_match_reference_bytes(native_on, bits, block, stochastic):
     """Odd and tiny blocks, and int4 blocks longer than the C's 4096-element staging buffer."""
     n = 3 * 10000 + 123
     x = _awkward(n, block)
@@ -543,8 +550,7 @@ def test_native_build_is_cached_and_a_missing_compiler_falls_back_logged(monkeyp
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-@pytest.mark.skipif(native.library() is None, reason="no C compiler: the native codecs are not built here")
-def test_native_topk_candidates_are_torch_nonzeros():
+def test_native_topk_candidates_are_torch_nonzeros(native_on):
     """The C compaction gives torch.nonzero's indices (ties at the threshold, signed zeros, a tail past the last
     16-element chunk), and None when more than its room match, which sends topk_select to torch."""
     from kernels.sparse import _candidates
