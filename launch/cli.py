@@ -481,9 +481,9 @@ def hugepage_malloc_env(env: dict[str, str]) -> dict[str, str] | None:
 
     glibc hands each large torch allocation (posix_memalign) fresh pages above the last, so every step's activations
     and gradient-sized buffers fault in and zero-fill 4 KiB at a time; with glibc.malloc.hugetlb=1 malloc asks for
-    2 MiB pages (madvise), 512x fewer faults. Measured on the 2-core machine (bench/README.md): the demo FNO's step
-    0.30 -> 0.23 s, comm.py's FNO 0.56 -> 0.48 s, an int8 exchange of its gradient 24 -> 19 ms. glibc reads tunables
-    only at process start, hence the re-exec in `main`."""
+    2 MiB pages (madvise), 512x fewer faults. Measured on the 2-core machine (bench/README.md, `step.py`): comm.py's
+    FNO step 0.54 -> 0.43 s, an int8 exchange of its gradient 24 -> 19 ms; the demo's small FNO within noise. glibc
+    reads tunables only at process start, hence the re-exec in `main`."""
     import platform
     if sys.platform != "linux" or env.get("FIELDTRAIN_HUGEPAGES", "1") == "0" or platform.libc_ver()[0] != "glibc":
         return None
