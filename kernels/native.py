@@ -214,13 +214,18 @@ _lib: list = []           # [CDLL or None] once tried
 
 
 def _cpu_model() -> str:
+    """The CPU's model name and feature flags: -march=native code must not be loaded by a CPU that lacks a feature
+    (a shared home folder on a cluster of mixed nodes, or VMs of one model with features masked differently)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor()
+        return platform.processor()
+    first = {}
+    for line in lines:
+        key = line.split(":", 1)[0].strip()
+        if key in ("model name", "flags", "Features", "CPU part") and key not in first:
+            first[key] = line
+    return "\n".join(first.values()) or platform.processor()
 
 
 def _build(compiler: str) -> Path:
