@@ -9,7 +9,7 @@ crosses the wire, exact: with x_i = flat_i (+ e_i, the residual, with error feed
     fp16/bf16 sum_i fl(x_i[r] / W)                                 cast, reduce-scatter, cast back
     skip      flat_r[r]                                            no exchange (compute-floor benchmarks)
     others    (1/W) (x_r[r] + sum_{i != r} C(x_i[r])),  summed in fp32 in rank order (integers are never summed):
-      int8/int4  C = D(Q(.)), Q blockwise absmax with stochastic rounding (kernels.quantize_blockwise), codes
+      int8/int4  C = D(Q(.)), Q blockwise absmax with stochastic rounding (kernels.encode_blockwise), codes
                  + fp32 scales, all-to-all
       sign       C(v) = (||v||_1 / S) sign(v), 1-bit Adam's scaled sign (Tang et al. 2021), one scale per row,
                  sign bits + scale, all-to-all
@@ -64,8 +64,7 @@ import zlib
 
 import torch
 
-from kernels import dequantize_blockwise, pack_int4, pack_signs, quantize_blockwise, scatter_dense, topk_select
-from kernels import unpack_int4, unpack_signs
+from kernels import decode_blockwise, encode_blockwise, pack_signs, scatter_dense, topk_select, unpack_signs
 from trainer.comm import ExchangeStats, restore_compressor_state, save_compressor_state
 from trainer.compress import COMPRESSORS
 from trainer.compress.base import Compressor, as_bytes, from_bytes, mixed_seed
@@ -233,18 +232,16 @@ class QuantScatter(ResidualScatter):
         Sp, B = self.padded(S), self.block
         xp = torch.zeros(W, Sp, dtype=torch.float32, device=x.device)
         xp[:, :S] = x
-        q, s = quantize_blockwise(xp.view(-1), self.bits, B, stochastic=True,
-                                  generator=self.generator(key, x.device, shared=False))
-        codes = pack_int4(q).view(W, -1) if self.bits == 4 else q.view(torch.uint8).view(W, Sp)
-        decoded = dequantize_blockwise(q, s, B).view(W, Sp)[:, :S]
-        return torch.cat([codes, as_bytes(s.view(W, Sp // B))], dim=1), decoded
+        codes, s = encode_blockwise(xp.view(-1), self.bits, B, stochastic=True,
+                                    generator=self.generator(key, x.device, shared=False))
+        decoded = decode_blockwise(codes, s, W * Sp, self.bits, B).view(W, Sp)[:, :S]
+        return torch.cat([codes.view(W, -1), as_bytes(s.view(W, Sp // B))], dim=1), decoded
 
     def decode(self, msg, S):
         W, Sp = msg.shape[0], self.padded(S)
         code_bytes = Sp * self.bits // 8
-        codes, scales = msg[:, :code_bytes], from_bytes(msg[:, code_bytes:], torch.float32)
-        q = unpack_int4(codes.reshape(-1), W * Sp) if self.bits == 4 else from_bytes(codes, torch.int8).reshape(-1)
-        return dequantize_blockwise(q, scales.reshape(-1), self.block).view(W, Sp)[:, :S]
+        codes, scales = msg[:, :code_bytes].reshape(-1), from_bytes(msg[:, code_bytes:], torch.float32)
+        return decode_blockwise(codes, scales.reshape(-1), W * Sp, self.bits, self.block).view(W, Sp)[:, :S]
 
 
 class Int4Scatter(QuantScatter):
