@@ -80,55 +80,69 @@ static inline float clampf(float v, float L) {
         for (int64_t j = 0; j < (m); j++) Q(j, clampf(rintf(xr[j] * inv), L));                                   \
     }
 
-/* one block of t elements at index base: q int8 (t,), returns its scale */
+/* one block of t elements at index base: q int8 (t,) and, where rr is not NULL, the residual x - q s (as the
+   reference computes it: the decode q * s from the integer, then the difference). v + 0.0f is the integer's float:
+   +0 for a rounded -0.0 (gcc with -fno-trapping-math folds (float)(int)v back to v and keeps the -0.0); returns the
+   block's scale s = absmax / L */
 static inline __attribute__((always_inline)) float quantize8_block(const float *restrict xr, int64_t t, float L,
-        int stochastic, uint32_t base, uint32_t k0, uint32_t k1, int8_t *restrict qr) {
-    float absmax = block_absmax(xr, t), inv = block_inv(absmax, L);
+        int stochastic, uint32_t base, uint32_t k0, uint32_t k1, int8_t *restrict qr, float *restrict rr) {
+    float absmax = block_absmax(xr, t), inv = block_inv(absmax, L), sc = absmax / L;
 #define STORE8(j, v) qr[j] = (int8_t)(int32_t)(v)
-    QUANT_LOOP(t, STORE8)
-    return absmax / L;
+#define STORE8R(j, v) { float v_ = (v); qr[j] = (int8_t)(int32_t)v_; rr[j] = xr[j] - (v_ + 0.0f) * sc; }
+    if (rr) {
+        QUANT_LOOP(t, STORE8R)
+    } else {
+        QUANT_LOOP(t, STORE8)
+    }
+    return sc;
 }
 
-/* quantize_blockwise: n elements in blocks of b (the last may be short) -> q int8 (n,), s (ceil(n / b),). The
-   common block sizes get loops of constant length (no vector prologue or epilogue per block). */
+/* quantize_blockwise: n elements in blocks of b (the last may be short) -> q int8 (n,), s (ceil(n / b),) and, if
+   res is not NULL, res = x - D(q, s) (n,). The common block sizes get loops of constant length (no vector prologue
+   or epilogue per block). */
 void ft_quantize8(const float *restrict x, int64_t n, int64_t b, float L, int stochastic, int32_t key0,
-                  int32_t key1, int8_t *restrict q, float *restrict s) {
+                  int32_t key1, int8_t *restrict q, float *restrict s, float *restrict res) {
     uint32_t k0 = (uint32_t)key0, k1 = (uint32_t)key1;
     int64_t full = n / b, r = 0;
-#define FULL_ROWS8(B) for (; r < full; r++) s[r] = quantize8_block(x + r * (B), (B), L, stochastic, (uint32_t)(r * (B)), k0, k1, q + r * (B))
+#define FULL_ROWS8(B) for (; r < full; r++) s[r] = quantize8_block(x + r * (B), (B), L, stochastic, (uint32_t)(r * (B)), \
+                                                                   k0, k1, q + r * (B), res ? res + r * (B) : NULL)
     if (b == 256) FULL_ROWS8(256);
     else if (b == 512) FULL_ROWS8(512);
     else if (b == 128) FULL_ROWS8(128);
     else FULL_ROWS8(b);
     if (full * b < n) s[full] = quantize8_block(x + full * b, n - full * b, L, stochastic, (uint32_t)(full * b), k0, k1,
-                                                q + full * b);
+                                                q + full * b, res ? res + full * b : NULL);
 }
 
 /* encode_blockwise(bits=4), b even: byte j of a block of t elements holds element j (low nibble) and
-   j + ceil(t/2) (high; 0 past the end). Each half's q is staged in 2048-byte pieces (L1). */
+   j + ceil(t/2) (high; 0 past the end). Each half's q is staged in 2048-byte pieces (L1). res as ft_quantize8's. */
 void ft_encode4(const float *restrict x, int64_t n, int64_t b, float L, int stochastic, int32_t key0,
-                int32_t key1, uint8_t *restrict codes, float *restrict s) {
+                int32_t key1, uint8_t *restrict codes, float *restrict s, float *restrict res) {
     uint32_t k0 = (uint32_t)key0, k1 = (uint32_t)key1;
     int8_t lo[2048], hi[2048];
     for (int64_t r = 0; r * b < n; r++) {
         int64_t t = n - r * b < b ? n - r * b : b, h = (t + 1) / 2;
         const float *restrict xrow = x + r * b;
         uint8_t *restrict cr = codes + r * (b / 2);
-        float absmax = block_absmax(xrow, t), inv = block_inv(absmax, L);
+        float absmax = block_absmax(xrow, t), inv = block_inv(absmax, L), sc = absmax / L;
         for (int64_t c = 0; c < h; c += 2048) {
             int64_t m = h - c < 2048 ? h - c : 2048, mh = t - h - c < m ? t - h - c : m;
             const float *restrict xr = xrow + c;
+            float *restrict rr = res ? res + r * b + c : NULL;
             uint32_t base = (uint32_t)(r * b + c);
 #define STORELO(j, v) lo[j] = (int8_t)(int32_t)(v)
-            QUANT_LOOP(m, STORELO)
+#define STORELOR(j, v) { float v_ = (v); lo[j] = (int8_t)(int32_t)v_; rr[j] = xr[j] - (v_ + 0.0f) * sc; }
+            if (rr) { QUANT_LOOP(m, STORELOR) } else { QUANT_LOOP(m, STORELO) }
             xr = xrow + c + h;
+            rr = res ? res + r * b + c + h : NULL;
             base = (uint32_t)(r * b + c + h);
 #define STOREHI(j, v) hi[j] = (int8_t)(int32_t)(v)
-            QUANT_LOOP(mh, STOREHI)
+#define STOREHIR(j, v) { float v_ = (v); hi[j] = (int8_t)(int32_t)v_; rr[j] = xr[j] - (v_ + 0.0f) * sc; }
+            if (rr) { QUANT_LOOP(mh, STOREHIR) } else { QUANT_LOOP(mh, STOREHI) }
             for (int64_t j = mh; j < m; j++) hi[j] = 0;
             for (int64_t j = 0; j < m; j++) cr[c + j] = (uint8_t)((lo[j] & 15) | ((hi[j] & 15) << 4));
         }
-        s[r] = absmax / L;
+        s[r] = sc;
     }
 }
 
@@ -199,9 +213,9 @@ int64_t ft_select_abs_ge(const float *restrict x, int64_t n, float thr, int64_t 
 
 _SIGNATURES = {
     "ft_quantize8": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_int32,
-                     ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p],
+                     ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p],
     "ft_encode4": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_int32,
-                   ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p],
+                   ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p],
     "ft_dequantize8": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p],
     "ft_decode4": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p],
     "ft_pack_signs": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p],
@@ -282,14 +296,17 @@ def _p(t: torch.Tensor) -> int:
 
 # The wrappers take contiguous CPU tensors (float32 x and scales, int8 q, uint8 codes) and fill the outputs;
 # `key` is kernels.rng's (2,) int32 key, None for nearest rounding. n counts elements, the last block may be short.
-def quantize8(x, n: int, block: int, levels: float, key, q_out, s_out) -> None:
+# res_out (float32, n), where given, receives x - decode(codes, scales).
+def quantize8(x, n: int, block: int, levels: float, key, q_out, s_out, res_out=None) -> None:
     k0, k1 = key.tolist() if key is not None else (0, 0)
-    library().ft_quantize8(_p(x), n, block, levels, int(key is not None), k0, k1, _p(q_out), _p(s_out))
+    library().ft_quantize8(_p(x), n, block, levels, int(key is not None), k0, k1, _p(q_out), _p(s_out),
+                           None if res_out is None else _p(res_out))
 
 
-def encode4(x, n: int, block: int, levels: float, key, codes_out, s_out) -> None:
+def encode4(x, n: int, block: int, levels: float, key, codes_out, s_out, res_out=None) -> None:
     k0, k1 = key.tolist() if key is not None else (0, 0)
-    library().ft_encode4(_p(x), n, block, levels, int(key is not None), k0, k1, _p(codes_out), _p(s_out))
+    library().ft_encode4(_p(x), n, block, levels, int(key is not None), k0, k1, _p(codes_out), _p(s_out),
+                         None if res_out is None else _p(res_out))
 
 
 def dequantize8(q, scales, n: int, block: int, out) -> None:

@@ -256,6 +256,39 @@ def _decode4_compiled(codes, scales, n, block, cols):               # block even
     return out
 
 
+def _encode_residual_reference(x, levels, bits, block, key, cols):
+    n = x.numel()
+    if bits == 8:
+        q, s = _quantize_reference(x, levels, block, key, cols)
+        codes, decoded = q.view(torch.uint8), _dequantize_reference(q, s, block, cols)
+    else:
+        codes, s = _encode4_reference(x, levels, block, key, cols)
+        decoded = _decode4_reference(codes, s, n, block, cols)
+    return codes, s, x.float() - decoded
+
+
+def _encode_residual_compiled(x, levels, bits, block, key, cols):
+    x = x.float().contiguous()
+    n = x.numel()
+    if not native.usable(x):                     # the compiled encode and decode, then the difference
+        if bits == 8:
+            q, s = _quantize_compiled(x, levels, block, key, cols)
+            codes, decoded = q.view(torch.uint8), _dequantize_compiled(q, s, block, cols)
+        else:
+            codes, s = _encode4_compiled(x, levels, block, key, cols)
+            decoded = _decode4_compiled(codes, s, n, block, cols)
+        return codes, s, torch.sub(x, decoded, out=decoded)
+    res = torch.empty(n, dtype=torch.float32)
+    s = torch.empty(_num_blocks(n, block), dtype=torch.float32)
+    if bits == 8:
+        q = torch.empty(n, dtype=torch.int8)
+        native.quantize8(x, n, block, levels.item(), key, q, s, res)
+        return q.view(torch.uint8), s, res
+    codes = torch.empty((n + 1) // 2, dtype=torch.uint8)
+    native.encode4(x, n, block, levels.item(), key, codes, s, res)
+    return codes, s, res
+
+
 def _example_x(device, n: int = 16 * 7 + 5) -> torch.Tensor:
     return torch.randn(n, generator=torch.Generator().manual_seed(0)).to(device)
 
@@ -275,6 +308,8 @@ _DEQUANTIZE = FusedKernel("dequantize_blockwise", _dequantize_compiled, _dequant
                           lambda d: (_example_codes(d, 117, 8).view(torch.int8), _example_x(d, 8).abs(), 16, _cols(16, d)))
 _ENCODE4 = FusedKernel("encode_int4", _encode4_compiled, _encode4_reference,
                        lambda d: (_example_x(d), _levels(4, d), 16, _example_key(d), _cols(16, d)))
+_ENCODE_RESIDUAL = FusedKernel("encode_with_residual", _encode_residual_compiled, _encode_residual_reference,
+                                lambda d: (_example_x(d), _levels(4, d), 4, 16, _example_key(d), _cols(16, d)))
 _DECODE4 = FusedKernel("decode_int4", _decode4_compiled, _decode4_reference,
                        lambda d: (_example_codes(d, 117, 4), _example_x(d, 8).abs(), 117, 16, _cols(16, d)))
 
@@ -340,6 +375,16 @@ def encode_blockwise(x: torch.Tensor, bits: int, block_size: int, stochastic: bo
     key = random_key(generator, x.device) if stochastic else None
     args = (x, levels, block_size, key, _cols(block_size, x.device))
     return _ENCODE4(*args)
+
+
+def encode_with_residual(x: torch.Tensor, bits: int, block_size: int, stochastic: bool = True,
+                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`encode_blockwise`'s (codes, scales) and error feedback's residual x - decode_blockwise(codes, scales) (float32
+    (n,)), the same bytes as calling the three; on CPU one pass of kernels.native's C writes all three."""
+    _check_byte_encoding(bits, block_size)
+    levels = _check_quantize_args(x, bits, block_size)
+    key = random_key(generator, x.device) if stochastic else None
+    return _ENCODE_RESIDUAL(x, levels, bits, block_size, key, _cols(block_size, x.device))
 
 
 def decode_blockwise(codes: torch.Tensor, scales: torch.Tensor, n: int, bits: int, block_size: int) -> torch.Tensor:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import (KernelMismatchError, decode_blockwise, dequantize_blockwise, encode_blockwise, hash32,
-                     kernel_mode, pack_bits, pack_int4, pack_signs, quantize_blockwise, randk_select, scatter_dense,
-                     topk_select, uniform, unpack_bits, unpack_int4, unpack_signs)
+from kernels import (KernelMismatchError, decode_blockwise, dequantize_blockwise, encode_blockwise, encode_with_residual,
+                     hash32, kernel_mode, pack_bits, pack_int4, pack_signs, quantize_blockwise, randk_select,
+                     scatter_dense, topk_select, uniform, unpack_bits, unpack_int4, unpack_signs)
 from kernels import bitpack, fused, native, quant
 from kernels.rng import random_key, uniform_int
 
@@ -523,9 +523,24 @@ def test_native_codecs_match_reference_bytes(native_on, bits, block, stochastic)
             codes, s = encode_blockwise(x, bits, block, stochastic=stochastic, generator=_gen("cpu", 3))
             decoded = decode_blockwise(codes, s, n, bits, block)
             packed = pack_signs(x)
-            results[mode] = (codes, s, decoded, packed, unpack_signs(packed, n, scale=s[1:2]))
+            with_residual = encode_with_residual(x, bits, block, stochastic=stochastic, generator=_gen("cpu", 3))
+            results[mode] = (codes, s, decoded, packed, unpack_signs(packed, n, scale=s[1:2]), *with_residual)
     for got, want in zip(results["compiled"], results["reference"]):
         assert got.dtype == want.dtype and torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8))
+    codes, s, decoded, _, _, codes_r, s_r, residual = results["reference"]
+    assert torch.equal(codes_r, codes) and torch.equal(s_r, s) and torch.equal(residual, x - decoded)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_encode_with_residual_is_encode_then_the_decode_error(compiled_mode, bits):
+    """On every path (C, torch.compile, reference): the codes and scales of encode_blockwise with the same generator,
+    and x - decode_blockwise(codes, scales) to the last bit."""
+    n = 16 * 9 + 7
+    x = torch.randn(n, generator=_gen("cpu", 5)) * torch.logspace(-2, 2, n)
+    codes, s, residual = encode_with_residual(x, bits, 16, generator=_gen("cpu", 6))
+    want_codes, want_s = encode_blockwise(x, bits, 16, generator=_gen("cpu", 6))
+    assert torch.equal(codes, want_codes) and torch.equal(s, want_s)
+    assert torch.equal(residual, x - decode_blockwise(codes, s, n, bits, 16))
 
 
 def test_native_build_is_cached_and_a_missing_compiler_falls_back_logged(monkeypatch, tmp_path, caplog):

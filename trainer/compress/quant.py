@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import decode_blockwise, encode_blockwise
+from kernels import decode_blockwise, encode_blockwise, encode_with_residual
 from trainer.compress.base import (Compressor, GradientPlan, ParamView, add_bucket_state_, as_bytes, call_generator,
                                    from_bytes, local_exchange_seconds, mean_rows_, put_bucket_state, shard_length)
 
@@ -67,12 +67,12 @@ class QuantizedCompressor(Compressor):
         x = torch.empty(W * shard, dtype=torch.float32, device=grad.device)
         x[:n] = grad
         x[n:] = 0
-        if ef:
+        if ef:     # the residual x - D(Q(x)) comes from the codes' own pass and is kept without a copy
             add_bucket_state_(self, views, "/e", x[:n])
-        codes, s = encode_blockwise(x, self.bits, B, generator=gen)
-        if ef:     # the residual x - D(Q(x)), computed in the decoded buffer, handed over without a copy
-            residual = decode_blockwise(codes, s, W * shard, self.bits, B)
-            put_bucket_state(self, views, "/e", torch.sub(x, residual, out=residual)[:n], copy=False)
+            codes, s, residual = encode_with_residual(x, self.bits, B, generator=gen)
+            put_bucket_state(self, views, "/e", residual[:n], copy=False)
+        else:
+            codes, s = encode_blockwise(x, self.bits, B, generator=gen)
 
         # phase 1: row j of `to_servers` is shard j, for rank j to average
         to_servers = self._encode(codes, s, W)
@@ -83,10 +83,10 @@ class QuantizedCompressor(Compressor):
             e_s = self.get(key)
             if e_s is not None and e_s.shape == y.shape:
                 y += e_s
-        codes2, s2 = encode_blockwise(y, self.bits, B, generator=gen)
-        if ef:
-            residual = decode_blockwise(codes2, s2, shard, self.bits, B)
-            self.put(key, torch.sub(y, residual, out=residual))
+            codes2, s2, residual = encode_with_residual(y, self.bits, B, generator=gen)
+            self.put(key, residual)
+        else:
+            codes2, s2 = encode_blockwise(y, self.bits, B, generator=gen)
 
         # phase 2: everyone gets every averaged shard
         from_server = self._encode(codes2, s2, 1)[0]
