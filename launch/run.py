@@ -36,12 +36,11 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False, unt
     try:
         threads = cfg.run.threads_per_rank or max(1, (os.cpu_count() or 1) // env.local_world_size)
         torch.set_num_threads(threads)
-        if "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""):
-            log.info("glibc malloc: 2 MiB pages (GLIBC_TUNABLES=%s)", os.environ["GLIBC_TUNABLES"])
         set_deterministic(cfg.run.deterministic)
         from trainer.registry import get_model_spec
         trainer_cls = trainer_cls or get_model_spec(cfg.model.name).trainer_class() or Trainer
         summary = trainer_cls(cfg, device, resume=resume, overwrite=overwrite).train(until_step=until_step)
+        summary["glibc_hugepages"] = "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")   # launch/cli.py
         if env.rank == 0:
             log.info("summary: %s", json.dumps(summary))
         return summary

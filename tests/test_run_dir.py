@@ -159,7 +159,7 @@ def test_resume_with_another_batch_size_follows_the_lr_rule(small_darcy, finishe
                    "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "optim.lr changed from 0.01 to 0.02" in r.stderr
-    assert "glibc malloc: 2 MiB pages" in r.stderr      # the console script re-executes itself with the tunable
+    assert '"glibc_hugepages": true' in r.stderr         # the console script re-executed itself with the tunable
     assert "data.batch_size changed from 8 to 4" in r.stderr and "learning rate x 0.707107" in r.stderr, r.stderr
     state = final_state(run)
     assert state["trainer"]["step"] == 8 and state["trainer"]["batch_size"] == 4
