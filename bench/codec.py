@@ -150,8 +150,8 @@ def codec_benchmark(threads: int = 1) -> list[dict]:
         label = mode if name.split()[0] in ("int8", "int4", "sign") else "torch"     # the codecs with compiled kernels
         label = "exchange, W=1" if name.endswith("exchange") else label
         records.append({"codec": name, "kernels": label, "input_bytes": 4 * n, "wire_bytes": wire, "median_s": t,
-                        "gb_per_s": 4 * n / t / 1e9, "vs_memcpy": t_copy_here / t, "memcpy_s": t_copy_here, "compile_s": max(first - t, 0.0),
-                        "threads": threads})
+                        "gb_per_s": 4 * n / t / 1e9, "vs_memcpy": t_copy_here / t, "memcpy_s": t_copy_here,
+                        "compile_s": max(first - t, 0.0), "threads": threads})
     return records
 
 

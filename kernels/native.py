@@ -29,7 +29,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC", "-std=c11"]
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC",
+         "-std=c11"]
 
 SOURCE = r"""
 #include <stdint.h>
