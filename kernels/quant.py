@@ -256,14 +256,18 @@ def _decode4_compiled(codes, scales, n, block, cols):               # block even
     return out
 
 
-def _encode_residual_reference(x, levels, bits, block, key, cols):
-    n = x.numel()
+def _codes_and_decoded(x, levels, bits, block, key, cols, quantize, dequantize, encode4, decode4):
+    """(codes, scales, decode(codes, scales)) by one path's four functions."""
     if bits == 8:
-        q, s = _quantize_reference(x, levels, block, key, cols)
-        codes, decoded = q.view(torch.uint8), _dequantize_reference(q, s, block, cols)
-    else:
-        codes, s = _encode4_reference(x, levels, block, key, cols)
-        decoded = _decode4_reference(codes, s, n, block, cols)
+        q, s = quantize(x, levels, block, key, cols)
+        return q.view(torch.uint8), s, dequantize(q, s, block, cols)
+    codes, s = encode4(x, levels, block, key, cols)
+    return codes, s, decode4(codes, s, x.numel(), block, cols)
+
+
+def _encode_residual_reference(x, levels, bits, block, key, cols):
+    codes, s, decoded = _codes_and_decoded(x, levels, bits, block, key, cols, _quantize_reference,
+                                           _dequantize_reference, _encode4_reference, _decode4_reference)
     return codes, s, x.float() - decoded
 
 
@@ -271,12 +275,8 @@ def _encode_residual_compiled(x, levels, bits, block, key, cols):
     x = x.float().contiguous()
     n = x.numel()
     if not native.usable(x):                     # the compiled encode and decode, then the difference
-        if bits == 8:
-            q, s = _quantize_compiled(x, levels, block, key, cols)
-            codes, decoded = q.view(torch.uint8), _dequantize_compiled(q, s, block, cols)
-        else:
-            codes, s = _encode4_compiled(x, levels, block, key, cols)
-            decoded = _decode4_compiled(codes, s, n, block, cols)
+        codes, s, decoded = _codes_and_decoded(x, levels, bits, block, key, cols, _quantize_compiled,
+                                               _dequantize_compiled, _encode4_compiled, _decode4_compiled)
         return codes, s, torch.sub(x, decoded, out=decoded)
     res = torch.empty(n, dtype=torch.float32)
     s = torch.empty(_num_blocks(n, block), dtype=torch.float32)
