@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import fused, native
+from kernels import native
 from kernels.fused import FusedKernel, compile_body
 from kernels.rng import random_key, uniform_int
 
@@ -55,14 +55,23 @@ def topk_select(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x[idx], idx.to(torch.int32)
 
 
-def _candidates(x: torch.Tensor, threshold: torch.Tensor, k: int) -> torch.Tensor:
-    """Ascending int64 indices of |x| >= threshold: on CPU float32 one pass of kernels.native's C (room for 4k + 4096
-    of them; the threshold's expected count is ~k), else torch.nonzero of the mask (a mask pass, then a compaction)."""
-    if x.dtype == torch.float32 and fused.mode() != "reference" and native.usable(x):
+def _candidates_reference(x: torch.Tensor, threshold: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.nonzero(x.abs() >= threshold).squeeze(1)
+
+
+def _candidates_fast(x: torch.Tensor, threshold: torch.Tensor, k: int) -> torch.Tensor:
+    if x.dtype == torch.float32 and native.usable(x):
         found = native.select_abs_ge(x, threshold.item(), 4 * k + 4096)
         if found is not None:
             return found
-    return torch.nonzero(x.abs() >= threshold).squeeze(1)
+    return _candidates_reference(x, threshold, k)
+
+
+# Ascending int64 indices of |x| >= threshold: on CPU float32 one pass of kernels.native's C (room for 4k + 4096 of
+# them; the threshold's expected count is ~k), else torch.nonzero of the mask (a mask pass, then a compaction).
+_candidates = FusedKernel("topk_candidates", _candidates_fast, _candidates_reference,
+                          lambda d: (torch.randn(100, generator=torch.Generator().manual_seed(0)).to(d),
+                                     torch.tensor(1.0, device=d), 3))
 
 
 def randk_select(x: torch.Tensor, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
