@@ -36,13 +36,15 @@ SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #define C1 0x9E3779B1u
 #define C2 0x85EBCA6Bu
 
 /* kernels.rng.uniform of index base + j: u = (h >>> 8) 2^-24, h = fmix(key, index); uint32 arithmetic wraps as
-   torch's int32 does. (base + j + k0) C1 = t0 + j C1 with t0 = (base + k0) C1, so the loop's multiply becomes an
-   induction variable. */
+   torch's int32 does. (base + j + k0) C1 = t0 + j C1 with t0 = (base + k0) C1. */
 static inline float uniform24(uint32_t t0, uint32_t j, uint32_t k1) {
     uint32_t t = (t0 + j * C1) ^ k1;
     uint32_t h = (t ^ (t >> 16)) * C2;
@@ -71,80 +73,111 @@ static inline float clampf(float v, float L) {
     return v < L ? v : L;
 }
 
-/* q for elements [0, m) of a block at xr with indices base + j: stochastic floor(v + u) or rint(v) (half to even) */
-
-#define QUANT_LOOP(m, Q)                                                                                            \
-    if (stochastic) {                                                                                              \
-        uint32_t t0 = (base + k0) * C1;                                                                            \
-        for (int64_t j = 0; j < (m); j++) Q(j, clampf(floorf(xr[j] * inv + uniform24(t0, (uint32_t)j, k1)), L));   \
-    } else {                                                                                                       \
-        for (int64_t j = 0; j < (m); j++) Q(j, clampf(rintf(xr[j] * inv), L));                                   \
+/* q[j] = clamp(floor(xr[j] inv + u(base + j)), -L, L) (stochastic) or clamp(rint(xr[j] inv), -L, L) for j in [0, m),
+   and where rr is not NULL the residual rr[j] = xr[j] - q[j] sc (as the reference computes it: the decode q * s
+   from the integer, then the difference; v + 0.0f is the integer's float: +0 for a rounded -0.0, which gcc with
+   -fno-trapping-math would otherwise keep by folding (float)(int)v back to v). With AVX-512, 16 elements at a time
+   in the same float32 operations (x86 max/min(v, c) are v > c ? v : c and v < c ? v : c, as clampf; the hash's
+   index is an induction vector stepped by 16 C1); the scalar loop takes the tail, and all of it elsewhere. */
+static inline __attribute__((always_inline)) void quant_run_(const float *restrict xr, int64_t m, float inv, float L,
+        float sc, int stochastic, uint32_t base, uint32_t k0, uint32_t k1, int8_t *restrict q, float *restrict rr) {
+    uint32_t t0 = (base + k0) * C1;
+    int64_t j = 0;
+#ifdef __AVX512F__
+    const __m512 invv = _mm512_set1_ps(inv), hi = _mm512_set1_ps(L), lo = _mm512_set1_ps(-L), scv = _mm512_set1_ps(sc);
+    const __m512i k1v = _mm512_set1_epi32((int)k1), c2 = _mm512_set1_epi32((int)C2), step = _mm512_set1_epi32((int)(16u * C1));
+    __m512i tv = _mm512_add_epi32(_mm512_set1_epi32((int)t0), _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)C1)));
+    for (; j + 16 <= m; j += 16) {
+        __m512 xv = _mm512_loadu_ps(xr + j), v = _mm512_mul_ps(xv, invv);
+        if (stochastic) {
+            __m512i t = _mm512_xor_si512(tv, k1v);
+            __m512i h = _mm512_mullo_epi32(_mm512_xor_si512(t, _mm512_srli_epi32(t, 16)), c2);
+            v = _mm512_add_ps(v, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), _mm512_set1_ps(0x1p-24f)));
+            v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+            tv = _mm512_add_epi32(tv, step);
+        } else {
+            v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        }
+        v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+        _mm_storeu_si128((__m128i *)(q + j), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(v)));
+        if (rr) _mm512_storeu_ps(rr + j, _mm512_sub_ps(xv, _mm512_mul_ps(_mm512_add_ps(v, _mm512_setzero_ps()), scv)));
     }
-
-/* one block of t elements at index base: q int8 (t,) and, where rr is not NULL, the residual x - q s (as the
-   reference computes it: the decode q * s from the integer, then the difference). v + 0.0f is the integer's float:
-   +0 for a rounded -0.0 (gcc with -fno-trapping-math folds (float)(int)v back to v and keeps the -0.0); returns the
-   block's scale s = absmax / L */
-static inline __attribute__((always_inline)) float quantize8_block(const float *restrict xr, int64_t t, float L,
-        int stochastic, uint32_t base, uint32_t k0, uint32_t k1, int8_t *restrict qr, float *restrict rr) {
-    float absmax = block_absmax(xr, t), inv = block_inv(absmax, L), sc = absmax / L;
-#define STORE8(j, v) qr[j] = (int8_t)(int32_t)(v)
-#define STORE8R(j, v) { float v_ = (v); qr[j] = (int8_t)(int32_t)v_; rr[j] = xr[j] - (v_ + 0.0f) * sc; }
-    if (rr) {
-        QUANT_LOOP(t, STORE8R)
-    } else {
-        QUANT_LOOP(t, STORE8)
+#endif
+    for (; j < m; j++) {
+        float v = clampf(stochastic ? floorf(xr[j] * inv + uniform24(t0, (uint32_t)j, k1)) : rintf(xr[j] * inv), L);
+        q[j] = (int8_t)(int32_t)v;
+        if (rr) rr[j] = xr[j] - (v + 0.0f) * sc;
     }
-    return sc;
+}
+
+/* quant_run_ with the two flags as constants: four loops without a test inside */
+static inline __attribute__((always_inline)) void quant_run(const float *restrict xr, int64_t m, float inv, float L, float sc, int stochastic, uint32_t base,
+                      uint32_t k0, uint32_t k1, int8_t *restrict q, float *restrict rr) {
+    if (stochastic && rr) quant_run_(xr, m, inv, L, sc, 1, base, k0, k1, q, rr);
+    else if (stochastic) quant_run_(xr, m, inv, L, sc, 1, base, k0, k1, q, NULL);
+    else if (rr) quant_run_(xr, m, inv, L, sc, 0, base, k0, k1, q, rr);
+    else quant_run_(xr, m, inv, L, sc, 0, base, k0, k1, q, NULL);
+}
+
+static inline __attribute__((always_inline)) void quantize8_block(const float *restrict x, int64_t t, float L,
+        int stochastic, uint32_t base, uint32_t k0, uint32_t k1, int8_t *restrict q, float *restrict s,
+        float *restrict res) {
+    float absmax = block_absmax(x, t), sc = absmax / L;
+    quant_run(x, t, block_inv(absmax, L), L, sc, stochastic, base, k0, k1, q, res);
+    *s = sc;
 }
 
 /* quantize_blockwise: n elements in blocks of b (the last may be short) -> q int8 (n,), s (ceil(n / b),) and, if
-   res is not NULL, res = x - D(q, s) (n,). The common block sizes get loops of constant length (no vector prologue
-   or epilogue per block). */
+   res is not NULL, res = x - D(q, s) (n,); each block is read once for its absmax, then quantised from L1. The
+   common block sizes get loops of constant length. */
 void ft_quantize8(const float *restrict x, int64_t n, int64_t b, float L, int stochastic, int32_t key0,
                   int32_t key1, int8_t *restrict q, float *restrict s, float *restrict res) {
     uint32_t k0 = (uint32_t)key0, k1 = (uint32_t)key1;
     int64_t full = n / b, r = 0;
-#define FULL_ROWS8(B) for (; r < full; r++) s[r] = quantize8_block(x + r * (B), (B), L, stochastic, (uint32_t)(r * (B)), \
-                                                                   k0, k1, q + r * (B), res ? res + r * (B) : NULL)
+#define FULL_ROWS8(B) for (; r < full; r++) quantize8_block(x + r * (B), (B), L, stochastic, (uint32_t)(r * (B)), k0, k1, \
+                                                        q + r * (B), s + r, res ? res + r * (B) : NULL)
     if (b == 256) FULL_ROWS8(256);
     else if (b == 512) FULL_ROWS8(512);
     else if (b == 128) FULL_ROWS8(128);
     else FULL_ROWS8(b);
-    if (full * b < n) s[full] = quantize8_block(x + full * b, n - full * b, L, stochastic, (uint32_t)(full * b), k0, k1,
-                                                q + full * b, res ? res + full * b : NULL);
+    if (full * b < n) quantize8_block(x + full * b, n - full * b, L, stochastic, (uint32_t)(full * b), k0, k1,
+                                      q + full * b, s + full, res ? res + full * b : NULL);
 }
 
-/* encode_blockwise(bits=4), b even: byte j of a block of t elements holds element j (low nibble) and
-   j + ceil(t/2) (high; 0 past the end). Each half's q is staged in 2048-byte pieces (L1). res as ft_quantize8's. */
+/* one block of t elements at index base of encode_blockwise(bits=4): byte j holds element j (low nibble) and
+   j + ceil(t/2) (high; 0 past the end). Each half's q is staged in 2048-byte pieces (L1). */
+static inline __attribute__((always_inline)) void encode4_block(const float *restrict xrow, int64_t t, float L,
+        int stochastic, uint32_t base, uint32_t k0, uint32_t k1, uint8_t *restrict cr, float *restrict s,
+        float *restrict rrow) {
+    int8_t lo[2048], hi[2048];
+    int64_t h = (t + 1) / 2;
+    float absmax = block_absmax(xrow, t), inv = block_inv(absmax, L), sc = absmax / L;
+    for (int64_t c = 0; c < h; c += 2048) {
+        int64_t m = h - c < 2048 ? h - c : 2048, mh = t - h - c < m ? t - h - c : m;
+        quant_run(xrow + c, m, inv, L, sc, stochastic, base + (uint32_t)c, k0, k1, lo, rrow ? rrow + c : NULL);
+        quant_run(xrow + c + h, mh, inv, L, sc, stochastic, base + (uint32_t)(c + h), k0, k1, hi,
+                  rrow ? rrow + c + h : NULL);
+        for (int64_t j = mh; j < m; j++) hi[j] = 0;
+        for (int64_t j = 0; j < m; j++) cr[c + j] = (uint8_t)((lo[j] & 15) | ((hi[j] & 15) << 4));
+    }
+    *s = sc;
+}
+
+/* encode_blockwise(bits=4), b even: n elements in blocks of b (the last may be short) -> codes (ceil(n / 2),),
+   s (ceil(n / b),) and res as ft_quantize8's */
 void ft_encode4(const float *restrict x, int64_t n, int64_t b, float L, int stochastic, int32_t key0,
                 int32_t key1, uint8_t *restrict codes, float *restrict s, float *restrict res) {
     uint32_t k0 = (uint32_t)key0, k1 = (uint32_t)key1;
-    int8_t lo[2048], hi[2048];
-    for (int64_t r = 0; r * b < n; r++) {
-        int64_t t = n - r * b < b ? n - r * b : b, h = (t + 1) / 2;
-        const float *restrict xrow = x + r * b;
-        uint8_t *restrict cr = codes + r * (b / 2);
-        float absmax = block_absmax(xrow, t), inv = block_inv(absmax, L), sc = absmax / L;
-        for (int64_t c = 0; c < h; c += 2048) {
-            int64_t m = h - c < 2048 ? h - c : 2048, mh = t - h - c < m ? t - h - c : m;
-            const float *restrict xr = xrow + c;
-            float *restrict rr = res ? res + r * b + c : NULL;
-            uint32_t base = (uint32_t)(r * b + c);
-#define STORELO(j, v) lo[j] = (int8_t)(int32_t)(v)
-#define STORELOR(j, v) { float v_ = (v); lo[j] = (int8_t)(int32_t)v_; rr[j] = xr[j] - (v_ + 0.0f) * sc; }
-            if (rr) { QUANT_LOOP(m, STORELOR) } else { QUANT_LOOP(m, STORELO) }
-            xr = xrow + c + h;
-            rr = res ? res + r * b + c + h : NULL;
-            base = (uint32_t)(r * b + c + h);
-#define STOREHI(j, v) hi[j] = (int8_t)(int32_t)(v)
-#define STOREHIR(j, v) { float v_ = (v); hi[j] = (int8_t)(int32_t)v_; rr[j] = xr[j] - (v_ + 0.0f) * sc; }
-            if (rr) { QUANT_LOOP(mh, STOREHIR) } else { QUANT_LOOP(mh, STOREHI) }
-            for (int64_t j = mh; j < m; j++) hi[j] = 0;
-            for (int64_t j = 0; j < m; j++) cr[c + j] = (uint8_t)((lo[j] & 15) | ((hi[j] & 15) << 4));
-        }
-        s[r] = sc;
-    }
+    int64_t full = n / b, r = 0;
+#define FULL_ROWS4(B) for (; r < full; r++) encode4_block(x + r * (B), (B), L, stochastic, (uint32_t)(r * (B)), k0, k1, \
+                                                      codes + r * ((B) / 2), s + r, res ? res + r * (B) : NULL)
+    if (b == 256) FULL_ROWS4(256);
+    else if (b == 512) FULL_ROWS4(512);
+    else if (b == 128) FULL_ROWS4(128);
+    else FULL_ROWS4(b);
+    if (full * b < n) encode4_block(x + full * b, n - full * b, L, stochastic, (uint32_t)(full * b), k0, k1,
+                                    codes + full * (b / 2), s + full, res ? res + full * b : NULL);
 }
 
 void ft_dequantize8(const int8_t *restrict q, const float *restrict s, int64_t n, int64_t b, float *restrict out) {
@@ -190,9 +223,6 @@ void ft_unpack_signs(const uint8_t *restrict packed, int64_t m, float s, float *
 
 /* the indices i with |x_i| >= thr, ascending, into out[0, cap); returns how many there are (more than cap: the
    caller retries elsewhere). With AVX-512, 16 compares give a mask whose set bits are walked (few: thr keeps ~1%). */
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
 int64_t ft_select_abs_ge(const float *restrict x, int64_t n, float thr, int64_t *restrict out, int64_t cap) {
     int64_t count = 0, i = 0;
 #ifdef __AVX512F__
