@@ -89,8 +89,8 @@ def codec_benchmark(threads: int = 1) -> list[dict]:
         return run
 
     def sign():
-        packed, scale = kernels.pack_signs(x), x.abs().mean()
-        return kernels.unpack_signs(packed, n, scale=scale), packed.numel() + 4
+        packed, l1 = kernels.encode_signs(x)                    # as SignCompressor: the scale is mean |x|
+        return kernels.unpack_signs(packed, n, scale=(l1 / n).float()), packed.numel() + 4
 
     def topk():
         v, i = kernels.topk_select(x, k)

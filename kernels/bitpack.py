@@ -92,6 +92,44 @@ def pack_signs(x: torch.Tensor) -> torch.Tensor:
     return _PACK_SIGNS(x)
 
 
+def _encode_signs_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = x.numel()
+    lanes = torch.zeros(-(-n // 16), 16, dtype=torch.float64, device=x.device)
+    lanes.view(-1)[:n] = x.abs()
+    l1 = lanes.cumsum(0)[-1].cumsum(0)[-1] if n else lanes.new_zeros(())     # CPU cumsum adds in index order
+    return _pack_signs_reference(x), l1
+
+
+def _encode_signs_fast(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.dtype != torch.float32 or not native.usable(x):
+        return _encode_signs_reference(x)
+    n = x.numel()
+    out = torch.empty((n + 7) // 8, dtype=torch.uint8)
+    l1 = torch.empty((), dtype=torch.float64)
+    native.encode_signs(x, out, l1)
+    if n % 8:
+        out[n // 8:] = pack_bits(x[n // 8 * 8:] >= 0)
+    return out, l1
+
+
+_ENCODE_SIGNS = FusedKernel("encode_signs", _encode_signs_fast, _encode_signs_reference,
+                            lambda d: (torch.randn(77, generator=torch.Generator().manual_seed(0)).to(d) * 3,))
+
+
+def encode_signs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real (n,) -> (`pack_signs(x)`, sum |x| as a float64 0-d tensor): a scaled-sign codec's whole encode.
+
+    The sum has a fixed order, so every path gives the same bits: lane l = i mod 16 adds |x_i| (exact in float64)
+    in ascending i, then the 16 lanes are added in order (on CPU, float32, one pass of kernels.native's C with the
+    packing; the reference builds the lanes with cumsum, which on CPU adds in index order). Its rounding error is
+    ~n/16 ulps of float64, far below the float32 a scale is sent in.
+    """
+    _check_1d("x", x)
+    if not x.is_floating_point():
+        raise ValueError(f"x must be floating point, got {x.dtype}")
+    return _ENCODE_SIGNS(x.contiguous())
+
+
 _TABLES: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
 
@@ -129,7 +167,7 @@ def unpack_signs(packed: torch.Tensor, n: int, dtype: torch.dtype = torch.float3
     """uint8 -> (n,) of +1 (bit set) / -1 (bit clear) in `dtype`, times `scale` (a one-element tensor) if given.
 
     The reference looks each byte up in the (256, 8) table of +-1 (times scale): one gather of 8 values per byte;
-    on CPU, float32, the C of `kernels.native` copies the same table rows.
+    on CPU, float32, the C of `kernels.native` writes the same values (a masked blend of +-scale).
     """
     _check_n(n, packed, 8)
     return _UNPACK_SIGNS(packed.contiguous(), n, dtype, scale)

@@ -84,8 +84,10 @@ static inline __attribute__((always_inline)) void quant_run_(const float *restri
     uint32_t t0 = (base + k0) * C1;
     int64_t j = 0;
 #ifdef __AVX512F__
-    const __m512 invv = _mm512_set1_ps(inv), hi = _mm512_set1_ps(L), lo = _mm512_set1_ps(-L), scv = _mm512_set1_ps(sc);
-    const __m512i k1v = _mm512_set1_epi32((int)k1), c2 = _mm512_set1_epi32((int)C2), step = _mm512_set1_epi32((int)(16u * C1));
+    const __m512 invv = _mm512_set1_ps(inv), hi = _mm512_set1_ps(L), lo = _mm512_set1_ps(-L);
+    const __m512 scv = _mm512_set1_ps(sc);
+    const __m512i k1v = _mm512_set1_epi32((int)k1), c2 = _mm512_set1_epi32((int)C2);
+    const __m512i step = _mm512_set1_epi32((int)(16u * C1));
     __m512i tv = _mm512_add_epi32(_mm512_set1_epi32((int)t0), _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)C1)));
     for (; j + 16 <= m; j += 16) {
@@ -112,8 +114,8 @@ static inline __attribute__((always_inline)) void quant_run_(const float *restri
 }
 
 /* quant_run_ with the two flags as constants: four loops without a test inside */
-static inline __attribute__((always_inline)) void quant_run(const float *restrict xr, int64_t m, float inv, float L, float sc, int stochastic, uint32_t base,
-                      uint32_t k0, uint32_t k1, int8_t *restrict q, float *restrict rr) {
+static inline __attribute__((always_inline)) void quant_run(const float *restrict xr, int64_t m, float inv, float L,
+        float sc, int stochastic, uint32_t base, uint32_t k0, uint32_t k1, int8_t *restrict q, float *restrict rr) {
     if (stochastic && rr) quant_run_(xr, m, inv, L, sc, 1, base, k0, k1, q, rr);
     else if (stochastic) quant_run_(xr, m, inv, L, sc, 1, base, k0, k1, q, NULL);
     else if (rr) quant_run_(xr, m, inv, L, sc, 0, base, k0, k1, q, rr);
@@ -135,8 +137,8 @@ void ft_quantize8(const float *restrict x, int64_t n, int64_t b, float L, int st
                   int32_t key1, int8_t *restrict q, float *restrict s, float *restrict res) {
     uint32_t k0 = (uint32_t)key0, k1 = (uint32_t)key1;
     int64_t full = n / b, r = 0;
-#define FULL_ROWS8(B) for (; r < full; r++) quantize8_block(x + r * (B), (B), L, stochastic, (uint32_t)(r * (B)), k0, k1, \
-                                                        q + r * (B), s + r, res ? res + r * (B) : NULL)
+#define FULL_ROWS8(B) for (; r < full; r++) quantize8_block(x + r * (B), (B), L, stochastic, (uint32_t)(r * (B)), \
+                                                        k0, k1, q + r * (B), s + r, res ? res + r * (B) : NULL)
     if (b == 256) FULL_ROWS8(256);
     else if (b == 512) FULL_ROWS8(512);
     else if (b == 128) FULL_ROWS8(128);
@@ -170,8 +172,8 @@ void ft_encode4(const float *restrict x, int64_t n, int64_t b, float L, int stoc
                 int32_t key1, uint8_t *restrict codes, float *restrict s, float *restrict res) {
     uint32_t k0 = (uint32_t)key0, k1 = (uint32_t)key1;
     int64_t full = n / b, r = 0;
-#define FULL_ROWS4(B) for (; r < full; r++) encode4_block(x + r * (B), (B), L, stochastic, (uint32_t)(r * (B)), k0, k1, \
-                                                      codes + r * ((B) / 2), s + r, res ? res + r * (B) : NULL)
+#define FULL_ROWS4(B) for (; r < full; r++) encode4_block(x + r * (B), (B), L, stochastic, (uint32_t)(r * (B)), \
+                                                      k0, k1, codes + r * ((B) / 2), s + r, res ? res + r * (B) : NULL)
     if (b == 256) FULL_ROWS4(256);
     else if (b == 512) FULL_ROWS4(512);
     else if (b == 128) FULL_ROWS4(128);
@@ -205,20 +207,64 @@ void ft_decode4(const uint8_t *restrict codes, const float *restrict s, int64_t 
 
 /* pack_signs: bit j of byte i = (x[8 i + j] >= 0), m whole bytes */
 void ft_pack_signs(const float *x, int64_t m, uint8_t *out) {
-    for (int64_t i = 0; i < m; i++) {
+    int64_t i = 0;
+#ifdef __AVX512F__
+    for (; i + 2 <= m; i += 2) {                                  /* one compare mask = two bytes, LSB first */
+        uint16_t k = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + 8 * i), _mm512_setzero_ps(), _CMP_GE_OQ);
+        memcpy(out + i, &k, 2);
+    }
+#endif
+    for (; i < m; i++) {
         uint32_t acc = 0;
         for (int j = 0; j < 8; j++) acc |= (uint32_t)(x[8 * i + j] >= 0.0f) << j;
         out[i] = (uint8_t)acc;
     }
 }
 
-/* unpack_signs with a scale: +s where the bit is set, -s where clear, 8 m floats; each byte copies its row of
-   a 256 x 8 table of +-s (8 KiB, in L1) */
+/* encode_signs: ft_pack_signs of the first 8 floor(n / 8) elements and l1[0] = sum |x_i| over all n in float64,
+   in a fixed order (kernels.bitpack._encode_signs_reference): lane l = i mod 16 adds its elements in ascending i,
+   then lanes 0..15 are added in order. */
+void ft_encode_signs(const float *restrict x, int64_t n, uint8_t *restrict out, double *restrict l1) {
+    double lane[16] = {0};
+    int64_t i = 0;
+#ifdef __AVX512F__
+    __m512d a0 = _mm512_setzero_pd(), a1 = _mm512_setzero_pd();
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = _mm512_loadu_ps(x + i);
+        uint16_t k = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GE_OQ);
+        memcpy(out + i / 8, &k, 2);
+        v = _mm512_abs_ps(v);
+        a0 = _mm512_add_pd(a0, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+        a1 = _mm512_add_pd(a1, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+    }
+    _mm512_storeu_pd(lane, a0);
+    _mm512_storeu_pd(lane + 8, a1);
+#endif
+    ft_pack_signs(x + i, n / 8 - i / 8, out + i / 8);
+    for (; i < n; i += 16)
+        for (int l = 0; l < 16 && i + l < n; l++) lane[l] += (double)fabsf(x[i + l]);
+    double total = 0.0;
+    for (int l = 0; l < 16; l++) total += lane[l];
+    *l1 = total;
+}
+
+/* unpack_signs with a scale: +s where the bit is set, -s where clear, 8 m floats (AVX-512: a masked blend per two
+   bytes; elsewhere each byte copies its row of a 256 x 8 table of +-s, 8 KiB, in L1) */
 void ft_unpack_signs(const uint8_t *restrict packed, int64_t m, float s, float *restrict out) {
+    int64_t i = 0;
+#ifdef __AVX512F__
+    const __m512 pos = _mm512_set1_ps(s), neg = _mm512_set1_ps(-s);
+    for (; i + 2 <= m; i += 2) {
+        uint16_t k;
+        memcpy(&k, packed + i, 2);
+        _mm512_storeu_ps(out + 8 * i, _mm512_mask_blend_ps(k, neg, pos));
+    }
+#endif
     float table[256 * 8];
-    for (int c = 0; c < 256; c++)
-        for (int j = 0; j < 8; j++) table[8 * c + j] = (c >> j) & 1 ? s : -s;
-    for (int64_t i = 0; i < m; i++) memcpy(out + 8 * i, table + 8 * packed[i], 32);
+    if (i < m)
+        for (int c = 0; c < 256; c++)
+            for (int j = 0; j < 8; j++) table[8 * c + j] = (c >> j) & 1 ? s : -s;
+    for (; i < m; i++) memcpy(out + 8 * i, table + 8 * packed[i], 32);
 }
 
 /* the indices i with |x_i| >= thr, ascending, into out[0, cap); returns how many there are (more than cap: the
@@ -250,6 +296,7 @@ _SIGNATURES = {
     "ft_dequantize8": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p],
     "ft_decode4": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p],
     "ft_pack_signs": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p],
+    "ft_encode_signs": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p],
     "ft_unpack_signs": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p],
     "ft_select_abs_ge": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64],
 }
@@ -350,6 +397,11 @@ def decode4(codes, scales, n: int, block: int, out) -> None:
 
 def pack_signs(x, m: int, out) -> None:
     library().ft_pack_signs(_p(x), m, _p(out))
+
+
+def encode_signs(x, out, l1_out) -> None:
+    """out (n // 8 bytes at least) and l1_out (float64, 1 element) from float32 x (n,)."""
+    library().ft_encode_signs(_p(x), x.numel(), _p(out), _p(l1_out))
 
 
 def unpack_signs(packed, m: int, scale: float, out) -> None:

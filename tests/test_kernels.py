@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import (KernelMismatchError, decode_blockwise, dequantize_blockwise, encode_blockwise, encode_with_residual,
-                     hash32, kernel_mode, pack_bits, pack_int4, pack_signs, quantize_blockwise, randk_select,
-                     scatter_dense, topk_select, uniform, unpack_bits, unpack_int4, unpack_signs)
+from kernels import (KernelMismatchError, decode_blockwise, dequantize_blockwise, encode_blockwise, encode_signs,
+                     encode_with_residual, hash32, kernel_mode, pack_bits, pack_int4, pack_signs, quantize_blockwise,
+                     randk_select, scatter_dense, topk_select, uniform, unpack_bits, unpack_int4, unpack_signs)
 from kernels import bitpack, fused, native, quant
 from kernels.rng import random_key, uniform_int
 
@@ -50,6 +50,22 @@ def test_signs_round_trip(device, n):
         signs = unpack_signs(pack_signs(x), n, dtype=dtype)
         assert signs.dtype == dtype and signs.device == x.device
         assert torch.equal(signs.float(), torch.where(x >= 0, 1.0, -1.0))
+
+
+@pytest.mark.parametrize("mode", ["compiled", "reference"])
+@pytest.mark.parametrize("n", [0, 5, 16, 1003])
+def test_encode_signs_packs_signs_and_sums_abs_in_float64(mode, n):
+    """The bits are pack_signs'; the sum is exact where float64 is (quarter-integers: every partial sum is exact) and
+    otherwise within the fixed order's rounding bound, (n/16 + 16) ulps of float64, of the correctly rounded fsum."""
+    exact = (torch.arange(n) - n // 2).float() * 0.25
+    x = torch.randn(n, generator=_gen("cpu", n)) * torch.logspace(-3, 3, n)
+    with kernel_mode(mode):
+        for v in (exact, x):
+            bits, l1 = encode_signs(v)
+            assert torch.equal(bits, pack_signs(v)) and l1.dtype == torch.float64 and l1.shape == ()
+        assert encode_signs(exact)[1].item() == sum(abs(v) for v in exact.tolist())
+        want = math.fsum(abs(v) for v in x.tolist())
+        assert abs(encode_signs(x)[1].item() - want) <= (n / 16 + 16) * 2.0**-52 * want
 
 
 def test_bitpack_rejects_bad_arguments():
@@ -524,10 +540,11 @@ def test_native_codecs_match_reference_bytes(native_on, bits, block, stochastic)
             decoded = decode_blockwise(codes, s, n, bits, block)
             packed = pack_signs(x)
             with_residual = encode_with_residual(x, bits, block, stochastic=stochastic, generator=_gen("cpu", 3))
-            results[mode] = (codes, s, decoded, packed, unpack_signs(packed, n, scale=s[1:2]), *with_residual)
+            results[mode] = (codes, s, decoded, packed, unpack_signs(packed, n, scale=s[1:2]), *with_residual,
+                             *encode_signs(x))
     for got, want in zip(results["compiled"], results["reference"]):
         assert got.dtype == want.dtype and torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8))
-    codes, s, decoded, _, _, codes_r, s_r, residual = results["reference"]
+    codes, s, decoded, _, _, codes_r, s_r, residual, _, _ = results["reference"]
     assert torch.equal(codes_r, codes) and torch.equal(s_r, s) and torch.equal(residual, x - decoded)
 
 

@@ -64,7 +64,7 @@ import zlib
 
 import torch
 
-from kernels import decode_blockwise, encode_blockwise, pack_signs, scatter_dense, topk_select, unpack_signs
+from kernels import decode_blockwise, encode_blockwise, encode_signs, scatter_dense, topk_select, unpack_signs
 from trainer.comm import ExchangeStats, restore_compressor_state, save_compressor_state
 from trainer.compress import COMPRESSORS
 from trainer.compress.base import Compressor, as_bytes, from_bytes, mixed_seed
@@ -261,9 +261,10 @@ class SignScatter(ResidualScatter):
         Sp = -(-S // 8) * 8
         xp = torch.zeros(W, Sp, dtype=torch.float32, device=x.device)
         xp[:, :S] = x
-        scale = xp.abs().sum(dim=1, keepdim=True) / torch.full((W, 1), max(S, 1), device=x.device)   # mean |x| per row
+        bits, l1 = zip(*(encode_signs(row) for row in xp))
+        scale = (torch.stack(l1) / max(S, 1)).float().view(W, 1)                      # mean |x| per row
         c = (xp[:, :S] >= 0).to(torch.float32).mul_(2).sub_(1).mul_(scale)       # +-scale (sign(0) = +), exactly
-        return torch.cat([pack_signs(xp.view(-1)).view(W, Sp // 8), as_bytes(scale)], dim=1), c
+        return torch.cat([torch.stack(bits), as_bytes(scale)], dim=1), c
 
     def decode(self, msg, S):
         W, nb = msg.shape[0], -(-S // 8)

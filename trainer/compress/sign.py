@@ -17,18 +17,22 @@ from __future__ import annotations
 
 import torch
 
-from kernels import pack_signs, unpack_signs
+from kernels import encode_signs, unpack_signs
 from trainer.compress.base import (Compressor, GradientPlan, ParamView, add_bucket_state_, as_bytes, from_bytes,
                                    local_exchange_seconds, mean_rows_, put_bucket_state, shard_length)
 
 
 def _sign_message(x: torch.Tensor, valid: int) -> torch.Tensor:
     """Rows of x (rows, m), m a multiple of 8, whose entries past the first `valid` (row-major) are 0 -> (rows, m/8 + 4)
-    uint8: each row's sign bits, then its scale = mean |x| over the row's valid entries (float32 bytes)."""
+    uint8: each row's sign bits, then its scale = mean |x| over the row's valid entries (float32 bytes; the sum in
+    float64, `kernels.encode_signs`, the zero padding adds nothing)."""
     rows, m = x.shape
-    count = torch.tensor([[min(m, max(1, valid - j * m))] for j in range(rows)], device=x.device)
-    scale = torch.linalg.vector_norm(x, 1, dim=1, keepdim=True) / count     # one pass; the zero padding adds nothing
-    return torch.cat([pack_signs(x.reshape(-1)).view(rows, m // 8), as_bytes(scale)], dim=1)
+    msg = torch.empty(rows, m // 8 + 4, dtype=torch.uint8, device=x.device)
+    for j in range(rows):
+        bits, l1 = encode_signs(x[j])
+        msg[j, :m // 8] = bits
+        msg[j, m // 8:] = as_bytes((l1 / min(m, max(1, valid - j * m))).float().view(1))
+    return msg
 
 
 class SignCompressor(Compressor):
