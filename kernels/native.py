@@ -267,24 +267,96 @@ void ft_unpack_signs(const uint8_t *restrict packed, int64_t m, float s, float *
     for (; i < m; i++) memcpy(out + 8 * i, table + 8 * packed[i], 32);
 }
 
-/* the indices i with |x_i| >= thr, ascending, into out[0, cap); returns how many there are (more than cap: the
-   caller retries elsewhere). With AVX-512, 16 compares give a mask whose set bits are walked (few: thr keeps ~1%). */
-int64_t ft_select_abs_ge(const float *restrict x, int64_t n, float thr, int64_t *restrict out, int64_t cap) {
+/* |v| as its bit pattern: integer order of these is the order of |v| (NaN above inf, as torch.topk ranks it) */
+static inline uint32_t absbits(float v) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    return u & 0x7FFFFFFFu;
+}
+
+/* the r-th smallest (from 0) of a[0, m), m > r >= 0, reordering a: a radix select, 11 + 11 + 10 bits from the
+   top, each digit by a histogram of the elements that match the digits found so far, which are then moved to the
+   front (branch-free, as the counting is) */
+static uint32_t select_u32(uint32_t *a, int64_t m, int64_t r) {
+    static const int shift[3] = {21, 10, 0};
+    uint32_t prefix = 0, known = 0;
+    int64_t count[2048];
+    for (int d = 0; d < 3; d++) {
+        uint32_t digits = d < 2 ? 2048 : 1024;
+        memset(count, 0, sizeof count);
+        for (int64_t c = 0; c < m; c++) count[(a[c] >> shift[d]) & (digits - 1)]++;
+        uint32_t b = 0;
+        while (count[b] <= r) r -= count[b++];
+        prefix |= b << shift[d];
+        known |= (digits - 1) << shift[d];
+        int64_t o = 0;
+        for (int64_t c = 0; c < m; c++) {
+            uint32_t v = a[c];
+            a[o] = v;
+            o += (v & known) == prefix;
+        }
+        m = o;
+    }
+    return prefix;
+}
+
+/* the (r+1)-th smallest |x| of the sample x[0], x[stride], ..., m of them (work: m uint32), as a float */
+float ft_sample_rank(const float *x, int64_t stride, int64_t m, int64_t r, uint32_t *work) {
+    for (int64_t i = 0; i < m; i++) work[i] = absbits(x[i * stride]);
+    uint32_t v = select_u32(work, m, r);
+    float f;
+    memcpy(&f, &v, 4);
+    return f;
+}
+
+/* kernels.topk_select's answer from the candidates |x_i| >= thr (thr <= the k-th largest |x|): the k largest |x|,
+   ties at the k-th largest broken towards lower indices, as ascending int32 indices idx and their values val.
+   Returns the candidates' count; when it is below k or above cap nothing is written (the caller goes elsewhere).
+   cand, cval (their values), work: cap each. With AVX-512 the candidates' indices and values are
+   compress-stored 16 compares at a time. */
+int64_t ft_topk(const float *restrict x, int64_t n, float thr, int64_t k, int64_t cap, int32_t *restrict cand,
+                float *restrict cval, uint32_t *restrict work, int32_t *restrict idx, float *restrict val) {
     int64_t count = 0, i = 0;
 #ifdef __AVX512F__
-    __m512 t = _mm512_set1_ps(thr);
-    for (; i + 16 <= n; i += 16) {
-        __mmask16 m = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_loadu_ps(x + i)), t, _CMP_GE_OQ);  /* NaN: false */
-        while (m) {
-            if (count < cap) out[count] = i + __builtin_ctz(m);
-            count++;
-            m &= (__mmask16)(m - 1);
-        }
+    const __m512 t = _mm512_set1_ps(thr);
+    const __m512i step = _mm512_set1_epi32(16);
+    __m512i iv = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (; i + 16 <= n; i += 16, iv = _mm512_add_epi32(iv, step)) {
+        __m512 v = _mm512_loadu_ps(x + i);
+        __mmask16 m = _mm512_cmp_ps_mask(_mm512_abs_ps(v), t, _CMP_GE_OQ);   /* NaN: false */
+        if (count + 16 > cap) return cap + 1;
+        _mm512_storeu_si512(cand + count, _mm512_maskz_compress_epi32(m, iv));   /* all 16 lanes, no branch */
+        _mm512_storeu_ps(cval + count, _mm512_maskz_compress_ps(m, v));
+        count += __builtin_popcount(m);
     }
 #endif
     for (; i < n; i++)
-        if (fabsf(x[i]) >= thr) { if (count < cap) out[count] = i; count++; }
+        if (fabsf(x[i]) >= thr) {
+            if (count >= cap) return cap + 1;
+            cand[count] = (int32_t)i;
+            cval[count++] = x[i];
+        }
+    if (count < k || k == 0) return count;
+    for (int64_t c = 0; c < count; c++) work[c] = absbits(cval[c]);
+    uint32_t v = select_u32(work, count, count - k);                     /* the k-th largest |x| */
+    int64_t above = 0;
+    for (int64_t c = 0; c < count; c++) above += absbits(cval[c]) > v;
+    int64_t ties = k - above, o = 0;
+    for (int64_t c = 0; c < count; c++) {
+        uint32_t a = absbits(cval[c]);
+        if (a > v || (a == v && ties-- > 0)) { idx[o] = cand[c]; val[o] = cval[c]; o++; }
+    }
     return count;
+}
+
+/* scatter_dense's accumulate: out[idx[j]] += val[j] for j = 0, 1, ..., m - 1 in that order (index_add_'s), after
+   checking every index is in [0, n): returns -1, or the first j whose index is not (and out is left as it was) */
+int64_t ft_scatter_add(float *restrict out, int64_t n, const int32_t *restrict idx, const float *restrict val,
+                       int64_t m) {
+    for (int64_t j = 0; j < m; j++)
+        if (idx[j] < 0 || idx[j] >= n) return j;
+    for (int64_t j = 0; j < m; j++) out[idx[j]] += val[j];
+    return -1;
 }
 """
 
@@ -298,9 +370,12 @@ _SIGNATURES = {
     "ft_pack_signs": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p],
     "ft_encode_signs": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p],
     "ft_unpack_signs": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p],
-    "ft_select_abs_ge": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64],
+    "ft_sample_rank": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p],
+    "ft_topk": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p],
+    "ft_scatter_add": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64],
 }
-_RETURNS = {"ft_select_abs_ge": ctypes.c_int64}
+_RETURNS = {"ft_sample_rank": ctypes.c_float, "ft_topk": ctypes.c_int64, "ft_scatter_add": ctypes.c_int64}
 
 _lib: list = []           # [CDLL or None] once tried
 
@@ -408,8 +483,26 @@ def unpack_signs(packed, m: int, scale: float, out) -> None:
     library().ft_unpack_signs(_p(packed), m, scale, _p(out))
 
 
-def select_abs_ge(x, thr: float, capacity: int):
-    """int64 indices of |x| >= thr, ascending (torch.nonzero's answer), or None when more than `capacity` match."""
-    out = torch.empty(capacity, dtype=torch.int64)
-    count = library().ft_select_abs_ge(_p(x), x.numel(), thr, _p(out), capacity)
-    return out[:count] if count <= capacity else None
+def sample_rank(x, stride: int, m: int, r: int) -> float:
+    """The (r+1)-th smallest |x| of x[::stride][:m] (an exact order statistic: any selection gives this value)."""
+    work = torch.empty(m, dtype=torch.int32)                  # named: a temporary would be freed before the call
+    return library().ft_sample_rank(_p(x), stride, m, r, _p(work))
+
+
+def topk(x, thr: float, k: int, capacity: int):
+    """(values, int32 indices ascending) of the k largest |x| (ties to lower indices) from the candidates |x| >= thr,
+    or None when fewer than k or more than `capacity` of them."""
+    cand, work = torch.empty(2, capacity, dtype=torch.int32)
+    cval = torch.empty(capacity, dtype=torch.float32)
+    idx = torch.empty(k, dtype=torch.int32)
+    val = torch.empty(k, dtype=torch.float32)
+    count = library().ft_topk(_p(x), x.numel(), thr, k, capacity, _p(cand), _p(cval), _p(work), _p(idx), _p(val))
+    return (val, idx) if k <= count <= capacity else None
+
+
+def scatter_add(out, idx, val) -> None:
+    """out[idx[j]] += val[j] in order j (float32 out and val, int32 idx, contiguous); ValueError, out untouched, if
+    an index is outside [0, out.numel())."""
+    bad = library().ft_scatter_add(_p(out), out.numel(), _p(idx), _p(val), idx.numel())
+    if bad >= 0:
+        raise ValueError(f"index {idx[bad].item()} (entry {bad}) is out of range for a dense vector of {out.numel()}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import native
+from kernels import fused, native
 from kernels.fused import FusedKernel, compile_body
 from kernels.rng import random_key, uniform_int
 
@@ -27,51 +27,71 @@ def _check(x: torch.Tensor, k: int) -> int:
 
 
 def topk_select(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest-|x| entries: (values (k,) in x's dtype, indices int32 (k,) ascending).
+    """The k largest-|x| entries, ties at the k-th largest |x| broken towards lower indices: (values (k,) in x's
+    dtype, indices int32 (k,) ascending).
 
     Exact, but cheaper than a full torch.topk on large n: a threshold t from a strided sample of |x|
     keeps the candidates |x| >= t; when at least k survive, every top-k entry is among them (the k-th
-    largest is >= t), so topk over the candidates is the exact answer. Otherwise, a full topk.
-    Ties at the threshold are broken by torch.topk on |x|; the candidates, and so the indices, are ascending.
+    largest is >= t), so the k largest of the candidates are the answer. Otherwise, all of x is searched.
+    On CPU, float32, kernels.native's C does it in one pass over x (the sample's order statistic by quickselect,
+    the candidates compress-stored, the k-th largest by quickselect, then one walk that applies the tie rule).
     """
     n = _check(x, k)
-    idx = None
-    samples = 1 << 16
-    if 0 < k and 4 * samples < n:
-        sample = x[:: n // samples][:samples].abs()
-        p = k / n
-        # rank of the threshold in the sample: the (1-p) quantile, lowered by 4 binomial std devs
-        rank = int(samples * (1 - p) - 4 * (samples * p * (1 - p)) ** 0.5) - 8
-        if rank >= 1:
-            # the rank-th smallest = the smallest of the (samples - rank + 1) largest: a short topk, not a selection
-            threshold = torch.topk(sample, samples - rank + 1, sorted=False).values.min()
-            cand = _candidates(x, threshold, k)                               # ascending
-            if cand.numel() >= k:
-                keep = torch.zeros(cand.numel(), dtype=torch.bool, device=x.device)
-                keep[torch.topk(x[cand].abs(), k, sorted=False).indices] = True
-                idx = cand[keep]                                              # still ascending: no sort
-    if idx is None:
-        idx = torch.topk(x.abs(), k, sorted=False).indices.sort().values
+    if k == 0:
+        return x[:0], torch.zeros(0, dtype=torch.int32, device=x.device)
+    return _TOPK(x.contiguous(), k)
+
+
+_SAMPLES = 1 << 14           # every 9th cache line of the benchmark FNO's 9.5 MB gradient
+
+
+def _sample_plan(n: int, k: int) -> tuple[int, int] | None:
+    """(stride, r): the threshold is the r-th smallest |x| of the _SAMPLES-element sample x[::stride], the (1 - k/n)
+    quantile lowered by 4 binomial standard deviations (and 8), so that fewer than k candidates is a > 4-sigma event;
+    None where n is too small to sample."""
+    if 4 * _SAMPLES >= n:
+        return None
+    p = k / n
+    r = int(_SAMPLES * (1 - p) - 4 * (_SAMPLES * p * (1 - p)) ** 0.5) - 8
+    return (n // _SAMPLES, r) if r >= 1 else None
+
+
+def _k_largest(a: torch.Tensor, k: int) -> torch.Tensor:
+    """bool mask of the k largest of a (m,), k <= m, ties at the k-th largest to the lowest indices."""
+    v = torch.topk(a, k, sorted=False).values.min()
+    above, tie = a > v, a == v
+    return above | (tie & (tie.cumsum(0) <= k - above.sum()))
+
+
+def _topk_reference(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    plan = _sample_plan(x.numel(), k)
+    if plan is not None:
+        stride, r = plan
+        sample = x[::stride][:_SAMPLES].abs()
+        threshold = torch.topk(sample, _SAMPLES - r + 1, sorted=False).values.min()    # the r-th smallest
+        cand = torch.nonzero(x.abs() >= threshold).squeeze(1)                          # ascending
+        if cand.numel() >= k:
+            idx = cand[_k_largest(x[cand].abs(), k)]
+            return x[idx], idx.to(torch.int32)
+    idx = torch.nonzero(_k_largest(x.abs(), k)).squeeze(1)
     return x[idx], idx.to(torch.int32)
 
 
-def _candidates_reference(x: torch.Tensor, threshold: torch.Tensor, k: int) -> torch.Tensor:
-    return torch.nonzero(x.abs() >= threshold).squeeze(1)
-
-
-def _candidates_fast(x: torch.Tensor, threshold: torch.Tensor, k: int) -> torch.Tensor:
+def _topk_fast(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dtype == torch.float32 and native.usable(x):
-        found = native.select_abs_ge(x, threshold.item(), 4 * k + 4096)
+        plan = _sample_plan(x.numel(), k)
+        if plan is None:                      # every entry a candidate (|x| >= -1; NaN is not: torch's answer)
+            found = native.topk(x, -1.0, k, x.numel())
+        else:
+            threshold = native.sample_rank(x, plan[0], _SAMPLES, plan[1] - 1)
+            found = native.topk(x, threshold, k, 4 * k + 4096)       # the expected count is ~k
         if found is not None:
             return found
-    return _candidates_reference(x, threshold, k)
+    return _topk_reference(x, k)
 
 
-# Ascending int64 indices of |x| >= threshold: on CPU float32 one pass of kernels.native's C (room for 4k + 4096 of
-# them; the threshold's expected count is ~k), else torch.nonzero of the mask (a mask pass, then a compaction).
-_candidates = FusedKernel("topk_candidates", _candidates_fast, _candidates_reference,
-                          lambda d: (torch.randn(100, generator=torch.Generator().manual_seed(0)).to(d),
-                                     torch.tensor(1.0, device=d), 3))
+_TOPK = FusedKernel("topk_select", _topk_fast, _topk_reference,
+                    lambda d: (torch.randn(1000, generator=torch.Generator().manual_seed(0)).round(decimals=1).to(d), 37))
 
 
 def randk_select(x: torch.Tensor, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +144,8 @@ def scatter_dense(n: int, indices: torch.Tensor, values: torch.Tensor, out: torc
 
     accumulate=True adds (index_add_: duplicate indices sum, e.g. an allgather of every rank's top-k);
     accumulate=False writes (with duplicates, which one wins is unspecified). indices/values may be
-    (m,) or (world, k); they are flattened. Indices must be in [0, n): not checked (it would sync).
+    (m,) or (world, k); they are flattened. Indices must be in [0, n): checked on the CPU (C) path, elsewhere
+    as index_add_ does (a CUDA check would sync).
     """
     if indices.shape != values.shape:
         raise ValueError(f"indices shape {tuple(indices.shape)} != values shape {tuple(values.shape)}")
@@ -134,10 +155,17 @@ def scatter_dense(n: int, indices: torch.Tensor, values: torch.Tensor, out: torc
         out = torch.zeros(n, dtype=values.dtype, device=values.device)
     elif out.shape != (n,):
         raise ValueError(f"out has shape {tuple(out.shape)}, expected ({n},)")
-    idx = indices.reshape(-1).long()
+    idx = indices.reshape(-1)
     vals = values.reshape(-1).to(out.dtype)
-    if accumulate:
-        out.index_add_(0, idx, vals)
+    if accumulate and _native_scatter(out, idx, vals):
+        native.scatter_add(out, idx.contiguous(), vals.contiguous())     # index_add_'s sums, in its order
+    elif accumulate:
+        out.index_add_(0, idx.long(), vals)
     else:
-        out[idx] = vals
+        out[idx.long()] = vals
     return out
+
+
+def _native_scatter(out: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> bool:
+    return (fused.mode() != "reference" and out.dtype == vals.dtype == torch.float32 and idx.dtype == torch.int32
+            and out.is_contiguous() and native.usable(out, vals))

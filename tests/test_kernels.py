@@ -212,12 +212,12 @@ def test_topk_exact_and_contraction(device, n, k):
     assert ((x - dense) ** 2).sum() <= (1 - k / n) * (x**2).sum() * (1 + 1e-6)
 
 
-def test_topk_ties_are_deterministic_and_sorted():
+@pytest.mark.parametrize("mode", ["compiled", "reference"])
+def test_topk_ties_go_to_lower_indices(mode):
     x = torch.tensor([1.0, -3.0, 3.0, 0.5, -3.0, 2.0])
-    values, indices = topk_select(x, 2)
-    assert torch.all(indices[1:] > indices[:-1])
-    assert set(indices.tolist()) <= {1, 2, 4} and values.abs().tolist() == [3.0, 3.0]
-    assert torch.equal(topk_select(x, 2)[1], indices)
+    with kernel_mode(mode):
+        assert topk_select(x, 2)[1].tolist() == [1, 2] and topk_select(x, 2)[0].tolist() == [-3.0, 3.0]
+        assert topk_select(x, 4)[1].tolist() == [1, 2, 4, 5]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -582,19 +582,32 @@ def test_native_build_is_cached_and_a_missing_compiler_falls_back_logged(monkeyp
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-def test_native_topk_candidates_are_torch_nonzeros(native_on):
-    """The C compaction gives torch.nonzero's indices (ties at the threshold, signed zeros, a tail past the last
-    16-element chunk), and None when more than its room match, which sends topk_select to torch."""
-    from kernels.sparse import _candidates
+def test_native_topk_is_the_reference_with_ties_to_lower_indices(native_on):
+    """The C top-k (sampled threshold, compress-stored candidates, quickselect, tie walk) gives the torch reference's
+    values and indices where every threshold has many ties, signed zeros and a tail past the last 16-element chunk;
+    the k-th largest's ties go to the lowest indices, as a stable descending sort orders them."""
     x = torch.randn(100_003, generator=_gen("cpu")).round(decimals=1)          # many ties at every threshold
     x[:50] = -0.0
-    thr = torch.tensor(2.0)
-    want = torch.nonzero(x.abs() >= thr).squeeze(1)
-    assert torch.equal(_candidates(x, thr, 1000), want)
-    assert native.select_abs_ge(x, 2.0, want.numel() - 1) is None
-    assert torch.equal(_candidates(x, thr, 1), want)                             # room 4100 < count: torch's answer
-    assert want.numel() > 4100
-    for mode in ("compiled", "reference"):
-        with kernel_mode(mode):
-            v, i = topk_select(x, 3000)
-        assert torch.equal(i, topk_select(x, 3000)[1]) and torch.equal(v, x[i.long()])
+    for k in (1, 3000, 40_000, 100_003):
+        got = {}
+        for mode in ("compiled", "reference"):
+            with kernel_mode(mode):
+                got[mode] = topk_select(x, k)
+        want = torch.sort(x.abs(), descending=True, stable=True).indices[:k].sort().values
+        assert torch.equal(got["compiled"][1], got["reference"][1]) and torch.equal(got["reference"][1].long(), want)
+        assert torch.equal(got["compiled"][0], x[want]) and torch.equal(got["reference"][0], x[want])
+    assert native.topk(x, 2.0, 10, 100) is None                    # more candidates than room: torch's path instead
+
+
+def test_native_scatter_add_is_index_add_in_order(native_on):
+    """Duplicate indices whose sum depends on the order (1e8 + 1 - 1e8): the C path adds in index_add_'s order;
+    an index out of range is a ValueError naming it, with out unchanged."""
+    idx = torch.tensor([2, 0, 2, 2, 5], dtype=torch.int32)
+    vals = torch.tensor([1e8, 3.0, 1.0, -1e8, -0.0])
+    with kernel_mode("compiled"):
+        got = scatter_dense(6, idx, vals)
+    assert torch.equal(got, torch.zeros(6).index_add_(0, idx.long(), vals))
+    out = torch.ones(6)
+    with kernel_mode("compiled"), pytest.raises(ValueError, match="index 6 .entry 1. is out of range"):
+        scatter_dense(6, torch.tensor([1, 6], dtype=torch.int32), torch.ones(2), out=out)
+    assert torch.equal(out, torch.ones(6))
