@@ -90,8 +90,9 @@ def _topk_fast(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _topk_reference(x, k)
 
 
-_TOPK = FusedKernel("topk_select", _topk_fast, _topk_reference,
-                    lambda d: (torch.randn(1000, generator=torch.Generator().manual_seed(0)).round(decimals=1).to(d), 37))
+_TOPK = FusedKernel("topk_select", _topk_fast, _topk_reference,        # rounded: ties at the k-th largest
+                    lambda d: (torch.randn(1000, generator=torch.Generator().manual_seed(0)).round(decimals=1).to(d),
+                               37))
 
 
 def randk_select(x: torch.Tensor, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
