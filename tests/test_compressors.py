@@ -21,6 +21,7 @@ VARIANTS = {
     "none": ("none", {}), "fp16": ("fp16", {}), "bf16": ("bf16", {}), "powersgd": ("powersgd", {"powersgd_complex": "real_view"}),
     "powersgd_complex": ("powersgd", {"powersgd_complex": "complex"}),
     "powersgd_r1": ("powersgd", {"rank": 1}),   # odd-sized P/Q ahead of complex ones in one flat buffer
+    "powersgd_bf16q": ("powersgd", {"q_wire": "bfloat16"}),
     "topk": ("topk", {}),
     "randk": ("randk", {}), "randk_unbiased": ("randk", {"randk_unbiased": True}),
     "int8": ("int8", {}), "int4": ("int4", {}), "sign": ("sign", {}),
@@ -37,9 +38,9 @@ def make_views(spec=SPEC) -> tuple[list[ParamView], int]:
 
 
 def comm_config(density=0.1, block_size=64, rank=4, powersgd_complex="complex", min_compression_rate=2.0,
-                randk_unbiased=False, **rest) -> CommConfig:
+                randk_unbiased=False, q_wire="float32", **rest) -> CommConfig:
     """A CommConfig from the settings these tests vary, placed in their compressors' tables."""
-    return CommConfig(**rest, powersgd=PowerSGDOptions(rank, powersgd_complex, min_compression_rate),
+    return CommConfig(**rest, powersgd=PowerSGDOptions(rank, powersgd_complex, min_compression_rate, q_wire),
                       topk=TopKOptions(density), randk=RandKOptions(density, randk_unbiased),
                       int8=QuantOptions(block_size), int4=QuantOptions(block_size))
 
@@ -96,12 +97,18 @@ def test_identical_on_every_rank(variant, world):
         assert ((outs[0] - sum(grads)).abs() <= bound + 1e-30).all()
 
 
-@pytest.mark.parametrize("mode,complex_rank,exact", [("complex", 4, True), ("real_view", 2, True),
-                                                      ("real_view", 4, False)])
-def test_powersgd_exact_on_low_rank_mean(mode, complex_rank, exact):
+@pytest.mark.parametrize("mode,complex_rank,exact,q_wire", [("complex", 4, True, "float32"),
+                                                             ("real_view", 2, True, "float32"),
+                                                             ("real_view", 4, False, "float32"),
+                                                             ("complex", 4, True, "bfloat16"),
+                                                             ("real_view", 2, True, "bfloat16")])
+def test_powersgd_exact_on_low_rank_mean(mode, complex_rank, exact, q_wire):
     """Each rank's gradient is A B_j^H (shared column space; the mean has complex rank `complex_rank`).
     With r = 4 both modes are exact for complex rank 4 in "complex" mode and complex rank 2 in
-    "real_view" (where it is real rank 4); complex rank 4 in real_view (real rank 8) cannot be."""
+    "real_view" (where it is real rank 4); complex rank 4 in real_view (real rank 8) cannot be.
+    With Q sent as bfloat16, "exact" means Q's roundings only: each rank's Q^H and their sum rounded to 8 mantissa
+    bits (2^-9 relative each, so <= 3 2^-9 for 2 ranks) times the orthonormal P, which keeps norms; not below
+    2^-12, which would mean nothing was rounded."""
     spec = [("spec.weight", (16, 8, 6, 4), True), ("lin.weight", (24, 40), False)]
     views, n = make_views(spec)
     g = torch.Generator().manual_seed(7)
@@ -114,14 +121,14 @@ def test_powersgd_exact_on_low_rank_mean(mode, complex_rank, exact):
         lin_w = L @ torch.randn(4, 40, generator=g)
         return torch.cat([torch.view_as_real(spec_w).reshape(-1), lin_w.reshape(-1)])
 
-    results = run_steps(2, "powersgd", 2, grad=grad, views=(views, n), powersgd_complex=mode, rank=4)
+    results = run_steps(2, "powersgd", 2, grad=grad, views=(views, n), powersgd_complex=mode, rank=4, q_wire=q_wire)
     true = (grad(0, n, 0) + grad(1, n, 0)) / 2
+    low, high = (2.0**-12, 3 * 2.0**-9) if q_wire == "bfloat16" else (0.0, 1e-5)
     for step in range(2):
         out = results[0][0][step]
-        lin = views[1].slice(out)
-        assert (lin - views[1].slice(true)).norm() <= 1e-5 * views[1].slice(true).norm()
-        err = (views[0].slice(out) - views[0].slice(true)).norm() / views[0].slice(true).norm()
-        assert (err < 1e-5) if exact else (err > 1e-2), f"step {step}: relative error {err:.2e}"
+        errs = [(v.slice(out) - v.slice(true)).norm() / v.slice(true).norm() for v in views]
+        assert low <= errs[1] <= high, f"step {step}: lin.weight's relative error {errs[1]:.2e}"
+        assert (low <= errs[0] <= high) if exact else (errs[0] > 1e-2), f"step {step}: relative error {errs[0]:.2e}"
 
 
 def test_powersgd_complex_vs_real_view_error_per_byte(capsys):
@@ -323,7 +330,7 @@ def test_error_feedback_average_converges_on_constant_gradient(variant, steps, g
         assert (avg - true).norm() / true.norm() > 0.1
 
 
-@pytest.mark.parametrize("variant", ["powersgd", "powersgd_complex", "powersgd_r1"])
+@pytest.mark.parametrize("variant", ["powersgd", "powersgd_complex", "powersgd_r1", "powersgd_bf16q"])
 def test_powersgd_cost_model_predicts_the_bytes_it_sends(variant):
     """One rule decides what PowerSGD compresses (`powersgd_matrix`): `auto`'s cost model predicts exactly the bytes
     the compressor sends. (16, 16) at rank 4 sits on the rule's edge, r (n + m) * 2 == n m: not compressed, as

@@ -17,6 +17,12 @@ every uncompressed tensor concatenated, every P, every Q. A tensor is sent uncom
 1-D or when r (n + m) min_compression_rate >= n m, r = min(rank, n, m) (torch's powerSGD_hook rule,
 `powersgd_matrix`).
 
+With `q_wire = "bfloat16"` the Q allreduce (nearly all of the bytes: m >> n for FNO weights) travels as bfloat16:
+each rank's Q^H and the sum are rounded to 8 mantissa bits (relative 2^-9 each), every rank applies the same
+rounded Q, and error feedback keeps what the rounding lost (e = M - approx with the approx actually applied), so
+it is an error of this step only, as the rank truncation is. P stays float32 (it is orthonormalised; its bytes
+are the dense tensors' and n r per matrix).
+
 Matrix view: first dim x the rest. Complex parameters (FNO spectral weights (in, out, m1, m2)) by
 `cfg.powersgd.complex`: "real_view" compresses the interleaved float32 (in, out*m1*m2*2) matrix (a
 complex rank-r matrix is a real rank-2r one there); "complex" keeps M complex (in, out*m1*m2) with
@@ -68,8 +74,9 @@ class PowerSGDCompressor(Compressor):
     @classmethod
     def collectives(cls, cfg, plan: GradientPlan, w: int) -> list[tuple[str, float]]:
         """Two allreduces: the P's with the uncompressed tensors riding along, then the Q's."""
+        q_bytes = 2 if cfg.powersgd.q_wire == "bfloat16" else 4
         return [("allreduce", 4 * plan.n_small + 4 * sum(p for p, _ in plan.matrices)),
-                ("allreduce", 4 * sum(q for _, q in plan.matrices))]
+                ("allreduce", q_bytes * sum(q for _, q in plan.matrices))]
 
     @classmethod
     def encode_seconds(cls, cfg, n: int) -> float:
@@ -93,12 +100,17 @@ class PowerSGDCompressor(Compressor):
         g.manual_seed(mixed_seed(getattr(self, "seed", 0), zlib.crc32(v.name.encode())))
         return torch.randn(m, r, generator=g, dtype=dtype, device=device)
 
-    def _allreduce(self, mats: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Sum a list of (real or complex) matrices over ranks with one allreduce of their float32 views. The complex
-        ones go first, so each starts at an even offset and is returned as a complex view of the buffer, no copy."""
+    def _allreduce(self, mats: list[torch.Tensor], wire: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        """Sum a list of (real or complex) matrices over ranks with one allreduce of their float32 views (sent as
+        `wire`, summed back in float32). The complex ones go first, so each starts at an even offset and is
+        returned as a complex view of the buffer, no copy."""
         order = sorted(range(len(mats)), key=lambda i: not mats[i].is_complex())
         real = [torch.view_as_real(t) if t.is_complex() else t for t in mats]
-        flat = self.transport.allreduce_(torch.cat([real[i].reshape(-1) for i in order]))
+        flat = torch.cat([real[i].reshape(-1) for i in order])
+        if wire == torch.float32:
+            flat = self.transport.allreduce_(flat)
+        else:
+            flat = self.transport.allreduce_(flat.to(wire)).float()
         out: list[torch.Tensor] = [flat] * len(mats)
         for i, part in zip(order, flat.split([real[i].numel() for i in order])):
             part = part.view(real[i].shape)
@@ -142,7 +154,7 @@ class PowerSGDCompressor(Compressor):
         Ps = [torch.linalg.qr(P).Q for P in Ps]
         # Q^H = P^H M, (r, m) each: a wide product that reads M row by row (~2x faster here than M^H P), and
         # already in the layout of approx = P Q^H
-        QHs = self._allreduce([P.mH @ M for M, P in zip(Ms, Ps)])
+        QHs = self._allreduce([P.mH @ M for M, P in zip(Ms, Ps)], getattr(torch, self.cfg.powersgd.q_wire))
 
         for (v, _), x, P, QH in zip(low_rank, xs, Ps, QHs):
             QH = QH.div_(W) if W > 1 else QH            # our own slice of the allreduced buffer

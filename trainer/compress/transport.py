@@ -1,7 +1,7 @@
 """Blocking collectives for compressors, over torch.distributed or over MPI (mpi4py).
 
 Both sum (never average) and keep tensors on their device; the MPI transport stages through host
-memory. Open MPI has no fp16 reduction, so fp16 allreduce over MPI gathers and sums in fp32 (with two
+memory. Open MPI has no fp16 or bf16 reduction, so their allreduce over MPI gathers and sums in fp32 (with two
 ranks that is bit-identical to gloo's a + b).
 """
 
@@ -66,7 +66,7 @@ class MPITransport:
         return t.detach().cpu().contiguous()
 
     def allreduce_(self, t: torch.Tensor) -> torch.Tensor:
-        if t.dtype == torch.float16:
+        if t.dtype in (torch.float16, torch.bfloat16):
             summed = self.allgather(t).float().sum(0)
             return t.copy_(summed)
         h = self._host(t)
