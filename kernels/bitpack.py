@@ -142,18 +142,25 @@ def _sign_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return _TABLES[key]
 
 
-def _unpack_signs_reference(packed: torch.Tensor, n: int, dtype: torch.dtype, scale: torch.Tensor | None):
+def _unpack_signs_reference(packed: torch.Tensor, n: int, dtype: torch.dtype, scale: torch.Tensor | None,
+                            out: torch.Tensor | None = None):
     table = _sign_table(packed.device, dtype)
     if scale is not None:
         table = table * scale.to(dtype).reshape(())
-    return torch.index_select(table, 0, packed.int()).view(-1)[:n]
+    signs = torch.index_select(table, 0, packed.int()).view(-1)[:n]
+    return signs if out is None else out.copy_(signs)
 
 
-def _unpack_signs_fast(packed: torch.Tensor, n: int, dtype: torch.dtype, scale: torch.Tensor | None):
-    if dtype != torch.float32 or not native.usable(packed):
-        return _unpack_signs_reference(packed, n, dtype, scale)          # no compiled body: the lookup is one gather
-    out = torch.empty(8 * packed.numel(), dtype=dtype)
-    native.unpack_signs(packed, packed.numel(), 1.0 if scale is None else scale.to(dtype).item(), out)
+def _unpack_signs_fast(packed: torch.Tensor, n: int, dtype: torch.dtype, scale: torch.Tensor | None,
+                       out: torch.Tensor | None = None):
+    if dtype != torch.float32 or not native.usable(packed) or (out is not None and not native.usable(out)):
+        return _unpack_signs_reference(packed, n, dtype, scale, out)   # no compiled body: the lookup is one gather
+    whole = n // 8 if out is not None else packed.numel()
+    if out is None:
+        out = torch.empty(8 * whole, dtype=dtype)
+    native.unpack_signs(packed, whole, 1.0 if scale is None else scale.to(dtype).item(), out)
+    if 8 * whole < n:
+        _unpack_signs_reference(packed[whole:], n - 8 * whole, dtype, scale, out[8 * whole:])
     return out[:n]
 
 
@@ -163,11 +170,49 @@ _UNPACK_SIGNS = FusedKernel("unpack_signs", _unpack_signs_fast, _unpack_signs_re
 
 
 def unpack_signs(packed: torch.Tensor, n: int, dtype: torch.dtype = torch.float32,
-                 scale: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 -> (n,) of +1 (bit set) / -1 (bit clear) in `dtype`, times `scale` (a one-element tensor) if given.
+                 scale: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 -> (n,) of +1 (bit set) / -1 (bit clear) in `dtype`, times `scale` (a one-element tensor) if given,
+    written into `out` ((n,) of `dtype`) if given.
 
     The reference looks each byte up in the (256, 8) table of +-1 (times scale): one gather of 8 values per byte;
     on CPU, float32, the C of `kernels.native` writes the same values (a masked blend of +-scale).
     """
     _check_n(n, packed, 8)
-    return _UNPACK_SIGNS(packed.contiguous(), n, dtype, scale)
+    if out is not None and (out.shape != (n,) or out.dtype != dtype):
+        raise ValueError(f"out is {out.dtype} of shape {tuple(out.shape)}, expected {dtype} of shape ({n},)")
+    return _UNPACK_SIGNS(packed.contiguous(), n, dtype, scale, out)
+
+
+def _sign_residual_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                             out: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.sub(x, _unpack_signs_reference(packed, x.numel(), x.dtype, scale), out=out)
+
+
+def _sign_residual_fast(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    if x.dtype != torch.float32 or not native.usable(x, packed) or (out is not None and not native.usable(out)):
+        return _sign_residual_reference(x, packed, scale, out)
+    n = x.numel()
+    out = torch.empty_like(x) if out is None else out
+    native.sign_residual(x, packed, n // 8, scale.float().item(), out)
+    if n % 8:
+        _sign_residual_reference(x[n // 8 * 8:], packed[n // 8:], scale, out[n // 8 * 8:])
+    return out
+
+
+_SIGN_RESIDUAL = FusedKernel("sign_residual", _sign_residual_fast, _sign_residual_reference,
+                             lambda d: (torch.randn(77, generator=torch.Generator().manual_seed(0)).to(d),
+                                        torch.arange(10, dtype=torch.uint8, device=d) * 25,
+                                        torch.tensor([0.75], device=d)))
+
+
+def sign_residual(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """x - unpack_signs(packed, n, scale=scale), error feedback's residual of a scaled-sign message, in one pass
+    (into `out`, which may be x itself)."""
+    _check_1d("x", x)
+    _check_n(x.numel(), packed, 8)
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype):
+        raise ValueError(f"out is {out.dtype} of shape {tuple(out.shape)}, expected {x.dtype} of shape "
+                         f"{tuple(x.shape)}")
+    return _SIGN_RESIDUAL(x.contiguous(), packed.contiguous(), scale, out)

@@ -267,6 +267,21 @@ void ft_unpack_signs(const uint8_t *restrict packed, int64_t m, float s, float *
     for (; i < m; i++) memcpy(out + 8 * i, table + 8 * packed[i], 32);
 }
 
+/* sign_residual: out[i] = x[i] - (bit i ? s : -s) for 8 m elements (out may be x: no restrict on either) */
+void ft_sign_residual(const float *x, const uint8_t *restrict packed, int64_t m, float s, float *out) {
+    int64_t i = 0;
+#ifdef __AVX512F__
+    const __m512 pos = _mm512_set1_ps(s), neg = _mm512_set1_ps(-s);
+    for (; i + 2 <= m; i += 2) {
+        uint16_t k;
+        memcpy(&k, packed + i, 2);
+        _mm512_storeu_ps(out + 8 * i, _mm512_sub_ps(_mm512_loadu_ps(x + 8 * i), _mm512_mask_blend_ps(k, neg, pos)));
+    }
+#endif
+    for (; i < m; i++)
+        for (int j = 0; j < 8; j++) out[8 * i + j] = x[8 * i + j] - ((packed[i] >> j) & 1 ? s : -s);
+}
+
 /* |v| as its bit pattern: integer order of these is the order of |v| (NaN above inf, as torch.topk ranks it) */
 static inline uint32_t absbits(float v) {
     uint32_t u;
@@ -369,6 +384,7 @@ _SIGNATURES = {
     "ft_decode4": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p],
     "ft_pack_signs": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p],
     "ft_encode_signs": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p],
+    "ft_sign_residual": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p],
     "ft_unpack_signs": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p],
     "ft_sample_rank": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p],
     "ft_topk": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
@@ -477,6 +493,10 @@ def pack_signs(x, m: int, out) -> None:
 def encode_signs(x, out, l1_out) -> None:
     """out (n // 8 bytes at least) and l1_out (float64, 1 element) from float32 x (n,)."""
     library().ft_encode_signs(_p(x), x.numel(), _p(out), _p(l1_out))
+
+
+def sign_residual(x, packed, m: int, scale: float, out) -> None:
+    library().ft_sign_residual(_p(x), _p(packed), m, scale, _p(out))
 
 
 def unpack_signs(packed, m: int, scale: float, out) -> None:

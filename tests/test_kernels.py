@@ -10,7 +10,8 @@ import torch
 
 from kernels import (KernelMismatchError, decode_blockwise, dequantize_blockwise, encode_blockwise, encode_signs,
                      encode_with_residual, hash32, kernel_mode, pack_bits, pack_int4, pack_signs, quantize_blockwise,
-                     randk_select, scatter_dense, topk_select, uniform, unpack_bits, unpack_int4, unpack_signs)
+                     randk_select, scatter_dense, sign_residual, topk_select, uniform, unpack_bits, unpack_int4,
+                     unpack_signs)
 from kernels import bitpack, fused, native, quant
 from kernels.rng import random_key, uniform_int
 
@@ -69,6 +70,10 @@ def test_encode_signs_packs_signs_and_sums_abs_in_float64(mode, n):
 
 
 def test_bitpack_rejects_bad_arguments():
+    with pytest.raises(ValueError, match=r"out is torch.float32 of shape \(4,\), expected torch.float32 of shape"):
+        unpack_signs(torch.zeros(1, dtype=torch.uint8), 5, out=torch.zeros(4))
+    with pytest.raises(ValueError, match="out is torch.float64"):
+        sign_residual(torch.zeros(5), torch.zeros(1, dtype=torch.uint8), torch.ones(1), out=torch.zeros(5).double())
     with pytest.raises(ValueError, match="bool"):
         pack_bits(torch.ones(4, dtype=torch.uint8))
     with pytest.raises(ValueError, match="1-D"):
@@ -540,12 +545,16 @@ def test_native_codecs_match_reference_bytes(native_on, bits, block, stochastic)
             decoded = decode_blockwise(codes, s, n, bits, block)
             packed = pack_signs(x)
             with_residual = encode_with_residual(x, bits, block, stochastic=stochastic, generator=_gen("cpu", 3))
+            into = torch.full((n,), float("nan"))
+            in_place = x.clone()
             results[mode] = (codes, s, decoded, packed, unpack_signs(packed, n, scale=s[1:2]), *with_residual,
-                             *encode_signs(x))
+                             *encode_signs(x), unpack_signs(packed, n, scale=s[1:2], out=into), into,
+                             sign_residual(x, packed, s[1:2]), sign_residual(in_place, packed, s[1:2], out=in_place))
     for got, want in zip(results["compiled"], results["reference"]):
         assert got.dtype == want.dtype and torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8))
-    codes, s, decoded, _, _, codes_r, s_r, residual, _, _ = results["reference"]
+    codes, s, decoded, _, signs, codes_r, s_r, residual, _, _, _, into, sign_res, in_place = results["reference"]
     assert torch.equal(codes_r, codes) and torch.equal(s_r, s) and torch.equal(residual, x - decoded)
+    assert torch.equal(into, signs) and torch.equal(sign_res, x - signs) and torch.equal(in_place, sign_res)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import encode_signs, unpack_signs
+from kernels import encode_signs, sign_residual, unpack_signs
 from trainer.compress.base import (Compressor, GradientPlan, ParamView, add_bucket_state_, as_bytes, from_bytes,
                                    local_exchange_seconds, mean_rows_, put_bucket_state, shard_length)
 
@@ -51,6 +51,15 @@ class SignCompressor(Compressor):
     def encode_seconds(cls, cfg, n: int) -> float:
         return local_exchange_seconds(cls, cfg, n)     # both phases' passes, error feedback included
 
+    @staticmethod
+    def _residual_(x: torch.Tensor, msg: torch.Tensor) -> torch.Tensor:
+        """x (rows, shard) -= what each row of msg decodes to, in place: error feedback's x - c in one pass."""
+        nb = x.shape[1] // 8
+        scale = from_bytes(msg[:, nb:], torch.float32)
+        for row, bits, s in zip(x, msg[:, :nb], scale):
+            sign_residual(row, bits, s, out=row)
+        return x
+
     def _decode(self, msg: torch.Tensor, shard: int) -> torch.Tensor:
         """(rows, shard/8 + 4) uint8 of sign bits + one float32 scale -> (rows, shard) of +-scale."""
         nb = shard // 8
@@ -71,10 +80,9 @@ class SignCompressor(Compressor):
             add_bucket_state_(self, views, "/e", x[:n])
         # phase 1: row j = (sign bits, scale) of shard j, for rank j to average
         to_servers = _sign_message(x.view(W, shard), n)
-        if ef:     # the residual x - c, c = what the servers decode (0 on the padding), in c's buffer, not copied
-            c = self._decode(to_servers, shard).view(-1)
-            c[n:] = 0
-            put_bucket_state(self, views, "/e", torch.sub(x, c, out=c)[:n], copy=False)
+        if ef:     # the residual x - c, c = what the servers decode, in x's own buffer (its padding is not kept)
+            put_bucket_state(self, views, "/e", self._residual_(x.view(W, shard), to_servers).view(-1)[:n],
+                             copy=False)
         y = mean_rows_(self._decode(self.transport.all_to_all(to_servers), shard))
         y[mine_valid:] = 0
         key = f"server{W}/" + "|".join(v.name for v in views)   # this rank's shard of this bucket layout
@@ -83,11 +91,17 @@ class SignCompressor(Compressor):
             if e_s is not None and e_s.shape == y.shape:
                 y += e_s
         from_server = _sign_message(y.view(1, shard), mine_valid)
-        if ef:
-            c_s = self._decode(from_server, shard)[0]
-            c_s[mine_valid:] = 0
-            self.put(key, torch.sub(y, c_s, out=c_s))
+        if ef:     # e_s = y - c_s on the valid entries, 0 on the padding (a shard of its own: y is a row of W)
+            nb = shard // 8
+            e_s = sign_residual(y, from_server[0, :nb], from_bytes(from_server[:, nb:], torch.float32)[0])
+            e_s[mine_valid:] = 0
+            self.put(key, e_s)
 
-        # phase 2: everyone gets every server's (bits, scale); padding decodes to +-scale and is cut off
-        out = self._decode(self.transport.allgather(from_server[0]), shard).reshape(-1)[:n]
-        return grad.copy_(out)
+        # phase 2: everyone gets every server's (bits, scale), decoded straight into grad (padding never written)
+        gathered = self.transport.allgather(from_server[0])
+        scales = from_bytes(gathered[:, shard // 8:], torch.float32)
+        for j in range(W):
+            lo, hi = j * shard, min(n, (j + 1) * shard)
+            if hi > lo:
+                unpack_signs(gathered[j, :shard // 8], hi - lo, grad.dtype, scales[j], out=grad[lo:hi])
+        return grad
