@@ -79,31 +79,45 @@ static inline float clampf(float v, float L) {
    -fno-trapping-math would otherwise keep by folding (float)(int)v back to v). With AVX-512, 16 elements at a time
    in the same float32 operations (x86 max/min(v, c) are v > c ? v : c and v < c ? v : c, as clampf; the hash's
    index is an induction vector stepped by 16 C1); the scalar loop takes the tail, and all of it elsewhere. */
+#ifdef __AVX512F__
+/* the hash's index term (base + j + k0) C1 for lanes j = 0..15 of a run starting at t0 = (base + k0) C1 */
+static inline __m512i hash_index16(uint32_t t0) {
+    return _mm512_add_epi32(_mm512_set1_epi32((int)t0), _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)C1)));
+}
+
+/* 16 elements' clamp(floor(x inv + u), -L, L) (stochastic; *tv then steps by 16 C1) or clamp(rint(x inv), -L, L) */
+static inline __attribute__((always_inline)) __m512 quant16(__m512 xv, float inv, float L, int stochastic,
+                                                            __m512i *tv, uint32_t k1) {
+    __m512 v = _mm512_mul_ps(xv, _mm512_set1_ps(inv));
+    if (stochastic) {
+        __m512i t = _mm512_xor_si512(*tv, _mm512_set1_epi32((int)k1));
+        __m512i h = _mm512_mullo_epi32(_mm512_xor_si512(t, _mm512_srli_epi32(t, 16)), _mm512_set1_epi32((int)C2));
+        v = _mm512_add_ps(v, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), _mm512_set1_ps(0x1p-24f)));
+        v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+        *tv = _mm512_add_epi32(*tv, _mm512_set1_epi32((int)(16u * C1)));
+    } else {
+        v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    return _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-L)), _mm512_set1_ps(L));
+}
+
+/* x - q sc for 16 elements, q the float integers of quant16 (+ 0: a rounded -0.0 decodes as +0) */
+static inline __m512 resid16(__m512 xv, __m512 v, float sc) {
+    return _mm512_sub_ps(xv, _mm512_mul_ps(_mm512_add_ps(v, _mm512_setzero_ps()), _mm512_set1_ps(sc)));
+}
+#endif
+
 static inline __attribute__((always_inline)) void quant_run_(const float *restrict xr, int64_t m, float inv, float L,
         float sc, int stochastic, uint32_t base, uint32_t k0, uint32_t k1, int8_t *restrict q, float *restrict rr) {
     uint32_t t0 = (base + k0) * C1;
     int64_t j = 0;
 #ifdef __AVX512F__
-    const __m512 invv = _mm512_set1_ps(inv), hi = _mm512_set1_ps(L), lo = _mm512_set1_ps(-L);
-    const __m512 scv = _mm512_set1_ps(sc);
-    const __m512i k1v = _mm512_set1_epi32((int)k1), c2 = _mm512_set1_epi32((int)C2);
-    const __m512i step = _mm512_set1_epi32((int)(16u * C1));
-    __m512i tv = _mm512_add_epi32(_mm512_set1_epi32((int)t0), _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)C1)));
+    __m512i tv = hash_index16(t0);
     for (; j + 16 <= m; j += 16) {
-        __m512 xv = _mm512_loadu_ps(xr + j), v = _mm512_mul_ps(xv, invv);
-        if (stochastic) {
-            __m512i t = _mm512_xor_si512(tv, k1v);
-            __m512i h = _mm512_mullo_epi32(_mm512_xor_si512(t, _mm512_srli_epi32(t, 16)), c2);
-            v = _mm512_add_ps(v, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), _mm512_set1_ps(0x1p-24f)));
-            v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-            tv = _mm512_add_epi32(tv, step);
-        } else {
-            v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        }
-        v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+        __m512 xv = _mm512_loadu_ps(xr + j), v = quant16(xv, inv, L, stochastic, &tv, k1);
         _mm_storeu_si128((__m128i *)(q + j), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(v)));
-        if (rr) _mm512_storeu_ps(rr + j, _mm512_sub_ps(xv, _mm512_mul_ps(_mm512_add_ps(v, _mm512_setzero_ps()), scv)));
+        if (rr) _mm512_storeu_ps(rr + j, resid16(xv, v, sc));
     }
 #endif
     for (; j < m; j++) {
@@ -147,14 +161,31 @@ void ft_quantize8(const float *restrict x, int64_t n, int64_t b, float L, int st
                                       q + full * b, s + full, res ? res + full * b : NULL);
 }
 
-/* one block of t elements at index base of encode_blockwise(bits=4): byte j holds element j (low nibble) and
-   j + ceil(t/2) (high; 0 past the end). Each half's q is staged in 2048-byte pieces (L1). */
-static inline __attribute__((always_inline)) void encode4_block(const float *restrict xrow, int64_t t, float L,
+static inline __attribute__((always_inline)) void encode4_block_(const float *restrict xrow, int64_t t, float L,
         int stochastic, uint32_t base, uint32_t k0, uint32_t k1, uint8_t *restrict cr, float *restrict s,
         float *restrict rrow) {
-    int8_t lo[2048], hi[2048];
     int64_t h = (t + 1) / 2;
     float absmax = block_absmax(xrow, t), inv = block_inv(absmax, L), sc = absmax / L;
+#ifdef __AVX512F__
+    if (t % 32 == 0) {               /* both halves whole vectors: quantise 16 + 16 and pack them in registers */
+        __m512i tl = hash_index16((base + k0) * C1), th = hash_index16((base + (uint32_t)h + k0) * C1);
+        const __m512i nib = _mm512_set1_epi32(15);
+        for (int64_t j = 0; j < h; j += 16) {
+            __m512 xl = _mm512_loadu_ps(xrow + j), xh = _mm512_loadu_ps(xrow + h + j);
+            __m512 vl = quant16(xl, inv, L, stochastic, &tl, k1), vh = quant16(xh, inv, L, stochastic, &th, k1);
+            __m512i b = _mm512_or_si512(_mm512_and_si512(_mm512_cvttps_epi32(vl), nib),
+                                        _mm512_slli_epi32(_mm512_and_si512(_mm512_cvttps_epi32(vh), nib), 4));
+            _mm_storeu_si128((__m128i *)(cr + j), _mm512_cvtepi32_epi8(b));
+            if (rrow) {
+                _mm512_storeu_ps(rrow + j, resid16(xl, vl, sc));
+                _mm512_storeu_ps(rrow + h + j, resid16(xh, vh, sc));
+            }
+        }
+        *s = sc;
+        return;
+    }
+#endif
+    int8_t lo[2048], hi[2048];
     for (int64_t c = 0; c < h; c += 2048) {
         int64_t m = h - c < 2048 ? h - c : 2048, mh = t - h - c < m ? t - h - c : m;
         quant_run(xrow + c, m, inv, L, sc, stochastic, base + (uint32_t)c, k0, k1, lo, rrow ? rrow + c : NULL);
@@ -164,6 +195,19 @@ static inline __attribute__((always_inline)) void encode4_block(const float *res
         for (int64_t j = 0; j < m; j++) cr[c + j] = (uint8_t)((lo[j] & 15) | ((hi[j] & 15) << 4));
     }
     *s = sc;
+}
+
+/* one block of t elements at index base of encode_blockwise(bits=4): byte j holds element j (low nibble) and
+   j + ceil(t/2) (high; 0 past the end). With AVX-512 and t a multiple of 32 the halves are quantised 16 + 16 at a
+   time and packed in registers; otherwise each half's q is staged in 2048-byte pieces (L1). The flags are made
+   constants, as for quant_run. */
+static inline __attribute__((always_inline)) void encode4_block(const float *restrict xrow, int64_t t, float L,
+        int stochastic, uint32_t base, uint32_t k0, uint32_t k1, uint8_t *restrict cr, float *restrict s,
+        float *restrict rrow) {
+    if (stochastic && rrow) encode4_block_(xrow, t, L, 1, base, k0, k1, cr, s, rrow);
+    else if (stochastic) encode4_block_(xrow, t, L, 1, base, k0, k1, cr, s, NULL);
+    else if (rrow) encode4_block_(xrow, t, L, 0, base, k0, k1, cr, s, rrow);
+    else encode4_block_(xrow, t, L, 0, base, k0, k1, cr, s, NULL);
 }
 
 /* encode_blockwise(bits=4), b even: n elements in blocks of b (the last may be short) -> codes (ceil(n / 2),),
