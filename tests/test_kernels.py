@@ -557,6 +557,34 @@ def test_native_codecs_match_reference_bytes(native_on, bits, block, stochastic)
     assert torch.equal(into, signs) and torch.equal(sign_res, x - signs) and torch.equal(in_place, sign_res)
 
 
+def test_native_codecs_without_avx512_give_the_same_bytes(monkeypatch, tmp_path):
+    """The C's portable loops (what a CPU without AVX-512 runs; here the AVX-512 ones take every whole vector) built
+    with -mno-avx512f into a fresh cache: every C kernel against the torch reference on the awkward values."""
+    monkeypatch.setenv("FIELDTRAIN_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "FLAGS", [*native.FLAGS, "-mno-avx512f"])
+    monkeypatch.setattr(native, "_lib", [])
+    if native.library() is None:
+        pytest.skip("no C compiler: the native codecs are not built here")
+    n = 3 * 10000 + 123
+    x = _awkward(n, 4)
+    results = {}
+    for mode in ("compiled", "reference"):
+        with kernel_mode(mode):
+            got = []
+            for bits, block in ((8, 256), (4, 256), (4, 300)):
+                got += encode_with_residual(x, bits, block, generator=_gen("cpu", 3))
+                codes, s = encode_blockwise(x, bits, block, stochastic=False)
+                got += [codes, s, decode_blockwise(codes, s, n, bits, block)]
+            packed, l1 = encode_signs(x)
+            scale = (l1 / n).float().view(1)
+            got += [packed, l1, unpack_signs(packed, n, scale=scale), sign_residual(x, packed, scale)]
+            values, indices = topk_select(x, 3000)
+            got += [values, indices, scatter_dense(n, indices, values)]
+            results[mode] = got
+    for got, want in zip(results["compiled"], results["reference"]):
+        assert got.dtype == want.dtype and torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8))
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_encode_with_residual_is_encode_then_the_decode_error(compiled_mode, bits):
     """On every path (C, torch.compile, reference): the codes and scales of encode_blockwise with the same generator,
