@@ -81,11 +81,13 @@ def _quantize_reference(x: torch.Tensor, levels: torch.Tensor, block: int, key: 
     return q.view(-1)[:n], scales
 
 
-def _dequantize_reference(q: torch.Tensor, scales: torch.Tensor, block: int, cols: torch.Tensor) -> torch.Tensor:
+def _dequantize_reference(q: torch.Tensor, scales: torch.Tensor, block: int, cols: torch.Tensor,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
     n, nb = q.numel(), scales.numel()
     qb = torch.zeros(nb * block, dtype=torch.float32, device=q.device)
     qb[:n] = q
-    return qb.view(nb, block).mul_(scales.float().unsqueeze(1)).view(-1)[:n]
+    decoded = qb.view(nb, block).mul_(scales.float().unsqueeze(1)).view(-1)[:n]
+    return decoded if out is None else out.copy_(decoded)
 
 
 def _pack_int4_reference(q: torch.Tensor) -> torch.Tensor:
@@ -143,8 +145,8 @@ def _encode4_reference(x, levels, block, key, cols):
     return _pack_blocks(q, block), scales
 
 
-def _decode4_reference(codes, scales, n, block, cols):
-    return _dequantize_reference(_unpack_blocks(codes, n, block), scales, block, cols)
+def _decode4_reference(codes, scales, n, block, cols, out=None):
+    return _dequantize_reference(_unpack_blocks(codes, n, block), scales, block, cols, out)
 
 
 # ---- compiled path: full blocks by a compiled body writing into one output buffer, the short tail by the
@@ -207,12 +209,12 @@ def _quantize_compiled(x, levels, block, key, cols):
     return q, s
 
 
-def _dequantize_compiled(q, scales, block, cols):
+def _dequantize_compiled(q, scales, block, cols, out=None):               # out: contiguous float32 (n,), or None
     q, scales = q.contiguous(), scales.float().contiguous()
     n = q.numel()
     nf = n // block
     full = nf * block
-    out = torch.empty(n, dtype=torch.float32, device=q.device)
+    out = torch.empty(n, dtype=torch.float32, device=q.device) if out is None else out
     if q.dtype == torch.int8 and native.usable(q):
         native.dequantize8(q, scales, n, block, out)
         return out
@@ -241,11 +243,11 @@ def _encode4_compiled(x, levels, block, key, cols):                  # block eve
     return codes, s
 
 
-def _decode4_compiled(codes, scales, n, block, cols):               # block even
+def _decode4_compiled(codes, scales, n, block, cols, out=None):     # block even; out as _dequantize_compiled's
     codes, scales = codes.contiguous(), scales.float().contiguous()
     nf = n // block
     full = nf * block
-    out = torch.empty(n, dtype=torch.float32, device=codes.device)
+    out = torch.empty(n, dtype=torch.float32, device=codes.device) if out is None else out
     if native.usable(codes):
         native.decode4(codes, scales, n, block, out)
         return out
@@ -346,12 +348,22 @@ def _check_scales(n: int, scales: torch.Tensor, block_size: int) -> None:
                          f"block_size={block_size}")
 
 
-def dequantize_blockwise(q: torch.Tensor, scales: torch.Tensor, block_size: int) -> torch.Tensor:
-    """(q int (n,), scales (ceil(n/block_size),)) -> float32 (n,) = q * s of its block."""
+def _check_out(out: torch.Tensor | None, n: int, device: torch.device) -> None:
+    if out is not None and (out.shape != (n,) or out.dtype != torch.float32 or not out.is_contiguous()
+                            or out.device != device):
+        raise ValueError(f"out must be a contiguous float32 ({n},) tensor on {device}, got {out.dtype} of shape "
+                         f"{tuple(out.shape)} on {out.device}")
+
+
+def dequantize_blockwise(q: torch.Tensor, scales: torch.Tensor, block_size: int,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """(q int (n,), scales (ceil(n/block_size),)) -> float32 (n,) = q * s of its block (written into `out`, a
+    contiguous float32 (n,), if given)."""
     if q.dim() != 1:
         raise ValueError(f"q must be 1-D, got shape {tuple(q.shape)}")
     _check_scales(q.numel(), scales, block_size)
-    return _DEQUANTIZE(q, scales, block_size, _cols(block_size, q.device))
+    _check_out(out, q.numel(), q.device)
+    return _DEQUANTIZE(q, scales, block_size, _cols(block_size, q.device), out)
 
 
 def _check_byte_encoding(bits: int, block_size: int) -> None:
@@ -387,18 +399,20 @@ def encode_with_residual(x: torch.Tensor, bits: int, block_size: int, stochastic
     return _ENCODE_RESIDUAL(x, levels, bits, block_size, key, _cols(block_size, x.device))
 
 
-def decode_blockwise(codes: torch.Tensor, scales: torch.Tensor, n: int, bits: int, block_size: int) -> torch.Tensor:
-    """The inverse of `encode_blockwise` up to quantisation: (codes, scales) -> float32 (n,)."""
+def decode_blockwise(codes: torch.Tensor, scales: torch.Tensor, n: int, bits: int, block_size: int,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """The inverse of `encode_blockwise` up to quantisation: (codes, scales) -> float32 (n,), into `out` (a contiguous
+    float32 (n,)) if given."""
     _check_byte_encoding(bits, block_size)
     if codes.dim() != 1 or codes.dtype != torch.uint8:
         raise ValueError(f"codes must be 1-D uint8, got {codes.dtype} of shape {tuple(codes.shape)}")
     if codes.numel() != (n * bits + 7) // 8:
         raise ValueError(f"codes has {codes.numel()} bytes, expected {(n * bits + 7) // 8} for n={n}, bits={bits}")
     if bits == 8:
-        return dequantize_blockwise(codes.view(torch.int8), scales, block_size)
+        return dequantize_blockwise(codes.view(torch.int8), scales, block_size, out)
     _check_scales(n, scales, block_size)
-    args = (codes, scales, n, block_size, _cols(block_size, codes.device))
-    return _DECODE4(*args)
+    _check_out(out, n, codes.device)
+    return _DECODE4(codes, scales, n, block_size, _cols(block_size, codes.device), out)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

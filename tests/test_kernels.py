@@ -69,6 +69,14 @@ def test_encode_signs_packs_signs_and_sums_abs_in_float64(mode, n):
         assert abs(encode_signs(x)[1].item() - want) <= (n / 16 + 16) * 2.0**-52 * want
 
 
+def test_decode_into_out_checks_it():
+    codes, s = encode_blockwise(torch.randn(40), 8, 16)
+    with pytest.raises(ValueError, match=r"out must be a contiguous float32 \(40,\) tensor"):
+        decode_blockwise(codes, s, 40, 8, 16, out=torch.zeros(80)[::2])
+    with pytest.raises(ValueError, match="out must be"):
+        decode_blockwise(codes, s, 40, 8, 16, out=torch.zeros(40, dtype=torch.float64))
+
+
 def test_bitpack_rejects_bad_arguments():
     with pytest.raises(ValueError, match=r"out is torch.float32 of shape \(4,\), expected torch.float32 of shape"):
         unpack_signs(torch.zeros(1, dtype=torch.uint8), 5, out=torch.zeros(4))
@@ -547,13 +555,17 @@ def test_native_codecs_match_reference_bytes(native_on, bits, block, stochastic)
             with_residual = encode_with_residual(x, bits, block, stochastic=stochastic, generator=_gen("cpu", 3))
             into = torch.full((n,), float("nan"))
             in_place = x.clone()
+            decoded_into = decode_blockwise(codes, s, n, bits, block, out=torch.full((n,), float("nan")))
             results[mode] = (codes, s, decoded, packed, unpack_signs(packed, n, scale=s[1:2]), *with_residual,
                              *encode_signs(x), unpack_signs(packed, n, scale=s[1:2], out=into), into,
-                             sign_residual(x, packed, s[1:2]), sign_residual(in_place, packed, s[1:2], out=in_place))
+                             sign_residual(x, packed, s[1:2]), sign_residual(in_place, packed, s[1:2], out=in_place),
+                             decoded_into)
     for got, want in zip(results["compiled"], results["reference"]):
         assert got.dtype == want.dtype and torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8))
-    codes, s, decoded, _, signs, codes_r, s_r, residual, _, _, _, into, sign_res, in_place = results["reference"]
+    codes, s, decoded, _, signs, codes_r, s_r, residual, _, _, _, into, sign_res, in_place, dec_into = \
+        results["reference"]
     assert torch.equal(codes_r, codes) and torch.equal(s_r, s) and torch.equal(residual, x - decoded)
+    assert torch.equal(dec_into, decoded)
     assert torch.equal(into, signs) and torch.equal(sign_res, x - signs) and torch.equal(in_place, sign_res)
 
 

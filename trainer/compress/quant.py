@@ -88,10 +88,24 @@ class QuantizedCompressor(Compressor):
         else:
             codes2, s2 = encode_blockwise(y, self.bits, B, generator=gen)
 
-        # phase 2: everyone gets every averaged shard
+        # phase 2: everyone gets every averaged shard, decoded straight into grad
         from_server = self._encode(codes2, s2, 1)[0]
-        out = self._decode(self.transport.allgather(from_server), shard).reshape(-1)[:n]
-        return grad.copy_(out)
+        gathered = self.transport.allgather(from_server)
+        if grad.dtype != torch.float32 or not grad.is_contiguous():
+            return grad.copy_(self._decode(gathered, shard).reshape(-1)[:n])
+        code_bytes, bits = shard * self.bits // 8, self.bits
+        scales = from_bytes(gathered[:, code_bytes:], torch.float32)              # (W, shard / B)
+        for j in range(W):
+            lo, hi = j * shard, min(n, (j + 1) * shard)
+            full = max(hi - lo, 0) // B * B                   # whole blocks; a partial last one is decoded whole
+            if full:
+                decode_blockwise(gathered[j, :full * bits // 8], scales[j, :full // B], full, bits, B,
+                                 out=grad[lo:lo + full])
+            if lo + full < hi:
+                last = decode_blockwise(gathered[j, full * bits // 8:(full + B) * bits // 8],
+                                        scales[j, full // B:full // B + 1], B, bits, B)
+                grad[lo + full:hi] = last[:hi - lo - full]
+        return grad
 
 
 class Int8Compressor(QuantizedCompressor):
