@@ -359,30 +359,28 @@ static uint32_t select_u32(uint32_t *a, int64_t m, int64_t r) {
     return prefix;
 }
 
-/* the (r+1)-th smallest |x| of the sample x[0], x[stride], ..., m of them (work: m uint32), as a float */
-float ft_sample_rank(const float *x, int64_t stride, int64_t m, int64_t r, uint32_t *work) {
+/* the (r+1)-th smallest |x| bit pattern of the sample x[0], x[stride], ..., m of them (work: m uint32) */
+uint32_t ft_sample_rank(const float *x, int64_t stride, int64_t m, int64_t r, uint32_t *work) {
     for (int64_t i = 0; i < m; i++) work[i] = absbits(x[i * stride]);
-    uint32_t v = select_u32(work, m, r);
-    float f;
-    memcpy(&f, &v, 4);
-    return f;
+    return select_u32(work, m, r);
 }
 
-/* kernels.topk_select's answer from the candidates |x_i| >= thr (thr <= the k-th largest |x|): the k largest |x|,
-   ties at the k-th largest broken towards lower indices, as ascending int32 indices idx and their values val.
+/* kernels.topk_select's answer from the candidates with |x_i|'s bit pattern >= thr (thr <= the k-th largest's; all
+   comparisons on bit patterns, so NaN ranks above inf, as in the reference): the k largest |x|, ties at the k-th
+   largest broken towards lower indices, as ascending int32 indices idx and their values val.
    Returns the candidates' count; when it is below k or above cap nothing is written (the caller goes elsewhere).
    cand, cval (their values), work: cap each. With AVX-512 the candidates' indices and values are
    compress-stored 16 compares at a time. */
-int64_t ft_topk(const float *restrict x, int64_t n, float thr, int64_t k, int64_t cap, int32_t *restrict cand,
+int64_t ft_topk(const float *restrict x, int64_t n, uint32_t thr, int64_t k, int64_t cap, int32_t *restrict cand,
                 float *restrict cval, uint32_t *restrict work, int32_t *restrict idx, float *restrict val) {
     int64_t count = 0, i = 0;
 #ifdef __AVX512F__
-    const __m512 t = _mm512_set1_ps(thr);
+    const __m512i t = _mm512_set1_epi32((int)thr), magnitude = _mm512_set1_epi32(0x7FFFFFFF);
     const __m512i step = _mm512_set1_epi32(16);
     __m512i iv = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (; i + 16 <= n; i += 16, iv = _mm512_add_epi32(iv, step)) {
         __m512 v = _mm512_loadu_ps(x + i);
-        __mmask16 m = _mm512_cmp_ps_mask(_mm512_abs_ps(v), t, _CMP_GE_OQ);   /* NaN: false */
+        __mmask16 m = _mm512_cmpge_epu32_mask(_mm512_and_si512(_mm512_castps_si512(v), magnitude), t);
         if (count + 16 > cap) return cap + 1;
         _mm512_storeu_si512(cand + count, _mm512_maskz_compress_epi32(m, iv));   /* all 16 lanes, no branch */
         _mm512_storeu_ps(cval + count, _mm512_maskz_compress_ps(m, v));
@@ -390,7 +388,7 @@ int64_t ft_topk(const float *restrict x, int64_t n, float thr, int64_t k, int64_
     }
 #endif
     for (; i < n; i++)
-        if (fabsf(x[i]) >= thr) {
+        if (absbits(x[i]) >= thr) {
             if (count >= cap) return cap + 1;
             cand[count] = (int32_t)i;
             cval[count++] = x[i];
@@ -431,11 +429,11 @@ _SIGNATURES = {
     "ft_sign_residual": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p],
     "ft_unpack_signs": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p],
     "ft_sample_rank": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p],
-    "ft_topk": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+    "ft_topk": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p],
     "ft_scatter_add": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64],
 }
-_RETURNS = {"ft_sample_rank": ctypes.c_float, "ft_topk": ctypes.c_int64, "ft_scatter_add": ctypes.c_int64}
+_RETURNS = {"ft_sample_rank": ctypes.c_uint32, "ft_topk": ctypes.c_int64, "ft_scatter_add": ctypes.c_int64}
 
 _lib: list = []           # [CDLL or None] once tried
 
@@ -547,15 +545,15 @@ def unpack_signs(packed, m: int, scale: float, out) -> None:
     library().ft_unpack_signs(_p(packed), m, scale, _p(out))
 
 
-def sample_rank(x, stride: int, m: int, r: int) -> float:
-    """The (r+1)-th smallest |x| of x[::stride][:m] (an exact order statistic: any selection gives this value)."""
+def sample_rank(x, stride: int, m: int, r: int) -> int:
+    """The (r+1)-th smallest |x| bit pattern of x[::stride][:m] (an exact order statistic: any selection gives it)."""
     work = torch.empty(m, dtype=torch.int32)                  # named: a temporary would be freed before the call
     return library().ft_sample_rank(_p(x), stride, m, r, _p(work))
 
 
-def topk(x, thr: float, k: int, capacity: int):
-    """(values, int32 indices ascending) of the k largest |x| (ties to lower indices) from the candidates |x| >= thr,
-    or None when fewer than k or more than `capacity` of them."""
+def topk(x, thr: int, k: int, capacity: int):
+    """(values, int32 indices ascending) of the k largest |x| (ties to lower indices) from the candidates whose |x|
+    bit pattern is >= thr, or None when fewer than k or more than `capacity` of them."""
     cand, work = torch.empty(2, capacity, dtype=torch.int32)
     cval = torch.empty(capacity, dtype=torch.float32)
     idx = torch.empty(k, dtype=torch.int32)

@@ -33,8 +33,10 @@ def topk_select(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     Exact, but cheaper than a full torch.topk on large n: a threshold t from a strided sample of |x|
     keeps the candidates |x| >= t; when at least k survive, every top-k entry is among them (the k-th
     largest is >= t), so the k largest of the candidates are the answer. Otherwise, all of x is searched.
-    On CPU, float32, kernels.native's C does it in one pass over x (the sample's order statistic by quickselect,
-    the candidates compress-stored, the k-th largest by quickselect, then one walk that applies the tie rule).
+    Magnitudes are compared as |x|'s bit patterns (integers), so NaN ranks above inf, as torch.topk ranks it, and
+    every comparison is exact. On CPU, float32, kernels.native's C does it in one pass over x (the sample's order
+    statistic by radix select, the candidates compress-stored, the k-th largest by radix select, then one walk
+    that applies the tie rule).
     """
     n = _check(x, k)
     if k == 0:
@@ -56,32 +58,44 @@ def _sample_plan(n: int, k: int) -> tuple[int, int] | None:
     return (n // _SAMPLES, r) if r >= 1 else None
 
 
+_INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
+           torch.bfloat16: torch.int16}
+
+
+def _magnitude_bits(x: torch.Tensor) -> torch.Tensor:
+    """|x| as its bit patterns: non-negative integers in |x|'s order, NaN above inf."""
+    if x.dtype not in _INT_OF:
+        raise ValueError(f"topk_select wants a float tensor, got {x.dtype}")
+    return x.abs().view(_INT_OF[x.dtype])
+
+
 def _k_largest(a: torch.Tensor, k: int) -> torch.Tensor:
-    """bool mask of the k largest of a (m,), k <= m, ties at the k-th largest to the lowest indices."""
+    """bool mask of the k largest of a (m,) integers, k <= m, ties at the k-th largest to the lowest indices."""
     v = torch.topk(a, k, sorted=False).values.min()
     above, tie = a > v, a == v
     return above | (tie & (tie.cumsum(0) <= k - above.sum()))
 
 
 def _topk_reference(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    bits = _magnitude_bits(x)
     plan = _sample_plan(x.numel(), k)
     if plan is not None:
         stride, r = plan
-        sample = x[::stride][:_SAMPLES].abs()
+        sample = bits[::stride][:_SAMPLES]
         threshold = torch.topk(sample, _SAMPLES - r + 1, sorted=False).values.min()    # the r-th smallest
-        cand = torch.nonzero(x.abs() >= threshold).squeeze(1)                          # ascending
+        cand = torch.nonzero(bits >= threshold).squeeze(1)                              # ascending
         if cand.numel() >= k:
-            idx = cand[_k_largest(x[cand].abs(), k)]
+            idx = cand[_k_largest(bits[cand], k)]
             return x[idx], idx.to(torch.int32)
-    idx = torch.nonzero(_k_largest(x.abs(), k)).squeeze(1)
+    idx = torch.nonzero(_k_largest(bits, k)).squeeze(1)
     return x[idx], idx.to(torch.int32)
 
 
 def _topk_fast(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dtype == torch.float32 and native.usable(x):
         plan = _sample_plan(x.numel(), k)
-        if plan is None:                      # every entry a candidate (|x| >= -1; NaN is not: torch's answer)
-            found = native.topk(x, -1.0, k, x.numel())
+        if plan is None:                      # every entry a candidate
+            found = native.topk(x, 0, k, x.numel())
         else:
             threshold = native.sample_rank(x, plan[0], _SAMPLES, plan[1] - 1)
             found = native.topk(x, threshold, k, 4 * k + 4096)       # the expected count is ~k

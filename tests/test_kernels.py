@@ -645,7 +645,26 @@ def test_native_topk_is_the_reference_with_ties_to_lower_indices(native_on):
         want = torch.sort(x.abs(), descending=True, stable=True).indices[:k].sort().values
         assert torch.equal(got["compiled"][1], got["reference"][1]) and torch.equal(got["reference"][1].long(), want)
         assert torch.equal(got["compiled"][0], x[want]) and torch.equal(got["reference"][0], x[want])
-    assert native.topk(x, 2.0, 10, 100) is None                    # more candidates than room: torch's path instead
+    two = torch.tensor(2.0).view(torch.int32).item()
+    assert native.topk(x, two, 10, 100) is None                    # more candidates than room: torch's path instead
+
+
+@pytest.mark.parametrize("n,k", [(1000, 10), (100_003, 3000)])
+def test_topk_ranks_nan_and_inf_largest_on_every_path(native_on, n, k):
+    """A non-finite gradient (a rank's NaN loss, before the step is skipped) must still give k entries, the same on
+    every path, or the ranks' allgathers would disagree in size: NaN ranks above inf, as in torch.topk."""
+    x = torch.randn(n, generator=_gen("cpu", n))
+    x[[5, 17]] = float("nan")
+    x[99], x[600] = float("inf"), -float("inf")
+    for mode in ("compiled", "reference"):
+        with kernel_mode(mode):
+            values, indices = topk_select(x, k)
+        assert indices.shape == (k,) and {5, 17, 99, 600} <= set(indices.tolist()), mode
+        assert torch.equal(values.view(torch.int32), x[indices.long()].view(torch.int32)), mode    # NaN's bits too
+    nan = torch.full((n,), float("nan"))
+    for mode in ("compiled", "reference"):
+        with kernel_mode(mode):
+            assert topk_select(nan, k)[1].tolist() == list(range(k)), mode       # all tied: the lowest indices
 
 
 def test_native_scatter_add_is_index_add_in_order(native_on):
