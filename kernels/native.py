@@ -6,6 +6,10 @@ once for its absmax and quantised from there, the scale is computed once per blo
 counter. The formulas are the torch references' (kernels/quant.py, kernels/rng.py, kernels/bitpack.py) written in
 the same float32 operations and order: built with -ffp-contract=off (no fused multiply-add) and without
 -ffast-math, so every result is bit-identical, which `kernels.fused.FusedKernel` checks before first use.
+Where the CPU has AVX-512 the hot loops are intrinsics over 16 lanes (the same operations, elementwise, so the same
+bits); the portable loops take the tails, and everything elsewhere (tests build them with -mno-avx512f too).
+Beside the quantisers: the scaled-sign encode (bits and a float64 sum of |x| in a fixed lane order), its decode and
+residual, top-k (radix selects on |x|'s bit patterns, compress-stored candidates) and scatter-add.
 
 The source is compiled once per machine by the system C compiler (`cc`, or $CC) into the cache folder
 ($FIELDTRAIN_CACHE, default ~/.cache/fieldtrain) under a name that hashes source, flags, compiler and CPU model
