@@ -667,6 +667,23 @@ def test_topk_ranks_nan_and_inf_largest_on_every_path(native_on, n, k):
             assert topk_select(nan, k)[1].tolist() == list(range(k)), mode       # all tied: the lowest indices
 
 
+def test_native_topk_with_a_bad_sample_threshold_still_gives_the_reference(native_on, monkeypatch):
+    """A sample that misjudges the tail (too low: more candidates than room; too high: fewer than k) sends the C to
+    its all-candidates pass, with the reference's answer; the sampling stride is prime."""
+    from kernels import sparse
+    x = torch.randn(100_003, generator=_gen("cpu", 9)).round(decimals=2)
+    with kernel_mode("reference"):
+        want = topk_select(x, 3000)
+    for r in (1, 16_000):                          # the 1st smallest of the sample, then nearly its largest
+        monkeypatch.setattr(sparse, "_sample_plan", lambda n, k, r=r: (6, r))
+        with kernel_mode("compiled"):
+            got = topk_select(x, 3000)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), r
+    monkeypatch.undo()
+    stride = sparse._sample_plan(2_368_001, 23_681)[0]
+    assert stride == 139 and all(stride % d for d in range(2, 12))       # n // 2^14 = 144 = 24 x 12 / 2
+
+
 def test_native_scatter_add_is_index_add_in_order(native_on):
     """Duplicate indices whose sum depends on the order (1e8 + 1 - 1e8): the C path adds in index_add_'s order;
     an index out of range is a ValueError naming it, with out unchanged."""
