@@ -194,5 +194,7 @@ def scatter_dense(n: int, indices: torch.Tensor, values: torch.Tensor, out: torc
 
 
 def _native_scatter(out: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> bool:
+    """Whether scatter_dense's accumulate takes the C loop. Not a FusedKernel: it works in place on `out`, which the
+    first-use check (fast and reference on the same arguments) cannot compare; tests compare it with index_add_."""
     return (fused.mode() != "reference" and out.dtype == vals.dtype == torch.float32 and idx.dtype == torch.int32
             and out.is_contiguous() and native.usable(out, vals))
