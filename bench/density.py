@@ -30,12 +30,15 @@ PUBLISHED = {"pis": (1.769, 0.534, 3.85), "dds": (1.760, 0.424, 7.36), "tb": (1.
 PUBLISHED["dds_cos"] = PUBLISHED["dds_cos_lp"] = PUBLISHED["dds"]     # DDS with its own code's schedule (+ Langevin)
 BEST = {"gmm25": 0.171, "funnel": 0.424, "manywell": 3.85}
 TARGETS = {"gmm25": 5.0 ** 0.5, "funnel": 1.0, "manywell": 1.0}     # target -> sigma (sigma^2 = 5, 1, 1)
+# exploration_std is gfn-diffusion's --exploration_factor, the std added to each step (its add_log_var puts
+# factor^2 / dt on the variance rate): 0.2 for TB/VarGrad + Expl., 0.1 for TB + Expl. + LS (Sendera et al. 2024,
+# App. A's commands). Not sqrt(0.2): that explores with 5x (LS: 20x) the published variance.
+EXPL = {"expl": "model.density_sampler.exploration_std=0.2", "expl_ls": "model.density_sampler.exploration_std=0.1"}
 METHODS = {"pis": ["model.density_sampler.method=pis"], "dds": ["model.density_sampler.method=dds"],
            "tb": ["model.density_sampler.method=tb"],
-           "tb_expl": ["model.density_sampler.method=tb", "model.density_sampler.exploration_std=0.4472135954999579"],
-           "vargrad_expl": ["model.density_sampler.method=vargrad",
-                            "model.density_sampler.exploration_std=0.4472135954999579"],
-           "tb_expl_ls": ["model.density_sampler.method=tb", "model.density_sampler.exploration_std=0.4472135954999579",
+           "tb_expl": ["model.density_sampler.method=tb", EXPL["expl"]],
+           "vargrad_expl": ["model.density_sampler.method=vargrad", EXPL["expl"]],
+           "tb_expl_ls": ["model.density_sampler.method=tb", EXPL["expl_ls"],
                           "model.density_sampler.local_search=true"],
            # DDS's code's settings for its Funnel runs (trainer/density/sde.py: cos_sq steps, alpha 0.6875, t_f 6.4)
            "dds_cos": ["model.density_sampler.method=dds", "model.density_sampler.ou_schedule=cos_sq"],

@@ -149,6 +149,20 @@ def test_resume_with_compressor_state_equals_uninterrupted_run(small_darcy, tmp_
 
 
 @pytest.mark.slow
+def test_auto_trials_resume_mid_trial_through_the_checkpoint(small_darcy, tmp_path):
+    """Stopped at step 4, inside the in-training trials (3 steps per candidate), the resumed run goes on with the
+    trial where it was: its switches fall at steps 6 and 9 (a trial started afresh at step 4 would switch at 7)."""
+    over = ["comm.compressor=auto", "comm.auto_trial_steps=3", 'comm.auto_candidates=["int8", "sign", "topk"]']
+    spec = {"config": str(REPO / "configs" / "darcy_fno.toml"), "base": base(small_darcy, tmp_path, steps=12),
+            "runs": [{"name": "auto", "overrides": over, "stop_after": 4},
+                     {"name": "auto", "overrides": over, "resume": True}]}
+    r = run_ranks(2, spec, tmp_path)["auto"]
+    assert r["steps"] == 12 and r["replica_max_abs_diff"] == 0.0
+    steps = [int(w.split()[3]) for w in r["warnings"] if w.startswith("auto at step")]
+    assert set(steps) <= {6, 9}, r["warnings"]
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI's mpirun is installed by `make test`")
 def test_mpi_transport_gives_the_gloo_result(small_darcy, tmp_path):
     names = ("none", "powersgd", "int8", "sign", "topk")
@@ -192,10 +206,10 @@ def _auto_measure_worker(rank: int, port: int, root: str) -> None:
     auto.SHORTLIST, auto.MAX_TRIALED = float("inf"), 4       # time every candidate
     fake = {"none": 2.0, "int8": 0.5, "sign": 0.01 if rank == 0 else 1.0, "powersgd": 0.7}
     auto.measure_exchange = lambda cfg, transport, module, name, cap, trials: fake[name]
-    chosen = auto.choose_compressor(cfg, transport, model)
+    chosen, shortlist = auto.choose_compressor(cfg, transport, model)
     with open(os.path.join(root, f"rank{rank}.json"), "w") as f:
-        json.dump({"real": real, "chosen": chosen, "buckets": [[n for n, _ in b] for b in auto._buckets(model, 0.005)]},
-                  f)
+        json.dump({"real": real, "chosen": chosen, "shortlist": shortlist,
+                   "buckets": [[n for n, _ in b] for b in auto._buckets(model, 0.005)]}, f)
     dist.destroy_process_group()
 
 
@@ -205,6 +219,8 @@ def test_auto_times_its_shortlist_and_every_rank_takes_the_slowest_ranks_numbers
     assert all(0 < t < 60 for r in (r0, r1) for t in r["real"].values()), (r0["real"], r1["real"])
     # predicted order would not matter: measured per rank (0.01 / 1.0 for sign), the max over ranks decides
     assert r0["chosen"] == r1["chosen"] == "int8"
+    # the shortlist for the in-training trials, fastest measured first (slowest rank's numbers)
+    assert r0["shortlist"] == r1["shortlist"] == ["int8", "powersgd", "sign", "none"]
     # DDP's order (last layer first), a new bucket where the 5 KB cap would be passed (the 64 x 32 weight is 8 KB)
     assert r0["buckets"] == [["1.bias", "1.weight", "0.bias"], ["0.weight"]]
 
@@ -259,7 +275,7 @@ def _auto_worker(rank: int, port: int, root: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
     plan = iter(["int8", "int8", "sign", "sign", "topk"])     # what the link "measures" at each decision
-    auto.choose_compressor = lambda cfg, transport, module, cap: next(plan)
+    auto.choose_compressor = lambda cfg, transport, module, cap: (lambda c: (c, [c]))(next(plan))
     cfg = CommConfig(compressor="auto", auto_every=2, auto_candidates=["none", "int8", "sign", "topk"])
     model = torch.nn.Linear(8, 4)
     ex = GradientExchange(cfg, model, seed=0)
@@ -271,7 +287,7 @@ def _auto_worker(rank: int, port: int, root: str) -> None:
         ex.end_step(True)
         names.append(ex.compressor.name)
     state = ex.state_dict()
-    auto.choose_compressor = lambda cfg, transport, module, cap: "none"
+    auto.choose_compressor = lambda cfg, transport, module, cap: ("none", ["none"])
     resumed = GradientExchange(cfg, model, seed=0)     # decides "none", then takes the checkpoint's choice
     resumed.load_state_dict(state)
     with open(os.path.join(root, f"rank{rank}.json"), "w") as f:
@@ -287,3 +303,80 @@ def test_auto_switches_at_agreed_step_boundaries_and_resumes_its_choice(tmp_path
     assert r0["switches"] == [[4, "int8", "sign"], [8, "sign", "topk"]]
     assert r0["outs"] == r1["outs"]          # both ranks exchanged with the same compressor at every step
     assert r0["resumed"] == r1["resumed"] == "topk"
+
+
+# ---- auto's in-training trials (comm.auto_trial_steps; trainer/compress/auto.py, StepTrials) ----
+
+def test_step_trials_time_each_candidate_after_its_first_step_and_skip_unapplied_steps():
+    from trainer.compress.auto import StepTrials
+    trials = StepTrials(["int8", "sign"], 3)
+    now, order = 0.0, []
+    # (seconds the step took, applied): each candidate's first step is slow (not timed), one step is not applied
+    for dt, applied in [(9.0, True), (1.0, True), (2.0, False), (3.0, True), (9.0, True), (0.5, True), (0.7, True)]:
+        now += dt
+        order.append(trials.boundary(now, applied))
+    assert order == ["int8", "int8", "int8", "sign", "sign", "sign", None]
+    assert trials.times["int8"] == [1.0, 3.0] and trials.times["sign"] == pytest.approx([0.5, 0.7])
+    assert trials.medians() == pytest.approx([2.0, 0.6])
+    again = StepTrials.from_state(trials.state_dict())
+    assert again.state_dict() == trials.state_dict()
+
+
+def test_auto_trial_steps_must_leave_a_timed_step():
+    from trainer.config import CommConfig
+    with pytest.raises(ValueError, match="comm.auto_trial_steps' = 1"):
+        CommConfig(compressor="auto", auto_trial_steps=1)
+
+
+def _auto_trials_worker(rank: int, port: int, root: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    import trainer.comm as comm
+    import trainer.compress.auto as auto
+    from trainer.config import CommConfig
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    auto.choose_compressor = lambda cfg, transport, module, cap: ("sign", ["sign", "int8", "topk"])
+    clock = [0.0]
+    comm.time = type("FakeTime", (), {"perf_counter": staticmethod(lambda: clock[0])})
+    # seconds per training step with each compressor: sign is fast on rank 0 only, so the slowest rank's numbers
+    # (sign 0.5, int8 0.2, topk 0.3) must pick int8 on both; a candidate's first step costs 10 s and is not timed
+    cost = {"sign": 0.1 if rank == 0 else 0.5, "int8": 0.2, "topk": 0.3}
+    cfg = CommConfig(compressor="auto", auto_trial_steps=3, auto_candidates=["none", "int8", "sign", "topk"])
+    model = torch.nn.Linear(8, 4)
+
+    def train(ex, steps, names):
+        views = ex.views(list(model.parameters()), 36)
+        for _ in range(steps):
+            step = ex.step
+            clock[0] += cost[ex.compressor.name] + (10.0 if len(names) < 2 or names[-1] != names[-2] else 0.0)
+            buf = torch.randn(36, generator=torch.Generator().manual_seed(100 * rank + step))
+            ex.run(buf, views)
+            ex.end_step(True)
+            names.append(ex.compressor.name)
+
+    ex = comm.GradientExchange(cfg, model, seed=0)
+    names = [ex.compressor.name]
+    train(ex, 11, names)
+    # the same run checkpointed mid-trial (after 4 steps: sign done, int8 running) and resumed in a new exchange
+    first = comm.GradientExchange(cfg, model, seed=0)
+    resumed_names = [first.compressor.name]
+    train(first, 4, resumed_names)
+    state = first.state_dict()
+    second = comm.GradientExchange(cfg, model, seed=0)
+    second.load_state_dict(state)
+    train(second, 7, resumed_names)
+    with open(os.path.join(root, f"rank{rank}.json"), "w") as f:
+        json.dump({"names": names, "switches": ex.switches, "resumed": resumed_names}, f)
+    dist.destroy_process_group()
+
+
+def test_auto_trials_in_training_keep_the_fastest_by_the_slowest_rank_and_resume_mid_trial(tmp_path):
+    run_two_ranks(_auto_trials_worker, (str(tmp_path),), "fork", 120, "in-training trials")
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    # 3 steps each in shortlist order, then int8 (the slowest rank's least median) from step 9 on
+    assert r0["names"] == r1["names"] == ["sign"] * 3 + ["int8"] * 3 + ["topk"] * 3 + ["int8"] * 3
+    assert r0["switches"] == [[3, "sign", "int8"], [6, "int8", "topk"], [9, "topk", "int8"]]
+    assert r0["resumed"] == r0["names"]

@@ -76,8 +76,13 @@ def test_two_nodes_of_two_ranks_stay_identical_and_train_like_the_flat_exchange(
     for c in margins:
         opts = [f"comm.compressor={c}"] + (["comm.powersgd.rank=2"] if c == "powersgd" else [])
         runs += [{"name": f"flat_{c}", "overrides": opts}, {"name": f"node_{c}", "overrides": opts + ["comm.hierarchy=node"]}]
+    # auto between nodes: leaders decide and broadcast the shortlist in their node; its in-training trials switch
+    # compressors on all 4 ranks at the same steps (3 steps each, then the fastest)
+    runs.append({"name": "node_auto", "overrides": ["comm.compressor=auto", "comm.hierarchy=node", "comm.auto_trial_steps=3",
+                                                    'comm.auto_candidates=["int8", "sign", "topk"]']})
     spec = {"config": str(REPO / "configs" / "darcy_fno.toml"), "base": base, "runs": runs}
     results = _two_nodes(spec, tmp_path / "out")
+    assert results["node_auto"]["compressor"] in ("int8", "sign", "topk")
     fp32 = results["fp32"]["test_rel_l2"]
     for name, r in results.items():
         assert r["replica_max_abs_diff"] == 0.0, name

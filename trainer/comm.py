@@ -96,10 +96,11 @@ class GradientExchange:
             self.nodes = NodeGroups()
         self.transport = self.world if self.nodes is None else self.nodes.between   # what the compressor runs on
         self.module, self.seed = module, seed
+        self.trials = None           # auto: the shortlist's in-training trials while they run (auto.StepTrials)
+        self.step = 0
         self.compressor: Compressor = self._build(self._decide() if cfg.compressor == "auto" else cfg.compressor)
         self.switches: list[tuple[int, str, str]] = []   # auto: (step, from, to)
         self.warmup = AllReduceCompressor(cfg, self.transport)   # fp32 for the first cfg.start_step steps
-        self.step = 0
         self.stats = ExchangeStats()
         self.local_nonfinite = False
         self.bypass = False          # plain allreduce, nothing counted or stored (see trainer/parallel/ddp.py, _settle_buckets)
@@ -109,17 +110,39 @@ class GradientExchange:
 
     def _decide(self) -> str:
         """auto: measure the link (between nodes, when hierarchical) and pick the compressor (a collective; every rank
-        gets the same name)."""
+        gets the same name). With `comm.auto_trial_steps`, a shortlist of more than one starts in-training trials
+        (auto.StepTrials) with the first."""
         from trainer.compress import auto
         candidates = list(self.cfg.auto_candidates)
-        choice = torch.zeros(1, dtype=torch.int64)
+        ranked = torch.full((len(candidates),), -1, dtype=torch.int64)   # shortlist as candidate indices, best first
         if self.nodes is None or self.nodes.is_leader:
             self.transport.link = None   # measure afresh: cloud links change
-            choice[0] = candidates.index(auto.choose_compressor(self.cfg, self.transport, self.module,
-                                                                self.bucket_cap_mb))
+            best, shortlist = auto.choose_compressor(self.cfg, self.transport, self.module, self.bucket_cap_mb)
+            ranked[:len(shortlist)] = torch.tensor([candidates.index(c) for c in shortlist])
         if self.nodes is not None and self.nodes.local_size > 1:
-            self.nodes.local.broadcast_(choice, src=0)
-        return candidates[int(choice)]
+            self.nodes.local.broadcast_(ranked, src=0)
+        shortlist = [candidates[int(i)] for i in ranked if i >= 0]
+        self.trials = None
+        if self.cfg.auto_trial_steps and len(shortlist) > 1:
+            self.trials = auto.StepTrials(shortlist, self.cfg.auto_trial_steps)
+            log.info("auto: %s each run %d training steps from step %d; the fastest is kept", ", ".join(shortlist),
+                     self.cfg.auto_trial_steps, max(self.step, self.cfg.start_step))
+        return shortlist[0]
+
+    def _trial_boundary(self, applied: bool) -> None:
+        """A step boundary during in-training trials: the next candidate, or (all run) the choice; every rank is at
+        the same applied step, so the allgather below lines up."""
+        nxt = self.trials.boundary(time.perf_counter(), applied)
+        if nxt is not None:
+            self.switch_to(nxt, "in-training trial")
+            return
+        medians = self.world.allgather(torch.tensor(self.trials.medians(), dtype=torch.float64)).max(0).values
+        names = self.trials.names
+        best = names[int(torch.argmin(medians))]   # first minimum: ties go to the earlier (predicted faster) one
+        log.info("auto: in-training trials, median step seconds (slowest rank): %s -> %s",
+                 ", ".join(f"{n} {t:.4f}" for n, t in zip(names, medians.tolist())), best)
+        self.trials = None
+        self.switch_to(best, "fastest in training")
 
     def _build(self, name: str) -> Compressor:
         cls = COMPRESSORS[name]
@@ -128,12 +151,12 @@ class GradientExchange:
         compressor.seed = self.seed
         return compressor
 
-    def switch_to(self, name: str) -> None:
+    def switch_to(self, name: str, why: str = "re-decided") -> None:
         """Exchange with `name` from the next step on (called between steps, on every rank at the same step); the
         new compressor's state (error feedback, warm starts) starts afresh, as the log says."""
         if name == self.compressor.name:
             return
-        log.warning("auto at step %d: switching compressor %s -> %s (its state starts afresh)", self.step,
+        log.warning("auto at step %d (%s): switching compressor %s -> %s (its state starts afresh)", self.step, why,
                     self.compressor.name, name)
         self.switches.append((self.step, self.compressor.name, name))
         self.compressor = self._build(name)
@@ -171,20 +194,31 @@ class GradientExchange:
     def end_step(self, applied: bool) -> None:
         (self.compressor.commit if applied else self.compressor.rollback)()
         self.local_nonfinite = False
+        warmup = self.step < self.cfg.start_step   # this step exchanged in fp32, not with the compressor
         if applied:
             self.step += 1
-            every = self.cfg.auto_every
-            if self.cfg.compressor == "auto" and every and self.step % every == 0:   # at a step every rank shares
-                self.switch_to(self._decide())
+        if self.trials is not None and not warmup:
+            self._trial_boundary(applied)
+        every = self.cfg.auto_every
+        if applied and self.cfg.compressor == "auto" and every and self.step % every == 0:   # a step all ranks share
+            self.switch_to(self._decide())
 
     # ---- Stateful ----
     def state_dict(self) -> dict:
-        return save_compressor_state(self.compressor, self.transport, self.step)
+        trials = None if self.trials is None else self.trials.state_dict()
+        return save_compressor_state(self.compressor, self.transport, self.step, trials=_blob(trials))
+
+    def optional_keys(self) -> list[str]:
+        return ["trials"]    # absent from checkpoints written before in-training trials
 
     def load_state_dict(self, state: dict) -> None:
+        from trainer.compress.auto import StepTrials
         self.step = int(state["step"])
         if self.cfg.compressor == "auto" and state["compressor"] in self.cfg.auto_candidates:
             self.compressor = self._build(state["compressor"])   # auto resumes with what it had chosen, and its state
+            trials = _unblob(state["trials"]) if "trials" in state else None
+            # trials in progress go on from where they were, unless this run turned them off
+            self.trials = StepTrials.from_state(trials) if trials and self.cfg.auto_trial_steps else None
         if state["compressor"] != self.compressor.name:
             log.warning("checkpoint's compressor was %s, this run uses %s: starting its state afresh",
                         state["compressor"], self.compressor.name)

@@ -230,6 +230,8 @@ class CommConfig:
     auto_candidates: list = field(default_factory=lambda: ["none", "fp16", "powersgd", "int8", "int4", "sign", "topk"])
     auto_every: int = 0            # auto under ddp: re-measure the link and re-decide every N steps (0: once)
     auto_trials: int = 2           # auto under ddp: timed exchanges per shortlisted candidate (0: the cost model alone)
+    auto_trial_steps: int = 3      # auto under ddp: training steps each shortlisted candidate runs before the choice
+                                   # is final (0: the timed exchanges decide; else >= 2, the first is not timed)
     powersgd: PowerSGDOptions = field(default_factory=PowerSGDOptions)
     topk: TopKOptions = field(default_factory=TopKOptions)
     randk: RandKOptions = field(default_factory=RandKOptions)
@@ -248,6 +250,9 @@ class CommConfig:
         _positive("comm.start_step", self.start_step, zero_ok=True)
         _positive("comm.auto_every", self.auto_every, zero_ok=True)
         _positive("comm.auto_trials", self.auto_trials, zero_ok=True)
+        if self.auto_trial_steps == 1 or self.auto_trial_steps < 0:
+            raise ValueError(f"config key 'comm.auto_trial_steps' = {self.auto_trial_steps!r}: 0 (off) or >= 2 "
+                             "(each candidate's first step is not timed)")
         if self.int4.block_size % 2:
             raise ValueError(f"config key 'comm.int4.block_size' = {self.int4.block_size!r}; must be even (a block's "
                              f"two halves share its bytes)")
@@ -460,7 +465,7 @@ RESUME_RULES = {
     "train": {"*": "allow"},
     "ema": {"*": "allow", "kind": "refuse"},   # the average so far is of one kind; its settings shape what follows
     "comm": {"*": "reset", "transport": "allow", "start_step": "allow", "auto_candidates": "allow",
-             "auto_every": "allow", "auto_trials": "allow"},
+             "auto_every": "allow", "auto_trials": "allow", "auto_trial_steps": "allow"},
     "dist": {"*": "allow"},
 }
 RESUME_WHY = {"refuse": "cannot change on resume", "reset": "compressor state starts afresh",

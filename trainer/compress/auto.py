@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 
 import torch
@@ -203,9 +204,10 @@ def encode_costs(classes: list, cfg, n: int, transport) -> list[float]:
     return transport.allgather(encode).max(0).values.tolist()
 
 
-def choose_compressor(cfg, transport, module: torch.nn.Module, bucket_cap_mb: float = 25.0) -> str:
+def choose_compressor(cfg, transport, module: torch.nn.Module, bucket_cap_mb: float = 25.0) -> tuple[str, list[str]]:
     """The fastest candidate per step for gradients sent in buckets of `bucket_cap_mb`: predicted by the cost model
-    for all, measured for the shortlist (module docstring); ties go to the earlier candidate."""
+    for all, measured for the shortlist (module docstring); ties go to the earlier candidate. Also the shortlist,
+    fastest first, for the in-training trials (`StepTrials`)."""
     w, plan, registry = transport.world_size, gradient_plan(module, cfg), _compressors()
     n = plan.n
     buckets = max(1, math.ceil(4 * n / (bucket_cap_mb * 2**20)))
@@ -224,8 +226,9 @@ def choose_compressor(cfg, transport, module: torch.nn.Module, bucket_cap_mb: fl
         t = torch.tensor([measure_exchange(cfg, transport, module, name, bucket_cap_mb, cfg.auto_trials)
                           for name in shortlist], dtype=torch.float64)
         measured = dict(zip(shortlist, transport.allgather(t).max(0).values.tolist()))
-    return log_choice(rows, f"auto compressor: link alpha {alpha * 1e6:.1f} us, {8 / beta / 1e9:.3f} Gbit/s over {w} "
+    best = log_choice(rows, f"auto compressor: link alpha {alpha * 1e6:.1f} us, {8 / beta / 1e9:.3f} Gbit/s over {w} "
                             f"ranks, {n} floats in {buckets} bucket(s)", measured)
+    return best, [best] + sorted((c for c in shortlist if c != best), key=lambda c: measured.get(c, 0.0))
 
 
 def log_choice(rows: list[tuple[float, str, float, float, float]], header: str,
@@ -240,3 +243,50 @@ def log_choice(rows: list[tuple[float, str, float, float, float]], header: str,
              for t, name, c, e, s in rows]
     log.info("%s\n%s\n  -> %s", header, "\n".join(lines), best)
     return best
+
+
+class StepTrials:
+    """`comm.auto_trial_steps`: the shortlist's last word is said inside training. An exchange timed alone between
+    steps is not the exchange inside a step, where its thread shares the rank's cores with backward and the next
+    step's work (at 100 Mbit/s top-k measured 26 ms alone and cost 150 ms a step in training: README, bench/README).
+    So each shortlisted candidate runs `steps` applied training steps in turn; the wall time between step
+    boundaries, after each candidate's first step (allocation, first calls), is its measurement; the candidate with
+    the least median step time (the slowest rank's, so all agree) is kept. Steps that are not applied (a non-finite
+    gradient) are not timed. Resumable: the position and the times so far are state."""
+
+    def __init__(self, names: list[str], steps: int):
+        assert steps >= 2 and len(names) > 1, (names, steps)
+        self.names, self.steps = list(names), steps
+        self.index, self.count = 0, 0
+        self.times: dict[str, list[float]] = {n: [] for n in self.names}
+        self.last: float | None = None   # wall time of the previous step boundary
+
+    @property
+    def current(self) -> str:
+        return self.names[self.index]
+
+    def boundary(self, now: float, applied: bool) -> str | None:
+        """A step boundary at wall time `now`. The candidate to run next, or None when every candidate has run
+        (then `medians()` is the measurement)."""
+        if applied:
+            if self.count > 0 and self.last is not None:
+                self.times[self.current].append(now - self.last)
+            self.count += 1
+            if self.count == self.steps:
+                self.index, self.count = self.index + 1, 0
+        self.last = now
+        return self.current if self.index < len(self.names) else None
+
+    def medians(self) -> list[float]:
+        return [statistics.median(self.times[n]) if self.times[n] else math.inf for n in self.names]
+
+    def state_dict(self) -> dict:
+        return {"names": self.names, "steps": self.steps, "index": self.index, "count": self.count,
+                "times": self.times}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "StepTrials":
+        trials = cls(state["names"], state["steps"])
+        trials.index, trials.count = int(state["index"]), int(state["count"])
+        trials.times = {n: [float(t) for t in ts] for n, ts in state["times"].items()}
+        return trials
