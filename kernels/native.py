@@ -9,7 +9,8 @@ the same float32 operations and order: built with -ffp-contract=off (no fused mu
 Where the CPU has AVX-512 the hot loops are intrinsics over 16 lanes (the same operations, elementwise, so the same
 bits); the portable loops take the tails, and everything elsewhere (tests build them with -mno-avx512f too).
 Beside the quantisers: the scaled-sign encode (bits and a float64 sum of |x| in a fixed lane order), its decode and
-residual, top-k (radix selects on |x|'s bit patterns, compress-stored candidates) and scatter-add.
+residual, top-k (radix selects on |x|'s bit patterns, compress-stored candidates), scatter-add, and PowerSGD's
+decode (a sum of rank-one terms in a fixed order).
 
 The source is compiled once per machine by the system C compiler (`cc`, or $CC) into the cache folder
 ($FIELDTRAIN_CACHE, default ~/.cache/fieldtrain) under a name that hashes source, flags, compiler and CPU model
@@ -410,6 +411,33 @@ int64_t ft_topk(const float *restrict x, int64_t n, uint32_t thr, int64_t k, int
     return count;
 }
 
+/* kernels.lowrank_product: out (n, len) = sum over j = 0..r-1, in that order, of coef[i, j] A[j, :] (real: B NULL,
+   coef (n, r)) or of a A[j, :] + b B[j, :] with (a, b) = coef[i, j] (complex as interleaved pairs: A = (c, d) pairs,
+   B = (-d, c) pairs, coef (n, r, 2)). Columns go in chunks that stay in L1 while the r terms are added. */
+void ft_lowrank(const float *restrict coef, const float *restrict A, const float *restrict B, int64_t n, int64_t r,
+                int64_t len, float *restrict out) {
+    const int64_t CH = 2048;
+    for (int64_t i = 0; i < n; i++) {
+        float *restrict o = out + i * len;
+        for (int64_t f0 = 0; f0 < len; f0 += CH) {
+            int64_t f1 = f0 + CH < len ? f0 + CH : len;
+            for (int64_t j = 0; j < r; j++) {
+                const float *restrict a_ = A + j * len;
+                if (B == NULL) {
+                    float a = coef[i * r + j];
+                    if (j == 0) for (int64_t f = f0; f < f1; f++) o[f] = a * a_[f];
+                    else for (int64_t f = f0; f < f1; f++) o[f] = o[f] + a * a_[f];
+                } else {
+                    const float *restrict b_ = B + j * len;
+                    float a = coef[2 * (i * r + j)], b = coef[2 * (i * r + j) + 1];
+                    if (j == 0) for (int64_t f = f0; f < f1; f++) o[f] = a * a_[f] + b * b_[f];
+                    else for (int64_t f = f0; f < f1; f++) o[f] = o[f] + (a * a_[f] + b * b_[f]);
+                }
+            }
+        }
+    }
+}
+
 /* scatter_dense's accumulate: out[idx[j]] += val[j] for j = 0, 1, ..., m - 1 in that order (index_add_'s), after
    checking every index is in [0, n): returns -1, or the first j whose index is not (and out is left as it was) */
 int64_t ft_scatter_add(float *restrict out, int64_t n, const int32_t *restrict idx, const float *restrict val,
@@ -436,6 +464,8 @@ _SIGNATURES = {
     "ft_topk": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p],
     "ft_scatter_add": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64],
+    "ft_lowrank": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_void_p],
 }
 _RETURNS = {"ft_sample_rank": ctypes.c_uint32, "ft_topk": ctypes.c_int64, "ft_scatter_add": ctypes.c_int64}
 
@@ -572,3 +602,9 @@ def scatter_add(out, idx, val) -> None:
     bad = library().ft_scatter_add(_p(out), out.numel(), _p(idx), _p(val), idx.numel())
     if bad >= 0:
         raise ValueError(f"index {idx[bad].item()} (entry {bad}) is out of range for a dense vector of {out.numel()}")
+
+
+def lowrank(coef, A, B, out) -> None:
+    """out (n, len) from coef (n, r) or (n, r, 2), A and B (r, len) float32 (B None for real): see ft_lowrank."""
+    n, r = coef.shape[0], coef.shape[1]
+    library().ft_lowrank(_p(coef), _p(A), None if B is None else _p(B), n, r, A.shape[1], _p(out))

@@ -6,8 +6,8 @@ import logging
 import pytest
 import torch
 
-from kernels import (decode_blockwise, encode_blockwise, encode_signs, encode_with_residual, kernel_mode, pack_signs,
-                     scatter_dense, sign_residual, topk_select, unpack_signs)
+from kernels import (decode_blockwise, encode_blockwise, encode_signs, encode_with_residual, kernel_mode,
+                     lowrank_product, pack_signs, scatter_dense, sign_residual, topk_select, unpack_signs)
 from kernels import fused, native
 
 
@@ -87,6 +87,9 @@ def test_native_codecs_without_avx512_give_the_same_bytes(monkeypatch, tmp_path)
             got += [packed, l1, unpack_signs(packed, n, scale=scale), sign_residual(x, packed, scale)]
             values, indices = topk_select(x, 3000)
             got += [values, indices, scatter_dense(n, indices, values)]
+            P, QH = x[:12].view(3, 4), x[:4 * 2053].view(4, 2053)
+            got += [lowrank_product(P, QH), torch.view_as_real(lowrank_product(torch.view_as_complex(P.reshape(3, 2, 2)),
+                                                                                torch.view_as_complex(QH.reshape(2, -1, 2))))]
             results[mode] = got
     for got, want in zip(results["compiled"], results["reference"]):
         assert got.dtype == want.dtype and torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8))
@@ -179,3 +182,39 @@ def test_native_scatter_add_is_index_add_in_order(native_on):
     with kernel_mode("compiled"), pytest.raises(ValueError, match="index 6 .entry 1. is out of range"):
         scatter_dense(6, torch.tensor([1, 6], dtype=torch.int32), torch.ones(2), out=out)
     assert torch.equal(out, torch.ones(6))
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return (torch.view_as_real(t) if t.is_complex() else t).contiguous().view(-1).view(torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+@pytest.mark.parametrize("n,r,m", [(32, 4, 9216), (3, 1, 5), (7, 5, 2049), (1, 8, 4100)])
+def test_native_lowrank_product_is_the_reference_and_a_matmul(native_on, dtype, n, r, m):
+    """PowerSGD's decode P Q^H: C and torch reference give the same bits (terms added in order j, complex terms as
+    (ac - bd, ad + bc)), signed zeros and subnormals included, written into a given `out` or a new tensor; against a
+    float64 matmul the error stays within r + 2 roundings of the sum of |terms| (each term's product rounds once, or
+    three times for a complex part, and r - 1 additions follow)."""
+    g = _gen("cpu", n * 100 + r)
+    P, QH = torch.randn(n, r, generator=g, dtype=dtype), torch.randn(r, m, generator=g, dtype=dtype)
+    P[0, 0] = -0.0
+    QH.view(-1)[1:40] = 1e-40
+    with kernel_mode("compiled"):
+        fast = lowrank_product(P, QH)
+        into = torch.full((n, m), float("nan"), dtype=dtype)
+        assert lowrank_product(P, QH, out=into) is into
+    with kernel_mode("reference"):
+        ref = lowrank_product(P, QH)
+    assert torch.equal(_bits(fast), _bits(ref)) and torch.equal(_bits(into), _bits(ref))
+    exact = P.to(torch.complex128 if dtype.is_complex else torch.float64) @ QH.to(torch.complex128 if dtype.is_complex
+                                                                                  else torch.float64)
+    scale = (P.abs().double() @ QH.abs().double()) * (2 if dtype.is_complex else 1)
+    assert ((ref.to(exact.dtype) - exact).abs() <= (r + 2) * 2.0 ** -24 * scale + 1e-38).all()
+
+
+def test_lowrank_product_refuses_mismatched_shapes_and_dtypes():
+    with pytest.raises(ValueError, match=r"P \(3, 4\).*QH \(5, 7\)"):
+        lowrank_product(torch.zeros(3, 4), torch.zeros(5, 7))
+    with pytest.raises(ValueError, match="out is"):
+        lowrank_product(torch.zeros(3, 4), torch.zeros(4, 7), out=torch.zeros(3, 8))
+    with pytest.raises(ValueError, match="float32 or complex64"):
+        lowrank_product(torch.zeros(3, 4, dtype=torch.float64), torch.zeros(4, 7, dtype=torch.float64))

@@ -36,6 +36,7 @@ import zlib
 
 import torch
 
+from kernels import lowrank_product
 from trainer.compress.base import Compressor, GradientPlan, ParamView, mixed_seed, timed
 
 
@@ -158,13 +159,13 @@ class PowerSGDCompressor(Compressor):
 
         for (v, _), x, P, QH in zip(low_rank, xs, Ps, QHs):
             QH = QH.div_(W) if W > 1 else QH            # our own slice of the allreduced buffer
-            out = v.slice(grad)                         # approx = P Q^H straight into the bucket
-            if not P.is_complex():
-                torch.matmul(P, QH, out=out.view(P.shape[0], -1))
+            out = v.slice(grad)                         # approx = P Q^H straight into the bucket, summed in
+            if not P.is_complex():                      # kernels.lowrank_product's fixed order
+                lowrank_product(P, QH, out=out.view(P.shape[0], -1))
             elif out.storage_offset() % 2 == 0:
-                torch.matmul(P, QH, out=torch.view_as_complex(out.view(-1, 2)).view(P.shape[0], -1))
+                lowrank_product(P, QH, out=torch.view_as_complex(out.view(-1, 2)).view(P.shape[0], -1))
             else:
-                out.copy_(torch.view_as_real(P @ QH).reshape(-1))
+                out.copy_(torch.view_as_real(lowrank_product(P, QH)).reshape(-1))
             if ef:
                 self.put(v.name + "/e", x.sub_(out))    # e = M - approx, in x's own storage
             self.put(v.name + "/q", QH.mH.resolve_conj(), local=False)     # Q (m, r), a transposed view

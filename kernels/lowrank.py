@@ -1,0 +1,82 @@
+"""PowerSGD's decode, approx = P Q^H, as r rank-one terms added in a fixed order.
+
+A matmul's summation order is its BLAS library's (and for K = r = 4 MKL's kernels run at a fifth of memory speed
+here), so the product is defined as
+    out = t_0 + t_1 + ... + t_{r-1},   t_j = P[:, j] QH[j, :]      (left to right, each term rounded),
+with complex terms in real arithmetic, t = (a c - b d, a d + b c) for P[i, j] = a + bi and QH[j, k] = c + di.
+The torch reference below and the C loop (kernels/native.py, ft_lowrank) compute exactly these float32 operations,
+so they agree to the bit; `FusedKernel` checks it before first use.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import fused, native
+
+
+def _planes(P: torch.Tensor, QH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(coef, A, B) of the C loop: P's (a, b) pairs; QH's (c, d) pairs and (-d, c) pairs, (r, 2m) each (B None when
+    real)."""
+    if not P.is_complex():
+        return P.contiguous(), QH.contiguous(), None
+    q = torch.view_as_real(QH.resolve_conj())                       # (r, m, 2)
+    swapped = torch.stack([-q[..., 1], q[..., 0]], dim=-1)          # i QH: (-d, c)
+    r = q.shape[0]
+    return torch.view_as_real(P.resolve_conj()).contiguous(), q.contiguous().view(r, -1), swapped.view(r, -1)
+
+
+def _check(P: torch.Tensor, QH: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if P.dim() != 2 or QH.dim() != 2 or P.shape[1] != QH.shape[0] or P.dtype != QH.dtype \
+            or P.dtype not in (torch.float32, torch.complex64):
+        raise ValueError(f"lowrank_product: P {tuple(P.shape)} {P.dtype} and QH {tuple(QH.shape)} {QH.dtype}; "
+                         "expected (n, r) and (r, m) of one dtype, float32 or complex64")
+    shape = (P.shape[0], QH.shape[1])
+    if out is None:
+        return torch.empty(shape, dtype=P.dtype, device=P.device)
+    if out.shape != shape or out.dtype != P.dtype:
+        raise ValueError(f"lowrank_product: out is {tuple(out.shape)} {out.dtype}, expected {shape} {P.dtype}")
+    return out
+
+
+def _reference(P: torch.Tensor, QH: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    out = _check(P, QH, out)
+    coef, A, B = _planes(P, QH)
+    acc = None
+    for j in range(coef.shape[1]):
+        t = coef[:, j, None] * A[j] if B is None else coef[:, j, 0, None] * A[j] + coef[:, j, 1, None] * B[j]
+        acc = t if acc is None else acc + t
+    if acc is None:
+        acc = torch.zeros_like(torch.view_as_real(out) if out.is_complex() else out).view(out.shape[0], -1)
+    (torch.view_as_real(out) if out.is_complex() else out).view(acc.shape).copy_(acc)
+    return out
+
+
+def _fast(P: torch.Tensor, QH: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    out = _check(P, QH, out)
+    flat = torch.view_as_real(out) if out.is_complex() else out
+    if P.shape[1] == 0 or not native.usable(flat, QH):
+        return _reference(P, QH, out)
+    coef, A, B = _planes(P, QH)
+    native.lowrank(coef, A, B, flat)
+    return out
+
+
+def _example(dtype: torch.dtype):
+    def make(device: torch.device) -> tuple:
+        g = torch.Generator().manual_seed(7)
+        P, QH = torch.randn(5, 3, generator=g, dtype=dtype), torch.randn(3, 2053, generator=g, dtype=dtype)
+        P[0, 0] = -0.0                  # signed zeros: the first term is not added to a zero
+        return P.to(device), QH.to(device)
+    return make
+
+
+_REAL = fused.FusedKernel("lowrank_product (real)", _fast, _reference, _example(torch.float32), min_numel=0)
+_COMPLEX = fused.FusedKernel("lowrank_product (complex)", _fast, _reference, _example(torch.complex64), min_numel=0)
+
+
+def lowrank_product(P: torch.Tensor, QH: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """P @ QH (P (n, r), QH (r, m), float32 or complex64) summed term by term (module docstring), into `out` (a
+    contiguous (n, m) tensor of P's dtype) or a new tensor."""
+    out = _check(P, QH, out)      # here, not inside the kernel: FusedKernel takes a failing fast path for a broken
+    return (_COMPLEX if P.is_complex() else _REAL)(P, QH, out)      # compiler and falls back for good
