@@ -15,15 +15,12 @@ import torch
 from kernels import fused, native
 
 
-def _planes(P: torch.Tensor, QH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(coef, A, B) of the C loop: P's (a, b) pairs; QH's (c, d) pairs and (-d, c) pairs, (r, 2m) each (B None when
-    real)."""
+def _planes(P: torch.Tensor, QH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(coef, A) as the C loop reads them: P as (n, r) or (n, r, 2) (a, b) pairs, QH as (r, m) or (r, 2m) floats."""
     if not P.is_complex():
-        return P.contiguous(), QH.contiguous(), None
-    q = torch.view_as_real(QH.resolve_conj())                       # (r, m, 2)
-    swapped = torch.stack([-q[..., 1], q[..., 0]], dim=-1)          # i QH: (-d, c)
-    r = q.shape[0]
-    return torch.view_as_real(P.resolve_conj()).contiguous(), q.contiguous().view(r, -1), swapped.view(r, -1)
+        return P.contiguous(), QH.contiguous()
+    return (torch.view_as_real(P.resolve_conj()).contiguous(),
+            torch.view_as_real(QH.resolve_conj()).contiguous().view(QH.shape[0], -1))
 
 
 def _check(P: torch.Tensor, QH: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -41,14 +38,23 @@ def _check(P: torch.Tensor, QH: torch.Tensor, out: torch.Tensor | None) -> torch
 
 def _reference(P: torch.Tensor, QH: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     out = _check(P, QH, out)
-    coef, A, B = _planes(P, QH)
+    coef, A = _planes(P, QH)
+    if P.is_complex():
+        a, b = coef[..., 0], coef[..., 1]                      # (n, r)
+        c, d = A.view(A.shape[0], -1, 2).unbind(-1)            # (r, m)
     acc = None
     for j in range(coef.shape[1]):
-        t = coef[:, j, None] * A[j] if B is None else coef[:, j, 0, None] * A[j] + coef[:, j, 1, None] * B[j]
+        if P.is_complex():
+            t = torch.stack([a[:, j, None] * c[j] - b[:, j, None] * d[j], a[:, j, None] * d[j] + b[:, j, None] * c[j]],
+                            dim=-1)
+        else:
+            t = coef[:, j, None] * A[j]
         acc = t if acc is None else acc + t
+    flat = torch.view_as_real(out) if out.is_complex() else out
     if acc is None:
-        acc = torch.zeros_like(torch.view_as_real(out) if out.is_complex() else out).view(out.shape[0], -1)
-    (torch.view_as_real(out) if out.is_complex() else out).view(acc.shape).copy_(acc)
+        flat.zero_()
+    else:
+        flat.copy_(acc.view(flat.shape))
     return out
 
 
@@ -57,8 +63,8 @@ def _fast(P: torch.Tensor, QH: torch.Tensor, out: torch.Tensor | None = None) ->
     flat = torch.view_as_real(out) if out.is_complex() else out
     if P.shape[1] == 0 or not native.usable(flat, QH):
         return _reference(P, QH, out)
-    coef, A, B = _planes(P, QH)
-    native.lowrank(coef, A, B, flat)
+    coef, A = _planes(P, QH)
+    native.lowrank(coef, A, P.is_complex(), flat)
     return out
 
 
