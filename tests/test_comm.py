@@ -150,16 +150,17 @@ def test_resume_with_compressor_state_equals_uninterrupted_run(small_darcy, tmp_
 
 @pytest.mark.slow
 def test_auto_trials_resume_mid_trial_through_the_checkpoint(small_darcy, tmp_path):
-    """Stopped at step 4, inside the in-training trials (3 steps per candidate), the resumed run goes on with the
-    trial where it was: its switches fall at steps 6 and 9 (a trial started afresh at step 4 would switch at 7)."""
+    """Stopped at step 9, inside the in-training trials (5 warm-up steps, then 3 per candidate: switches at 8, 11 and
+    14), the resumed run goes on with the trial where it was: its switches fall at steps 11 and 14 (trials started
+    afresh at step 9 would switch at 17)."""
     over = ["comm.compressor=auto", "comm.auto_trial_steps=3", 'comm.auto_candidates=["int8", "sign", "topk"]']
-    spec = {"config": str(REPO / "configs" / "darcy_fno.toml"), "base": base(small_darcy, tmp_path, steps=12),
-            "runs": [{"name": "auto", "overrides": over, "stop_after": 4},
+    spec = {"config": str(REPO / "configs" / "darcy_fno.toml"), "base": base(small_darcy, tmp_path, steps=20),
+            "runs": [{"name": "auto", "overrides": over, "stop_after": 9},
                      {"name": "auto", "overrides": over, "resume": True}]}
     r = run_ranks(2, spec, tmp_path)["auto"]
-    assert r["steps"] == 12 and r["replica_max_abs_diff"] == 0.0
+    assert r["steps"] == 20 and r["replica_max_abs_diff"] == 0.0
     steps = [int(w.split()[3]) for w in r["warnings"] if w.startswith("auto at step")]
-    assert set(steps) <= {6, 9}, r["warnings"]
+    assert set(steps) <= {11, 14}, r["warnings"]
 
 
 @pytest.mark.slow
@@ -309,13 +310,15 @@ def test_auto_switches_at_agreed_step_boundaries_and_resumes_its_choice(tmp_path
 
 def test_step_trials_time_each_candidate_after_its_first_step_and_skip_unapplied_steps():
     from trainer.compress.auto import StepTrials
-    trials = StepTrials(["int8", "sign"], 3)
+    trials = StepTrials(["int8", "sign"], 3, warmup=2)
     now, order = 0.0, []
-    # (seconds the step took, applied): each candidate's first step is slow (not timed), one step is not applied
-    for dt, applied in [(9.0, True), (1.0, True), (2.0, False), (3.0, True), (9.0, True), (0.5, True), (0.7, True)]:
+    # (seconds the step took, applied): two warm-up steps, each candidate's first step slow (none of them timed),
+    # one step not applied
+    for dt, applied in [(50.0, True), (20.0, True), (9.0, True), (1.0, True), (2.0, False), (3.0, True), (9.0, True),
+                        (0.5, True), (0.7, True)]:
         now += dt
         order.append(trials.boundary(now, applied))
-    assert order == ["int8", "int8", "int8", "sign", "sign", "sign", None]
+    assert order == ["int8"] * 5 + ["sign", "sign", "sign", None]
     assert trials.times["int8"] == [1.0, 3.0] and trials.times["sign"] == pytest.approx([0.5, 0.7])
     assert trials.medians() == pytest.approx([2.0, 0.6])
     again = StepTrials.from_state(trials.state_dict())
@@ -357,13 +360,23 @@ def _auto_trials_worker(rank: int, port: int, root: str) -> None:
             ex.end_step(True)
             names.append(ex.compressor.name)
 
+    auto.TRIAL_WARMUP = 2          # the run's first 2 steps cost 10 s more each and must not count
+    warm = iter([10.0, 10.0])
+
+    def train_warm(ex, steps, names):
+        clock[0] += next(warm, 0.0)
+        train(ex, steps, names)
+
     ex = comm.GradientExchange(cfg, model, seed=0)
     names = [ex.compressor.name]
-    train(ex, 11, names)
-    # the same run checkpointed mid-trial (after 4 steps: sign done, int8 running) and resumed in a new exchange
+    for _ in range(13):
+        train_warm(ex, 1, names)
+    # the same run checkpointed mid-trial (after 6 steps: sign done, int8 running) and resumed in a new exchange
+    warm = iter([10.0, 10.0])
     first = comm.GradientExchange(cfg, model, seed=0)
     resumed_names = [first.compressor.name]
-    train(first, 4, resumed_names)
+    for _ in range(6):
+        train_warm(first, 1, resumed_names)
     state = first.state_dict()
     second = comm.GradientExchange(cfg, model, seed=0)
     second.load_state_dict(state)
@@ -376,7 +389,7 @@ def _auto_trials_worker(rank: int, port: int, root: str) -> None:
 def test_auto_trials_in_training_keep_the_fastest_by_the_slowest_rank_and_resume_mid_trial(tmp_path):
     run_two_ranks(_auto_trials_worker, (str(tmp_path),), "fork", 120, "in-training trials")
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    # 3 steps each in shortlist order, then int8 (the slowest rank's least median) from step 9 on
-    assert r0["names"] == r1["names"] == ["sign"] * 3 + ["int8"] * 3 + ["topk"] * 3 + ["int8"] * 3
-    assert r0["switches"] == [[3, "sign", "int8"], [6, "int8", "topk"], [9, "topk", "int8"]]
+    # 2 warm-up steps, then 3 steps each in shortlist order, then int8 (the slowest rank's least median) from step 11
+    assert r0["names"] == r1["names"] == ["sign"] * 5 + ["int8"] * 3 + ["topk"] * 3 + ["int8"] * 3
+    assert r0["switches"] == [[5, "sign", "int8"], [8, "int8", "topk"], [11, "topk", "int8"]]
     assert r0["resumed"] == r0["names"]

@@ -98,7 +98,7 @@ class GradientExchange:
         self.module, self.seed = module, seed
         self.trials = None           # auto: the shortlist's in-training trials while they run (auto.StepTrials)
         self.step = 0
-        self.compressor: Compressor = self._build(self._decide() if cfg.compressor == "auto" else cfg.compressor)
+        self.compressor: Compressor = self._build(self._decide(warm=False) if cfg.compressor == "auto" else cfg.compressor)
         self.switches: list[tuple[int, str, str]] = []   # auto: (step, from, to)
         self.warmup = AllReduceCompressor(cfg, self.transport)   # fp32 for the first cfg.start_step steps
         self.stats = ExchangeStats()
@@ -108,10 +108,11 @@ class GradientExchange:
         self._views: dict[tuple, list[ParamView]] = {}
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grad-exchange")
 
-    def _decide(self) -> str:
+    def _decide(self, warm: bool = True) -> str:
         """auto: measure the link (between nodes, when hierarchical) and pick the compressor (a collective; every rank
         gets the same name). With `comm.auto_trial_steps`, a shortlist of more than one starts in-training trials
-        (auto.StepTrials) with the first."""
+        (auto.StepTrials) with the first; before the run's first step (warm=False) they begin after
+        auto.TRIAL_WARMUP untimed steps."""
         from trainer.compress import auto
         candidates = list(self.cfg.auto_candidates)
         ranked = torch.full((len(candidates),), -1, dtype=torch.int64)   # shortlist as candidate indices, best first
@@ -124,9 +125,10 @@ class GradientExchange:
         shortlist = [candidates[int(i)] for i in ranked if i >= 0]
         self.trials = None
         if self.cfg.auto_trial_steps and len(shortlist) > 1:
-            self.trials = auto.StepTrials(shortlist, self.cfg.auto_trial_steps)
+            warmup = 0 if warm else auto.TRIAL_WARMUP
+            self.trials = auto.StepTrials(shortlist, self.cfg.auto_trial_steps, warmup)
             log.info("auto: %s each run %d training steps from step %d; the fastest is kept", ", ".join(shortlist),
-                     self.cfg.auto_trial_steps, max(self.step, self.cfg.start_step))
+                     self.cfg.auto_trial_steps, max(self.step, self.cfg.start_step) + warmup)
         return shortlist[0]
 
     def _trial_boundary(self, applied: bool) -> None:

@@ -152,6 +152,7 @@ def choose_bucket_cap(cfg, name: str, transport, module: torch.nn.Module, t_back
 
 
 SHORTLIST = 2.0     # candidates predicted within this factor of the best are measured
+TRIAL_WARMUP = 5    # untimed steps before the in-training trials at the start of a run (bench/comm.py's WARMUP_STEPS)
 MAX_TRIALED = 3     # ... at most this many, in predicted order
 
 
@@ -252,12 +253,14 @@ class StepTrials:
     So each shortlisted candidate runs `steps` applied training steps in turn; the wall time between step
     boundaries, after each candidate's first step (allocation, first calls), is its measurement; the candidate with
     the least median step time (the slowest rank's, so all agree) is kept. Steps that are not applied (a non-finite
-    gradient) are not timed. Resumable: the position and the times so far are state."""
+    gradient) are not timed. A run's first steps are slow for every compressor (allocations, first calls: the first
+    candidate's in-training time measured 0.42-0.45 s a step against 0.31 s once warm), so at the start of a run the
+    first candidate runs `warmup` more untimed steps. Resumable: the position and the times so far are state."""
 
-    def __init__(self, names: list[str], steps: int):
-        assert steps >= 2 and len(names) > 1, (names, steps)
+    def __init__(self, names: list[str], steps: int, warmup: int = 0):
+        assert steps >= 2 and len(names) > 1 and warmup >= 0, (names, steps, warmup)
         self.names, self.steps = list(names), steps
-        self.index, self.count = 0, 0
+        self.index, self.count = 0, -warmup
         self.times: dict[str, list[float]] = {n: [] for n in self.names}
         self.last: float | None = None   # wall time of the previous step boundary
 
