@@ -8,6 +8,7 @@ Each rank saves its final flat parameters to OUT_DIR/<name>.rank<r>.pt; rank 0 w
 (the run summary plus the compressor's state, checked finite).
 """
 
+import gc
 import json
 import logging
 import math
@@ -85,7 +86,9 @@ def main(spec_path: str, out: str) -> None:
         summary["bucket_cap_mb"] = getattr(trainer.engine, "bucket_cap_mb", None)
         if env.rank == 0:
             (out_dir / f"{run['name']}.json").write_text(json.dumps(summary))
-    destroy_distributed()
+        del trainer, comp, state
+    gc.collect()           # the trainers' DDP wrappers hold the process group: free them (and join gloo's threads)
+    destroy_distributed()  # while Python is alive, not at interpreter exit (launch/run.py)
 
 
 if __name__ == "__main__":

@@ -230,8 +230,8 @@ class CommConfig:
     auto_candidates: list = field(default_factory=lambda: ["none", "fp16", "powersgd", "int8", "int4", "sign", "topk"])
     auto_every: int = 0            # auto under ddp: re-measure the link and re-decide every N steps (0: once)
     auto_trials: int = 2           # auto under ddp: timed exchanges per shortlisted candidate (0: the cost model alone)
-    auto_trial_steps: int = 3      # auto under ddp: training steps each shortlisted candidate runs before the choice
-                                   # is final (0: the timed exchanges decide; else >= 2, the first is not timed)
+    auto_trial_steps: int = 0      # auto under ddp: training steps each shortlisted candidate runs before the choice
+                                   # is final (0, off: the timed exchanges decide; else >= 2, the first is not timed)
     powersgd: PowerSGDOptions = field(default_factory=PowerSGDOptions)
     topk: TopKOptions = field(default_factory=TopKOptions)
     randk: RandKOptions = field(default_factory=RandKOptions)
