@@ -113,6 +113,23 @@ def _spec(small_darcy, runs_dir: Path, runs: list[dict], **extra) -> dict:
     return {"config": CONFIG, "base": base, "runs": runs, **extra}
 
 
+def _fp16_supported() -> bool:
+    from trainer.parallel.deepspeed_import import _import_deepspeed
+    return bool(_import_deepspeed().accelerator.get_accelerator().is_fp16_supported())
+
+
+def test_half_parameters_the_device_cannot_take_are_refused_by_key():
+    from trainer.parallel.deepspeed import check_param_dtype
+    acc = type("Acc", (), {"is_fp16_supported": lambda self: None, "is_bf16_supported": lambda self: True,
+                           "device_name": lambda self: "cpu"})()
+    ds = type("DS", (), {"accelerator": type("M", (), {"get_accelerator": staticmethod(lambda: acc)})})
+    with pytest.raises(ValueError, match=r"'parallel.param_dtype' = 'float16'.*cpu accelerator.*use 'bfloat16' or "
+                                         r"'float32'"):
+        check_param_dtype(ds, "float16")
+    check_param_dtype(ds, "bfloat16")
+    check_param_dtype(ds, "float32")
+
+
 @pytest.fixture(scope="module")
 def two_ranks(small_darcy, ds_dir, stale_lock_dir) -> dict:
     """Everything the 2-rank tests read, in one torchrun, with a stale JIT lock in the extensions cache."""
@@ -125,9 +142,10 @@ def two_ranks(small_darcy, ds_dir, stale_lock_dir) -> dict:
         runs.append({"name": f"z{stage}_clip", "overrides": zero(stage) + _steps(20) + ["optim.grad_clip=0.05"]})
     runs.append({"name": "ddp_clip", "overrides": DDP + _steps(20) + ["optim.grad_clip=0.05"]})
     runs += [{"name": "z1_bfloat16", "overrides": zero(1) + _steps(20) + ["parallel.param_dtype=bfloat16"]},
-             {"name": "z2_float16", "overrides": zero(2) + _steps(20) + ["parallel.param_dtype=float16",
-                                                                        "comm.compressor=int8"]},
              {"name": "z3_bfloat16", "overrides": zero(3) + _steps(20) + ["parallel.param_dtype=bfloat16"]}]
+    if _fp16_supported():   # DeepSpeed's CPU accelerator: oneDNN fp16 (AVX512-FP16 / AMX), absent on many CPUs
+        runs.append({"name": "z2_float16", "overrides": zero(2) + _steps(20) + ["parallel.param_dtype=float16",
+                                                                              "comm.compressor=int8"]})
     for stage in (1, 2, 3):   # every compressor the stage carries, 24 steps
         for name, o, _ in compressor_rows(stage):
             if stage != 2 or name in STAGE2:
@@ -303,6 +321,8 @@ def test_bf16_and_fp16_parameters_train(two_ranks):
     5% of fp32's test error after 20 steps (measured 0.1-2%)."""
     for name, reference in (("z1_bfloat16", "z1_complex"), ("z2_float16", "z1_complex"),
                             ("z3_bfloat16", "z3_complex")):
+        if name not in two_ranks:   # fp16 where DeepSpeed's accelerator has none (the fixture leaves it out)
+            continue
         r = two_ranks[name]
         assert_consistent(r, name)
         assert r["skipped_steps"] == 0 and r["steps"] == 20, name

@@ -49,6 +49,19 @@ ALLREDUCE_FORM = tuple(n for n in COMPRESSORS if not n.startswith("torch_"))   #
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def check_param_dtype(ds, name: str) -> None:
+    """ValueError unless DeepSpeed's accelerator here takes parameters in `name` (its CPU accelerator asks oneDNN:
+    fp16 needs AVX512-FP16 or AMX-FP16, which many CPUs lack), said before DeepSpeed's own "Type fp16 is not
+    supported on your device" with the key to change."""
+    acc = ds.accelerator.get_accelerator()
+    ok = {"float16": acc.is_fp16_supported, "bfloat16": acc.is_bf16_supported}.get(name, lambda: True)()
+    if not ok:
+        raise ValueError(f"config key 'parallel.param_dtype' = {name!r}: DeepSpeed's {acc.device_name()} accelerator "
+                         f"on this machine does not support {name} parameters (on CPU DeepSpeed asks oneDNN, which "
+                         "needs AVX512-FP16 or AMX for float16); use "
+                         f"{' or '.join(repr(d) for d in ('bfloat16', 'float32') if d != name)}")
+
+
 def scatter_compressors() -> tuple[str, ...]:
     """The reduce-scatter-form compressors ZeRO-3 can carry (trainer/compress/scatter.py)."""
     from trainer.compress.scatter import SCATTER_COMPRESSORS
@@ -114,6 +127,7 @@ class DeepSpeedEngine(Engine):
         self.names.bind(model)
         module = model
         dtype = _DTYPES[cfg.parallel.param_dtype]
+        check_param_dtype(ds, cfg.parallel.param_dtype)
         if dtype != torch.float32:
             module = _Autocast(model, dtype, device.type)
         optimizer = make_optimizer(module.parameters())
