@@ -60,7 +60,7 @@ def _reference(P: torch.Tensor, QH: torch.Tensor, out: torch.Tensor | None = Non
 
 
 def _fast(P: torch.Tensor, QH: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    out = _check(P, QH, out)
+    out = _check(P, QH, out) if out is None else out     # lowrank_product checked a given out already
     flat = torch.view_as_real(out) if out.is_complex() else out
     if P.shape[1] == 0 or not native.usable(flat, QH):
         return _reference(P, QH, out)

@@ -118,7 +118,7 @@ class GradientExchange:
         ranked = torch.full((len(candidates),), -1, dtype=torch.int64)   # shortlist as candidate indices, best first
         if self.nodes is None or self.nodes.is_leader:
             self.transport.link = None   # measure afresh: cloud links change
-            best, shortlist = auto.choose_compressor(self.cfg, self.transport, self.module, self.bucket_cap_mb)
+            _, shortlist = auto.choose_compressor(self.cfg, self.transport, self.module, self.bucket_cap_mb)   # best first
             ranked[:len(shortlist)] = torch.tensor([candidates.index(c) for c in shortlist])
         if self.nodes is not None and self.nodes.local_size > 1:
             self.nodes.local.broadcast_(ranked, src=0)
