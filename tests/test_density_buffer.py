@@ -328,3 +328,24 @@ def test_step_size_adaptation_moves_the_acceptance_towards_the_target():
         local_search(t, x0, steps=1, step_size=-1.0, generator=gen(0))
     with pytest.raises(ValueError, match=r"\(n, 10\)"):
         local_search(t, x0[:, :3], steps=1, step_size=0.1, generator=gen(0))
+
+
+def test_burn_in_collects_exactly_the_proposals_accepted_after_it():
+    """gfn-diffusion's local search keeps every proposal accepted after burn-in, not each chain's end. The draws do not
+    depend on burn_in, so a run can be replayed step by step: step k's accepted proposals are the rows that changed
+    from the chain after k - 1 steps to the chain after k."""
+    t, eta, n, steps = gaussian(), 0.3, 200, 6
+    x0 = torch.tensor(M, dtype=F64) + 2 * torch.randn(n, 2, generator=gen(11), dtype=F64)
+    chain = [x0] + [local_search(t, x0, steps=k, step_size=eta, generator=gen(12))[0] for k in range(1, steps + 1)]
+    for burn_in in (0, 2, steps - 1):
+        x, lp, acc = local_search(t, x0, steps=steps, step_size=eta, generator=gen(12), burn_in=burn_in)
+        moved = [chain[k][(chain[k] != chain[k - 1]).any(1)] for k in range(burn_in + 1, steps + 1)]
+        assert torch.equal(x, torch.cat(moved)), burn_in
+        assert torch.allclose(lp, t.log_prob(x), rtol=0, atol=1e-12)
+    x, _, acc = local_search(t, x0, steps=steps, step_size=eta, generator=gen(12), burn_in=0)
+    assert len(x) == round(acc * steps * n) and 0 < acc < 1     # with burn_in 0, every accepted proposal
+    for bad in (steps, -1, 1.5):
+        with pytest.raises(ValueError, match="burn_in"):
+            local_search(t, x0, steps=steps, step_size=eta, generator=gen(0), burn_in=bad)
+    with pytest.raises(ValueError, match="burn_in"):
+        local_search(t, x0, steps=steps, step_size=eta, generator=gen(0), burn_in=1, metropolis=False)

@@ -27,6 +27,7 @@ def sets(*overrides: str) -> list[str]:
     (["model.density_sampler.method=pis"], "method 'pis' differentiates through on-policy paths"),
     (["model.density_sampler.ou_schedule=cosine"], "'model.density_sampler.ou_schedule' = 'cosine'; allowed: "),
     (["model.density_sampler.ou_alpha=-1.0"], "'model.density_sampler.ou_alpha' = -1.0; must be > 0"),
+    (["model.density_sampler.ls_burn_in=200"], "'model.density_sampler.ls_burn_in' = 200; must be in [0, ls_steps"),
 ])
 def test_bad_sampler_config_names_the_key(sets_, says):
     from trainer.config import load_config
@@ -93,7 +94,8 @@ def trained(tmp_path_factory) -> dict:
             {"name": "tb_staged", "overrides": steps, "stop_after": 15},
             {"name": "tb_staged", "overrides": steps, "resume": True}]
     ls = steps + ["model.density_sampler.local_search=true", "model.density_sampler.buffer_size=256",
-                  "model.density_sampler.ls_every=10", "model.density_sampler.ls_steps=5"]
+                  "model.density_sampler.ls_every=10", "model.density_sampler.ls_steps=5",
+                  "model.density_sampler.ls_burn_in=2"]
     runs += [{"name": "tb_ls", "overrides": ls}, {"name": "tb_ls_staged", "overrides": ls, "stop_after": 15},
              {"name": "tb_ls_staged", "overrides": ls, "resume": True}]
     results = run_ranks(2, {"config": CONFIG, "base": base, "runs": runs}, tmp)

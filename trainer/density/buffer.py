@@ -4,6 +4,7 @@
     buffer.add(x_bd, log_reward_b)                         # drops (and counts) rows with a NaN or inf
     x_bd, log_reward_b = buffer.sample(B, generator=g)    # rank-prioritised draws from this rank's shard
     x_bd, log_reward_b, acc = local_search(target, x_bd, steps=200, step_size=0.1, generator=g)
+    x_md, log_reward_m, acc = local_search(target, x_bd, 200, 0.1, g, burn_in=100)   # accepted after burn-in
 
 What Sendera et al. do, from their code (gfn-diffusion: energy_sampling/{train,buffer,langevin}.py, and the README's
 "TB + Expl. + LS" command; the paper's own text is not quoted here). There are two buffers, both
@@ -19,9 +20,10 @@ Where this file differs from that code:
   default here. "reward" keeps the highest rewards ever seen, and rank prioritisation already favours those. On an
   asymmetric target such as Manywell (the two wells' peaks differ by 1.73 nats per coordinate) it would pin the
   buffer to the best wells found early, even after the policy has moved on.
-- local_search returns each chain's final state: a fixed (n, d) per rank, the same shape on every rank. Their code
-  returns every proposal accepted after burn-in, a variable-sized batch; that is not offered here. A burn-in here is a
-  first call whose output feeds a second. Each call starts at the given step_size, as their code does.
+- local_search with burn_in returns, as theirs does, every proposal accepted after the first burn_in steps (a
+  variable number of rows; each rank adds its own to its shard). Theirs collects from 0-based step burn_in + 1 on
+  (99 of 200 steps), this from step burn_in on (100 of 200). Without burn_in it returns each chain's final state.
+  Each call starts at the given step_size, as their code does.
 - Adaptation updates the step from the acceptance of the step just taken, over the batch. Theirs uses the rate last
   measured at a multiple of 5 steps (the first step alone, then windows of 5), so it lags by up to 5 steps.
   Adaptation is off by default (target_acceptance None). The step size then stays fixed, and the chain is exact
@@ -235,10 +237,12 @@ def adapt_step_size(step_size: float, acceptance: float, target: float, factor: 
 
 
 def local_search(target: Target, x: torch.Tensor, steps: int, step_size: float, generator: torch.Generator,
-                 metropolis: bool = True, target_acceptance: float | None = None
+                 metropolis: bool = True, target_acceptance: float | None = None, burn_in: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """`steps` Langevin steps from each row of x (n, d) on log pi = target.log_prob. Returns the final x (n, d), its
-    log pi (n,), and the fraction of proposals accepted (1.0 without Metropolis).
+    log pi (n,), and the fraction of proposals accepted (1.0 without Metropolis). With burn_in (MALA only), the
+    first two are instead every proposal accepted in steps burn_in + 1 .. steps (m, d) and (m,), in step order, the
+    rows of one step in chain order (gfn-diffusion's langevin.py).
 
     Proposal (Euler-Maruyama step of dx = grad log pi dt + sqrt(2) dW, step eta):
         y = x + eta grad log pi(x) + sqrt(2 eta) z,   z ~ N(0, I).
@@ -262,16 +266,23 @@ def local_search(target: Target, x: torch.Tensor, steps: int, step_size: float, 
         if isinstance(target_acceptance, bool) or not isinstance(target_acceptance, (int, float)) \
                 or not 0 < target_acceptance < 1:
             raise ValueError(f"local search: 'target_acceptance' = {target_acceptance!r}; must be in (0, 1) or None")
+    if burn_in is not None:
+        if not metropolis:
+            raise ValueError("local search: 'burn_in' collects MALA's accepted proposals; ULA (metropolis=False) "
+                             "has no acceptance")
+        if isinstance(burn_in, bool) or not isinstance(burn_in, int) or not 0 <= burn_in < steps:
+            raise ValueError(f"local search: 'burn_in' = {burn_in!r}; must be an integer in [0, steps = {steps})")
     if x.ndim != 2 or x.shape[1] != target.dim:
         raise ValueError(f"local search on target {target.name!r}: x has shape {tuple(x.shape)}; "
                          f"expected (n, {target.dim})")
     eta, n = float(step_size), x.shape[0]
+    kept_x, kept_lp = [], []
     x = x.detach().clone()
     g = target.grad_log_prob(x)
     with torch.no_grad():
         lp = target.log_prob(x) if metropolis else None
         accepted = 0
-        for _ in range(steps):
+        for i in range(steps):
             z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
             y = x + eta * g + math.sqrt(2 * eta) * z
             gy = target.grad_log_prob(y)
@@ -283,10 +294,15 @@ def local_search(target: Target, x: torch.Tensor, steps: int, step_size: float, 
             u = torch.rand(n, generator=generator, dtype=x.dtype, device=x.device)
             ok = (torch.log(u) < log_alpha) & torch.isfinite(ly) & torch.isfinite(gy).all(1)   # NaN ratio: reject
             x, g, lp = torch.where(ok[:, None], y, x), torch.where(ok[:, None], gy, g), torch.where(ok, ly, lp)
+            if burn_in is not None and i >= burn_in:
+                kept_x.append(y[ok])
+                kept_lp.append(ly[ok])
             a = int(ok.sum())
             accepted += a
             if target_acceptance is not None:
                 eta = adapt_step_size(eta, a / max(n, 1), target_acceptance)
         if not metropolis:
             return x, target.log_prob(x), 1.0
+    if burn_in is not None:
+        x, lp = torch.cat(kept_x), torch.cat(kept_lp)
     return x, lp, accepted / max(steps * n, 1)

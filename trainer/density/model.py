@@ -54,12 +54,15 @@ class DensitySamplerConfig:
     exploration_std: float = 0.0   # off-policy noise (std) added to each step (TB, VarGrad), decayed linearly to 0
     exploration_until: float = 0.5     # ... over this fraction of the run
     log_z_scale: float = 100.0     # TB: log Z = scale * theta, so Adam moves log Z scale x lr per step (1e-1 at 1e-3)
-    # Sendera et al.'s local search (TB only): every other step trains on backward trajectories from a replay buffer
-    # (sharded over ranks, checkpointed) of the policy's samples, refreshed every ls_every steps by ls_steps of MALA
+    # Sendera et al.'s local search (TB only; gfn-diffusion's two buffers, each sharded over ranks and checkpointed):
+    # the policy's samples go to one; every ls_every steps a batch drawn from it runs ls_steps of MALA, whose
+    # proposals accepted after ls_burn_in steps go to the other; every other step trains on backward trajectories
+    # from the second
     local_search: bool = False
-    buffer_size: int = 600000
+    buffer_size: int = 600000      # each buffer's
     ls_every: int = 100
     ls_steps: int = 200
+    ls_burn_in: int = 100
     ls_step_size: float = 0.1
     ls_target_acceptance: float = 0.574   # MALA's optimal acceptance (Roberts & Rosenthal 1998); the step adapts
     eval_samples: int = 2000       # trajectories (and exact target samples) for the estimates
@@ -87,6 +90,9 @@ class DensitySamplerConfig:
         for k in ("buffer_size", "ls_every", "ls_steps"):
             if getattr(self, k) < 1:
                 raise ValueError(f"config key 'model.density_sampler.{k}' = {getattr(self, k)!r}; must be >= 1")
+        if not 0 <= self.ls_burn_in < self.ls_steps:
+            raise ValueError(f"config key 'model.density_sampler.ls_burn_in' = {self.ls_burn_in!r}; must be in "
+                             f"[0, ls_steps = {self.ls_steps})")
         if self.exploration_std > 0 and self.method in REPARAMETERISED:
             raise ValueError(f"config key 'model.density_sampler.exploration_std' = {self.exploration_std}: "
                              f"method {self.method!r} differentiates through on-policy paths; exploration is for "
@@ -157,7 +163,8 @@ class DensitySampler(nn.Module):
         self.cfg, self.target = cfg, target
         self.policy = Policy(target.dim, cfg)
         self.log_z_theta = nn.Parameter(torch.zeros(1)) if cfg.method == "tb" else None
-        self.buffer = None        # trainer.density.buffer.ReplayBuffer, set by DensityTrainer with local search
+        self.buffer = None        # trainer.density.buffer.ReplayBuffer of the policy's samples (local search)
+        self.buffer_ls = None     # ... of local search's accepted proposals, which the backward steps draw from
         self.pending = None       # (x_T, log R) of the last step's forward trajectories, for the buffer
 
     def log_z(self) -> torch.Tensor | None:
@@ -223,9 +230,9 @@ def sampler_loss(model: nn.Module, batch: Batch, data: DataSpec) -> tuple[torch.
     c = core.cfg
     b = {k: int(v) for k, v in batch.items()}
     core.pending = None
-    if core.buffer is not None and b["step"] % 2 == 1 and len(core.buffer) > 0:   # off-policy: from the buffer
+    if core.buffer_ls is not None and b["step"] % 2 == 1 and len(core.buffer_ls) > 0:   # off-policy
         g = torch.Generator().manual_seed(mixed_seed(b["seed"], b["step"], b["first"]))
-        x1, _ = core.buffer.sample(b["n"], g)
+        x1, _ = core.buffer_ls.sample(b["n"], g)
         out = model(b["n"], None, x1=x1, generator=g)
     else:
         noise = global_noise(b["seed"], b["step"], b["first"], b["n"], b["global_n"], core.target.dim)

@@ -95,36 +95,39 @@ class DensityTrainer(Trainer):
                       "eval_iw_log_z_error")
 
     def stateful(self) -> dict:
-        """With local search, the replay buffer (each rank's shard) is part of the checkpoint."""
-        buffer = self._buffer()
-        return {**super().stateful(), **({"buffer": buffer} if buffer is not None else {})}
+        """With local search, both replay buffers (each rank's shards) are part of the checkpoint."""
+        core = self._buffers()
+        return {**super().stateful(), **({"buffer": core.buffer, "buffer_ls": core.buffer_ls}
+                                         if core.buffer is not None else {})}
 
-    def _buffer(self):
+    def _buffers(self):
         core = unwrap(self.model)
         if core.cfg.local_search and core.buffer is None:
             from trainer.density.buffer import ReplayBuffer
-            core.buffer = ReplayBuffer(core.cfg.buffer_size, core.target.dim, self.rank, self.world_size)
-        return core.buffer
+            core.buffer, core.buffer_ls = (ReplayBuffer(core.cfg.buffer_size, core.target.dim, self.rank,
+                                                        self.world_size) for _ in range(2))
+        return core
 
     def train_step(self, batch) -> float:
-        """The step, then (local search) its samples into the buffer, only when the step was applied on every rank
-        (a skipped step's samples may be the non-finite ones), and every ls_every steps MALA on buffer samples."""
+        """The step, then (local search) its samples into the first buffer, only when the step was applied on every
+        rank (a skipped step's samples may be the non-finite ones), and every ls_every steps MALA from a batch of
+        them, its accepted proposals after burn-in into the second buffer."""
         skipped = self.state.skipped_steps
         loss = super().train_step(batch)
-        core = unwrap(self.model)
-        buffer = self._buffer()
-        if buffer is None or core.pending is None or self.state.skipped_steps != skipped:
+        core = self._buffers()
+        if core.buffer is None or core.pending is None or self.state.skipped_steps != skipped:
             return loss
-        buffer.add(*core.pending)
-        step = int(batch["step"])
-        if step % core.cfg.ls_every == 0 and len(buffer) > 0:
+        core.buffer.add(*core.pending)
+        step, c = int(batch["step"]), core.cfg
+        if step % c.ls_every == 0 and len(core.buffer) > 0:
             from trainer.density.buffer import local_search
             g = torch.Generator().manual_seed(mixed_seed(self.cfg.run.seed, step, self.rank, 11))
-            x, _ = buffer.sample(int(batch["n"]), g)
-            x, log_r, acceptance = local_search(core.target, x, core.cfg.ls_steps, core.cfg.ls_step_size, g,
-                                                target_acceptance=core.cfg.ls_target_acceptance)
-            buffer.add(x, log_r)
-            log.info("step %d: local search, %d MALA steps, acceptance %.3f", step, core.cfg.ls_steps, acceptance)
+            x, _ = core.buffer.sample(int(batch["n"]), g)
+            x, log_r, acceptance = local_search(core.target, x, c.ls_steps, c.ls_step_size, g,
+                                                target_acceptance=c.ls_target_acceptance, burn_in=c.ls_burn_in)
+            core.buffer_ls.add(x, log_r)
+            log.info("step %d: local search, %d MALA steps, acceptance %.3f, %d samples kept", step, c.ls_steps,
+                     acceptance, len(log_r))
         return loss
 
     @torch.no_grad()
