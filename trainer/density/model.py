@@ -112,29 +112,33 @@ class DensitySamplerConfig:
 
 
 class TimeEmbedding(nn.Module):
-    """t in [0, 1] -> (n, dim): sinusoids of t at geometrically spaced frequencies, then a linear layer (PIS)."""
+    """t in [0, 1] -> (n, dim): PIS's time encoding (Zhang & Chen 2022, its FourierMLP): sin and cos of
+    c_j t + phi_j, c_j = linspace(0.1, 100, dim), phi_j learned (initialised N(0, 1)), then Linear, GELU, Linear."""
 
     def __init__(self, dim: int):
         super().__init__()
-        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(1000.0), dim // 2)), persistent=False)
-        self.proj = nn.Linear(2 * (dim // 2), dim)
+        self.register_buffer("coeff", torch.linspace(0.1, 100.0, dim), persistent=False)
+        self.phase = nn.Parameter(torch.randn(dim))
+        self.proj = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        a = t[:, None] * self.freqs[None].to(t.dtype)
+        a = t[:, None] * self.coeff[None].to(t.dtype) + self.phase[None]
         return self.proj(torch.cat([a.sin(), a.cos()], 1))
 
 
 class Policy(nn.Module):
-    """PIS-style drift network: u(t, x) = Net([embed(t), MLP(x)]) (+ NN2(t) clip(grad log pi(x)) with Langevin);
-    the last layers start at zero, so training starts from the reference process."""
+    """PIS's drift network (Zhang & Chen 2022; gfn-diffusion's --pis_architectures):
+        u(t, x) = Linear(GELU(Linear(GELU(... GELU(embed(t) + W x + b)))))      (`layers` hidden Linear + GELU)
+    (+ NN2(t) clip(grad log pi(x)) with Langevin); the last layers start at zero, so training starts from the
+    reference process."""
 
     def __init__(self, dim: int, cfg: DensitySamplerConfig):
         super().__init__()
         w = cfg.width
         self.t_embed = TimeEmbedding(w)
-        self.x_embed = nn.Sequential(nn.Linear(dim, w), nn.GELU(), nn.Linear(w, w))
-        layers = [nn.Linear(2 * w, w), nn.GELU()]
-        for _ in range(cfg.layers - 1):
+        self.x_embed = nn.Linear(dim, w)
+        layers = [nn.GELU()]
+        for _ in range(cfg.layers):
             layers += [nn.Linear(w, w), nn.GELU()]
         out = nn.Linear(w, 2 * dim if cfg.learned_variance else dim)
         nn.init.zeros_(out.weight), nn.init.zeros_(out.bias)
@@ -147,7 +151,7 @@ class Policy(nn.Module):
         self.learned_variance, self.grad_clip = cfg.learned_variance, cfg.grad_clip
 
     def forward(self, t: torch.Tensor, x: torch.Tensor, grad_log_pi=None):
-        h = self.net(torch.cat([self.t_embed(t), self.x_embed(x)], 1))
+        h = self.net(self.t_embed(t) + self.x_embed(x))
         drift, log_var = (h.chunk(2, dim=1) if self.learned_variance else (h, None))
         if self.langevin is not None:
             g = grad_log_pi(x.detach()).clamp(-self.grad_clip, self.grad_clip)
