@@ -52,7 +52,8 @@ class DensitySamplerConfig:
     ou_alpha: float = 0.6875
     ou_tfinal: float = 6.4
     exploration_std: float = 0.0   # off-policy noise (std) added to each step (TB, VarGrad), decayed linearly to 0
-    exploration_until: float = 0.5     # ... over this fraction of the run
+    exploration_until: float = 0.2     # ... over this fraction of the run (gfn-diffusion's --exploration_wd:
+                                       # factor * max(0, 1 - it / 5000), the first 5,000 of 25,000 iterations)
     log_z_scale: float = 100.0     # TB: log Z = scale * theta, so Adam moves log Z scale x lr per step (1e-1 at 1e-3)
     # Sendera et al.'s local search (TB only; gfn-diffusion's two buffers, each sharded over ranks and checkpointed):
     # the policy's samples go to one; every ls_every steps a batch drawn from it runs ls_steps of MALA, whose
@@ -218,7 +219,7 @@ def global_noise(seed: int, step: int, first: int, n: int, global_n: int, dim: i
 
 
 def exploration_at(cfg: DensitySamplerConfig, step: int, total: int) -> float:
-    """exploration_std decayed linearly to 0 at exploration_until x the run (Sendera et al. 2024, App. D)."""
+    """exploration_std decayed linearly to 0 at exploration_until x the run (gfn-diffusion's get_exploration_std)."""
     if cfg.exploration_std == 0 or cfg.exploration_until == 0:
         return 0.0
     return cfg.exploration_std * max(0.0, 1 - step / (cfg.exploration_until * total))
