@@ -137,6 +137,19 @@ def test_local_search_trains_from_a_checkpointed_replay_buffer(trained):
     assert run_losses(trained["runs_dir"] / "tb_ls") == run_losses(trained["runs_dir"] / "tb_ls_staged")
     assert not torch.equal(a["params"][0], trained["tb"]["params"][0])   # the buffer steps changed the training
     assert a["elbo"] < a["log_z"] < a["eubo"]
+    # gfn-diffusion's two buffers, one shard per rank each: the policy's samples (15 forward steps x 32 rows into a
+    # 128-row shard) and local search's accepted proposals (3 searches x 3 kept steps x 32 chains at most)
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    ckpt = trained["runs_dir"] / "tb_ls" / "checkpoints"
+    dcp_to_torch_save(ckpt / (ckpt / "latest").read_text().strip(), ckpt.parent / "last.pt")
+    state = torch.load(ckpt.parent / "last.pt", weights_only=False)
+    from trainer.density.targets import get_target
+    for r in ("rank0", "rank1"):
+        policy, searched = state["buffer"][r], state["buffer_ls"][r]
+        assert int(policy["added"]) == 15 * 32 and int(policy["size"]) == 128
+        assert 0 < int(searched["added"]) <= 3 * 3 * 32 and int(searched["size"]) == min(int(searched["added"]), 128)
+        n = int(searched["size"])
+        assert torch.allclose(searched["log_reward"][:n], get_target("gmm25").log_prob(searched["x"][:n]))
 
 
 @pytest.mark.slow
