@@ -349,3 +349,21 @@ def test_burn_in_collects_exactly_the_proposals_accepted_after_it():
             local_search(t, x0, steps=steps, step_size=eta, generator=gen(0), burn_in=bad)
     with pytest.raises(ValueError, match="burn_in"):
         local_search(t, x0, steps=steps, step_size=eta, generator=gen(0), burn_in=1, metropolis=False)
+
+
+def test_cached_ranking_follows_every_change():
+    """The ranking is kept between draws; after an add, an eviction or a load the draws are those of a buffer built
+    fresh from the same rows."""
+    b = filled(capacity=64, n=50)
+    b.sample(10, gen(1))                                            # the ranking is now cached
+    extra = torch.randn(30, 3, generator=gen(2), dtype=F64), torch.randn(30, generator=gen(3), dtype=F64) + 3
+    b.add(*extra)                                                   # 80 rows into 64: 16 evicted
+    fresh = filled(capacity=64, n=50)
+    fresh.add(*extra)
+    for a, c in zip(b.sample(200, gen(4)), fresh.sample(200, gen(4))):
+        assert torch.equal(a, c)
+    other = filled(capacity=64, n=64, seed=9)
+    other.sample(10, gen(5))
+    other.load_state_dict(b.state_dict())
+    for a, c in zip(other.sample(200, gen(6)), fresh.sample(200, gen(6))):
+        assert torch.equal(a, c)

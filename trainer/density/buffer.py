@@ -109,6 +109,7 @@ class ReplayBuffer(Stateful):
         self.size = 0       # rows held
         self.added = 0      # rows ever stored (the next insertion index)
         self.dropped = 0    # rows refused for a non-finite x or log reward
+        self._ranking = None    # (slots by rank, cdf of the rank weights), kept until the rows change
 
     def __len__(self) -> int:
         return self.size
@@ -121,6 +122,7 @@ class ReplayBuffer(Stateful):
             raise ValueError(f"replay buffer: add(x, log_reward) takes x (n, {self.dim}) and log_reward (n,); got "
                              f"{tuple(x.shape)} and {tuple(log_reward.shape)}")
         x, lr = x.detach().to(self.x), log_reward.detach().to(self.log_reward)
+        self._ranking = None
         ok = torch.isfinite(lr) & torch.isfinite(x).all(1)
         bad = int((~ok).sum())
         self.dropped += bad
@@ -180,10 +182,13 @@ class ReplayBuffer(Stateful):
         if self.prioritization == "uniform":
             slots = torch.randint(self.size, (n,), generator=generator, device=dev)
         else:   # inverse CDF over ranks (no category limit, unlike torch.multinomial's 2^24)
-            cdf = torch.cumsum(self._rank_weights(dev), 0)
+            if self._ranking is None or self._ranking[1].device != torch.device(dev):
+                # two sorts of the shard: 0.16 s at 600,000 rows, once per change instead of once per draw
+                self._ranking = (self.ranked().to(dev), torch.cumsum(self._rank_weights(dev), 0))
+            ranked, cdf = self._ranking
             u = torch.rand(n, generator=generator, dtype=torch.float64, device=dev) * cdf[-1]
             pos = torch.searchsorted(cdf, u, right=True).clamp_(max=self.size - 1)
-            slots = self.ranked().to(dev)[pos]
+            slots = ranked[pos]
         slots = slots.to(self.x.device)
         return self.x[slots], self.log_reward[slots]
 
@@ -211,6 +216,7 @@ class ReplayBuffer(Stateful):
         self.log_reward.copy_(mine["log_reward"])
         self.order.copy_(mine["order"])
         self.size, self.added, self.dropped = size, int(mine["added"]), int(mine["dropped"])
+        self._ranking = None
 
 
 # ---- local search: Langevin steps on the target ----
