@@ -175,3 +175,7 @@ def test_langevin_parametrisation_adds_the_clipped_target_score():
     torch.nn.init.constant_(m.policy.langevin[-1].bias, 1.0)
     score = (torch.tensor([3.0, -1.0]) - x) / 0.25          # grad log N(x; mu, 0.5^2 I)
     assert torch.allclose(m.drift(t, x)[0], score.clamp(-5, 5))
+    # the network's outputs are clipped last (gfn-diffusion's --clipping): with out_clip 2 the same drift stops at 2
+    m = DensitySampler(DensitySamplerConfig(target="gaussian", langevin=True, grad_clip=5.0, out_clip=2.0), target)
+    torch.nn.init.constant_(m.policy.langevin[-1].bias, 1.0)
+    assert torch.allclose(m.drift(t, x)[0], score.clamp(-2, 2))

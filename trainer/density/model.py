@@ -44,6 +44,8 @@ class DensitySamplerConfig:
     layers: int = 2                # hidden layers of the joint network
     langevin: bool = False         # u = NN1(t, x) + NN2(t) * clip(grad log pi(x)), NN2(t) in R^d (PIS's form)
     grad_clip: float = 1e4         # the Langevin term's clip
+    out_clip: float = 1e4          # the network's outputs (drift, log-variance) clipped to +-out_clip after the
+                                   # Langevin term (gfn-diffusion's --clipping, --gfn_clip 1e4)
     learned_variance: bool = False
     # DDS's OU reference (trainer/density/sde.py): "constant" rate ou_beta, or DDS's cos_sq steps, whose noise
     # sum_k b_k^2 = ou_alpha^2 ou_tfinal (DDS's Funnel settings: alpha 0.6875, tfinal 6.4)
@@ -79,7 +81,7 @@ class DensitySamplerConfig:
         if self.ou_schedule not in OU_SCHEDULES:
             raise ValueError(f"config key 'model.density_sampler.ou_schedule' = {self.ou_schedule!r}; allowed: "
                              f"{', '.join(map(repr, OU_SCHEDULES))}")
-        for k in ("sigma", "grad_clip", "log_z_scale", "ou_beta", "ou_alpha", "ou_tfinal"):
+        for k in ("sigma", "grad_clip", "out_clip", "log_z_scale", "ou_beta", "ou_alpha", "ou_tfinal"):
             if not 0 < getattr(self, k) < math.inf:
                 raise ValueError(f"config key 'model.density_sampler.{k}' = {getattr(self, k)!r}; must be > 0")
         if self.exploration_std < 0 or not 0 <= self.exploration_until <= 1:
@@ -149,7 +151,7 @@ class Policy(nn.Module):
             last = nn.Linear(w, dim)       # a weight per coordinate, as PIS's and DDS's code
             nn.init.zeros_(last.weight), nn.init.zeros_(last.bias)
             self.langevin = nn.Sequential(TimeEmbedding(w), nn.GELU(), last)
-        self.learned_variance, self.grad_clip = cfg.learned_variance, cfg.grad_clip
+        self.learned_variance, self.grad_clip, self.out_clip = cfg.learned_variance, cfg.grad_clip, cfg.out_clip
 
     def forward(self, t: torch.Tensor, x: torch.Tensor, grad_log_pi=None):
         h = self.net(self.t_embed(t) + self.x_embed(x))
@@ -157,7 +159,8 @@ class Policy(nn.Module):
         if self.langevin is not None:
             g = grad_log_pi(x.detach()).clamp(-self.grad_clip, self.grad_clip)
             drift = drift + self.langevin(t) * g
-        return drift, log_var
+        c = self.out_clip
+        return drift.clamp(-c, c), None if log_var is None else log_var.clamp(-c, c)
 
 
 class DensitySampler(nn.Module):
