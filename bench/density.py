@@ -67,7 +67,7 @@ def run(target: str, method: str, budget: dict, out: Path, nproc: int, resume: b
     s = json.loads((out / "runs" / f"{target}_{method}" / "summary.json").read_text())
     i = list(TARGETS).index(target)
     return {"target": target, "method": method, "ranks": nproc, "wall_s": wall, "log_z": s["log_z"],
-            "elbo": s["elbo"], "eubo": s.get("eubo"), "log_z_error": s["log_z_error"],
+            "elbo": s["elbo"], "elbo_se": s.get("elbo_se"), "eubo": s.get("eubo"), "log_z_error": s["log_z_error"],
             "iw_log_z_error": s["iw_log_z_error"], "w2_squared": s.get("w2_squared"), "ess": s["ess"],
             "published": PUBLISHED[method][i], "best_published": BEST[target]}
 
@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             row = run(target, method, budget, out, args.nproc, args.resume, args.set)
             rows.append(row)
             print(json.dumps(row) if "error" in row else
-                  f"{target:9s} {method:13s} |ELBO-logZ| {row['log_z_error']:8.3f} (published {row['published']})  "
+                  f"{target:9s} {method:13s} |ELBO-logZ| {row['log_z_error']:8.3f} +- {row['elbo_se'] or float('nan'):.3f} "
+                  f"(published {row['published']})  "
                   f"|IW-logZ| {row['iw_log_z_error']:8.3f}  W2^2 {row['w2_squared'] or float('nan'):9.3f}  "
                   f"ESS {row['ess']:.3f}  {row['wall_s']:.0f} s", flush=True)
     (out / "density_bench.json").write_text(json.dumps({"budget": budget, "sets": args.set, "nproc": args.nproc,

@@ -152,7 +152,8 @@ def cmd_sampler_eval(args: argparse.Namespace) -> int:
     r = trainer.eval_extra
     rows = [("target", f"{cfg.model.params.target} (d = {trainer.data.input_shape[0]}, log Z = {r['log_z']})"),
             ("method", cfg.model.params.method), ("step", str(trainer.state.step)),
-            ("ELBO", f"{r['elbo']:.4f}"), ("importance-weighted log Z", f"{r['iw_log_z']:.4f}")]
+            ("ELBO", f"{r['elbo']:.4f} +- {r['elbo_se']:.4f} (standard error)"),
+            ("importance-weighted log Z", f"{r['iw_log_z']:.4f}")]
     rows += [("EUBO", f"{r['eubo']:.4f}"), ("W2^2 to exact samples", f"{r['w2_squared']:.4f}")] if "eubo" in r else []
     rows += [("|ELBO - log Z|", f"{r['log_z_error']:.4f}"),
              ("|IW log Z - log Z|", f"{r['iw_log_z_error']:.4f}")] if "log_z_error" in r else []

@@ -113,6 +113,7 @@ def test_samplers_train_under_the_engines_and_bound_log_z(trained):
         # is far below the gaps of a 30-step sampler (measured > 1 nat)
         assert r["elbo"] < r["log_z"] < r["eubo"], (name, r["elbo"], r["eubo"])
         assert r["iw_log_z"] >= r["elbo"] and 0 < r["ess"] <= 1 and r["w2_squared"] > 0, name
+        assert 0 < r["elbo_se"] < r["log_z"] - r["elbo"], name   # the gap is resolved by the 256 samples
         assert (trained["runs_dir"] / name / "figures" / "samples.png").stat().st_size > 0
     losses = run_losses(trained["runs_dir"] / "tb")
     assert sum(losses[-5:]) < sum(losses[:5]), losses   # TB's loss starts at (log Z_theta + log w)^2 and falls
@@ -157,7 +158,7 @@ def test_sampler_eval_reports_the_estimates(trained):
     run = trained["runs_dir"] / "tb"
     r = fieldtrain("sampler", "eval", str(run))
     assert r.returncode == 0, r.stderr[-3000:]
-    for row in ("ELBO", "EUBO", "|ELBO - log Z|", "ESS", "W2^2 to exact samples"):
+    for row in ("ELBO", "(standard error)", "EUBO", "|ELBO - log Z|", "ESS", "W2^2 to exact samples"):
         assert row in r.stdout, r.stdout
     saved = json.loads((run / "figures" / "eval.json").read_text())
     assert saved["elbo"] == trained["tb"]["elbo"]   # the same noise, the same checkpoint: the same estimate

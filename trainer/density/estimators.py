@@ -1,7 +1,8 @@
 """Evaluation of a diffusion sampler (the metrics of Sendera et al. 2024, Sec. 5.1): log Z estimates, ESS and W2.
 
     log w = log R(x_T) + sum log p_B - sum log p_F          (per trajectory; log_weights)
-    ELBO  = mean log w                  <= log Z  over forward trajectories (Jensen)
+    ELBO  = mean log w                  <= log Z  over forward trajectories (Jensen); its standard error
+                                                  std(log w) / sqrt(K) says which differences K resolves
     log Z_IW = logmeanexp log w         <= log Z  in expectation, and -> log Z as K grows
     EUBO  = mean log w                  >= log Z  over exact target samples pushed backwards (simulate_backward)
     ESS   = (sum w)^2 / (K sum w^2)     in [1/K, 1]; 1 iff all weights are equal
@@ -26,6 +27,11 @@ def log_weights(log_pf: torch.Tensor, log_pb: torch.Tensor, log_reward: torch.Te
 
 def elbo(log_w: torch.Tensor) -> torch.Tensor:
     return log_w.mean()
+
+
+def standard_error(log_w: torch.Tensor) -> torch.Tensor:
+    """The Monte-Carlo standard error of a mean of K iid log w (the ELBO's, or the EUBO's): std(log w) / sqrt(K)."""
+    return log_w.std() / math.sqrt(log_w.numel())
 
 
 def eubo(log_w_backward: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,7 @@ class SimulationSource:
 
 class DensityTrainer(Trainer):
     metric_columns = ("eval_elbo", "eval_iw_log_z", "eval_eubo", "eval_ess", "eval_w2_squared", "eval_log_z_error",
-                      "eval_iw_log_z_error")
+                      "eval_iw_log_z_error", "eval_elbo_se")
 
     def stateful(self) -> dict:
         """With local search, both replay buffers (each rank's shards) are part of the checkpoint."""
@@ -157,7 +157,8 @@ class DensityTrainer(Trainer):
         log_w, x, back = self._gather(log_w), self._gather(x), None if back is None else self._gather(back)
         if self.rank != 0:
             return 0.0   # the summary's number is rank 0's
-        result = {"elbo": estimators.elbo(log_w).item(), "iw_log_z": estimators.importance_log_z(log_w).item(),
+        result = {"elbo": estimators.elbo(log_w).item(), "elbo_se": estimators.standard_error(log_w).item(),
+                  "iw_log_z": estimators.importance_log_z(log_w).item(),
                   "ess": estimators.ess(log_w).item(), "log_z": target.log_z, "eval_samples": K}
         if back is not None:
             result["eubo"] = estimators.eubo(back).item()
