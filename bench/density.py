@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="training steps (and evaluation interval, at most 2500) "
                    "instead of the budget's: an ablation, not the published budget")
     p.add_argument("--set", action="append", default=[], help="a config override for every run (KEY=VALUE)")
+    p.add_argument("--seed", type=int, default=0, help="run.seed of every run (another seed of the same budget, "
+                   "not an ablation: the published values are means over seeds)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,14 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for target in args.targets.split(","):
         for method in args.methods.split(","):
-            row = run(target, method, budget, out, args.nproc, args.resume, args.set)
+            row = run(target, method, budget, out, args.nproc, args.resume, [f"run.seed={args.seed}", *args.set])
             rows.append(row)
             print(json.dumps(row) if "error" in row else
                   f"{target:9s} {method:13s} |ELBO-logZ| {row['log_z_error']:8.3f} +- {row['elbo_se'] or float('nan'):.3f} "
                   f"(published {row['published']})  "
                   f"|IW-logZ| {row['iw_log_z_error']:8.3f}  W2^2 {row['w2_squared'] or float('nan'):9.3f}  "
                   f"ESS {row['ess']:.3f}  {row['wall_s']:.0f} s", flush=True)
-    (out / "density_bench.json").write_text(json.dumps({"budget": budget, "sets": args.set, "nproc": args.nproc,
+    (out / "density_bench.json").write_text(json.dumps({"budget": budget, "seed": args.seed, "sets": args.set,
+                                                         "nproc": args.nproc,
                                                          "cores": os.cpu_count(), "rows": rows}, indent=2))
     keys = sorted({k for r in rows for k in r})
     with (out / "density_bench.csv").open("w", newline="") as f:
