@@ -142,10 +142,11 @@ class ReplayBuffer(Stateful):
         that stay take the slots of the old rows that went (as many of each)."""
         C, r = self.capacity, len(lr)
         all_lr, all_order = torch.cat([self.log_reward, lr]), torch.cat([self.order, order])
-        first = torch.argsort(all_order, stable=True)                               # oldest first
         if self.eviction == "reward":
-            first = first[torch.argsort(all_lr[first], stable=True)]               # lowest first; oldest among ties
-        gone = first[:r]
+            first = torch.argsort(all_order, stable=True)                           # oldest first
+            gone = first[torch.argsort(all_lr[first], stable=True)][:r]            # lowest first; oldest among ties
+        else:   # the r oldest (insertion indices are distinct): a selection, not a sort of the whole shard
+            gone = torch.topk(all_order, r, largest=False).indices
         slots = gone[gone < C].sort().values
         stays = torch.ones(r, dtype=torch.bool, device=lr.device)
         stays[gone[gone >= C] - C] = False
