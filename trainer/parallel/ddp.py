@@ -64,16 +64,17 @@ class DDPEngine(Engine):
 
 def backward_seconds(model: torch.nn.Module, example_loss: ExampleLoss, batch_size: int, repeats: int = 3) -> float:
     """Seconds of one backward at the training batch size: the median of `repeats` backwards of the example batch
-    (after one warm-up), scaled by batch_size / its rows (`example_loss.rows`; operator and simulation costs grow
-    about linearly with the batch at these sizes). Gradients are discarded."""
+    tiled to `batch_size` samples, after one warm-up. (Scaling a one-sample backward by the batch size instead
+    multiplies its fixed per-op cost too: several times the real backward for small models.) Gradients are
+    discarded."""
     times = []
     for _ in range(repeats + 1):
-        loss = example_loss(model)
+        loss = example_loss(model, rows=batch_size)
         t0 = time.perf_counter()
         loss.backward()
         times.append(time.perf_counter() - t0)
     model.zero_grad(set_to_none=True)
-    return statistics.median(times[1:]) * batch_size / getattr(example_loss, "rows", 1)
+    return statistics.median(times[1:])
 
 
 def _settle_buckets(ddp: DDP, exchange: GradientExchange, example_loss: ExampleLoss) -> None:

@@ -22,7 +22,7 @@ from trainer.checkpoint import ModelOptimizerState
 from trainer.comm import ExchangeStats
 
 MakeOptimizer = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-ExampleLoss = Callable[[nn.Module], torch.Tensor]
+ExampleLoss = Callable[..., torch.Tensor]    # (module, rows=None): the example batch's loss, tiled to `rows` samples
 
 
 class Engine:
