@@ -48,14 +48,20 @@ REDUCED = {"T": 20, "steps": 300, "batch": 64, "eval_samples": 500, "every": 300
 FULL = {"T": 100, "steps": 25000, "batch": 300, "eval_samples": 2000, "every": 2500}   # evaluate + checkpoint every
 
 
-def run(target: str, method: str, budget: dict, out: Path, nproc: int, resume: bool = False,
-        extra: list[str] | None = None) -> dict:
-    sets = [f"run.out_dir={out / 'runs'}", f"run.name={target}_{method}", f"model.density_sampler.target={target}",
+def settings(target: str, method: str, budget: dict, out: Path, nproc: int = 1,
+             extra: list[str] | None = None) -> list[str]:
+    """The --set overrides of CONFIG for one row (configs/<target>_<method>.toml give the same runs: tested)."""
+    return [f"run.out_dir={out / 'runs'}", f"run.name={target}_{method}", f"model.density_sampler.target={target}",
             f"model.density_sampler.sigma={TARGETS[target]}", f"model.density_sampler.T={budget['T']}",
             f"train.max_steps={budget['steps']}", f"data.batch_size={budget['batch'] // nproc}",
             f"model.density_sampler.eval_samples={budget['eval_samples']}", "train.progress=false",
             f"train.eval_every={budget['every']}", f"train.ckpt_every={budget['every']}",
             "model.density_sampler.exploration_std=0.0", "run.threads_per_rank=1", *METHODS[method], *(extra or [])]
+
+
+def run(target: str, method: str, budget: dict, out: Path, nproc: int, resume: bool = False,
+        extra: list[str] | None = None) -> dict:
+    sets = settings(target, method, budget, out, nproc, extra)
     cmd = [sys.executable, "-m", "launch.cli", "sampler", "train", str(CONFIG),
            "--resume" if resume and (out / "runs" / f"{target}_{method}" / "checkpoints").is_dir() else "--overwrite",
            *(["--nproc", str(nproc)] if nproc > 1 else []), *[a for s in sets for a in ("--set", s)]]

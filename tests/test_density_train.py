@@ -180,3 +180,20 @@ def test_langevin_parametrisation_adds_the_clipped_target_score():
     m = DensitySampler(DensitySamplerConfig(target="gaussian", langevin=True, grad_clip=5.0, out_clip=2.0), target)
     torch.nn.init.constant_(m.policy.langevin[-1].bias, 1.0)
     assert torch.allclose(m.drift(t, x)[0], score.clamp(-2, 2))
+
+
+@pytest.mark.parametrize("name,method", [("gmm25_tb", "tb_expl"), ("gmm25_tb_ls", "tb_expl_ls"),
+                                         ("funnel_dds", "dds_cos"), ("manywell_pis", "pis")])
+def test_shipped_configs_are_the_benchmark_runs(name, method, tmp_path):
+    """configs/<target>_<method>.toml trains exactly what bench/density.py --full runs for that row (the README's
+    published-budget numbers): the same sampler, optimizer, batch and step count."""
+    import dataclasses
+
+    from bench import density as bench
+    from trainer.config import load_config
+    target = name.split("_")[0]
+    ours = load_config(REPO / "configs" / f"{name}.toml")
+    theirs = load_config(bench.CONFIG, overrides=bench.settings(target, method, bench.FULL, tmp_path))
+    for section in ("model", "optim", "data"):
+        assert dataclasses.asdict(getattr(ours, section)) == dataclasses.asdict(getattr(theirs, section)), section
+    assert ours.train.max_steps == theirs.train.max_steps and ours.run.seed == theirs.run.seed
