@@ -3,6 +3,7 @@ method on 25GMM, Funnel and Manywell, beside the published numbers (Sendera et a
 
     python bench/density.py --out bench/results/density                 # reduced budget (minutes; what CI can run)
     python bench/density.py --out DIR --full --nproc 2                   # the published budget (hours per run here)
+    python bench/density.py --out DIR --combine SEED0_DIR SEED1_DIR ...   # mean +- std over seeds, beside the paper's
 
 Each row is a real `fieldtrain sampler train` run (configs/gmm25_tb.toml with the target, method and budget set by
 --set), then its summary's estimates. The reduced budget is NOT the published one (fewer steps, iterations and
@@ -16,6 +17,7 @@ import argparse
 import csv
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -28,6 +30,9 @@ PUBLISHED = {"pis": (1.769, 0.534, 3.85), "dds": (1.760, 0.424, 7.36), "tb": (1.
              "tb_expl": (0.560, 0.749, 4.01), "vargrad_expl": (0.615, 0.642, 4.01),
              "tb_expl_ls": (0.171, 0.653, 4.57)}
 PUBLISHED["dds_cos"] = PUBLISHED["dds_cos_lp"] = PUBLISHED["dds"]     # DDS with its own code's schedule (+ Langevin)
+# ... their spread over the 5 runs, where ../shared/DIFFUSION.md or the issue records it
+SPREAD = {("gmm25", "tb_expl_ls"): 0.013, ("gmm25", "tb_expl"): 0.302, ("funnel", "dds"): 0.049,
+          ("funnel", "dds_cos"): 0.049, ("manywell", "pis"): 0.03}
 BEST = {"gmm25": 0.171, "funnel": 0.424, "manywell": 3.85}
 TARGETS = {"gmm25": 5.0 ** 0.5, "funnel": 1.0, "manywell": 1.0}     # target -> sigma (sigma^2 = 5, 1, 1)
 # exploration_std is gfn-diffusion's --exploration_factor, the std added to each step (its add_log_var puts
@@ -78,6 +83,53 @@ def run(target: str, method: str, budget: dict, out: Path, nproc: int, resume: b
             "published": PUBLISHED[method][i], "best_published": BEST[target]}
 
 
+def combine(dirs: list[Path], out: Path) -> list[dict]:
+    """Mean and sample standard deviation over seeds of each (target, method) in the density_bench.json of `dirs`
+    (runs of one budget, none of them an ablation), beside the published mean and spread."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    budget = None
+    for d in dirs:
+        path = Path(d) / "density_bench.json"
+        if not path.is_file():
+            raise ValueError(f"--combine: {path} not found (give folders written by bench/density.py --out)")
+        res = json.loads(path.read_text())
+        sets = [x for x in res.get("sets", []) if not x.startswith("run.seed=")]   # early runs set the seed so
+        seed = res.get("seed") or next((int(x.split("=")[1]) for x in res.get("sets", []) if x not in sets), 0)
+        if sets:
+            raise ValueError(f"--combine: {path} is an ablation (--set {sets}); combine seeds of one budget")
+        if budget is not None and res["budget"] != budget:
+            raise ValueError(f"--combine: {path} has budget {res['budget']}, the others {budget}")
+        budget = res["budget"]
+        for r in res["rows"]:
+            if "error" not in r:
+                groups.setdefault((r["target"], r["method"]), []).append({**r, "seed": seed})
+    rows = []
+    for (target, method), rs in sorted(groups.items()):
+        errs = [r["log_z_error"] for r in rs]
+        seeds = sorted(r["seed"] for r in rs)
+        if len(set(seeds)) < len(seeds):
+            raise ValueError(f"--combine: {target} {method} has seed {seeds} more than once")
+        mean, std = statistics.fmean(errs), (statistics.stdev(errs) if len(errs) > 1 else None)
+        pub, spread = rs[0]["published"], SPREAD.get((target, method))
+        rows.append({"target": target, "method": method, "seeds": seeds, "log_z_error": errs, "mean": mean,
+                     "std": std, "iw_mean": statistics.fmean(r["iw_log_z_error"] for r in rs),
+                     "published": pub, "published_spread": spread, "best_published": BEST[target],
+                     "inside_published_spread": None if spread is None else abs(mean - pub) <= spread,
+                     "every_seed_below_best": all(e < BEST[target] for e in errs)})
+    print(f"budget {budget}; mean +- sample std over seeds of |ELBO - log Z| (published: mean +- spread of 5 runs)")
+    for r in rows:
+        sd = "" if r["std"] is None else f" +- {r['std']:.3f}"
+        pub = f"{r['published']}" + ("" if r["published_spread"] is None else f" +- {r['published_spread']}")
+        print(f"{r['target']:9s} {r['method']:13s} seeds {','.join(map(str, r['seeds'])):7s} "
+              f"{r['mean']:8.3f}{sd:9s} ({', '.join(f'{e:.3f}' for e in r['log_z_error'])})  published {pub}  "
+              f"inside spread: {r['inside_published_spread']}  every seed below best ({r['best_published']}): "
+              f"{r['every_seed_below_best']}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "density_seeds.json").write_text(json.dumps({"budget": budget, "dirs": [str(d) for d in dirs],
+                                                         "rows": rows}, indent=2))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -91,8 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], help="a config override for every run (KEY=VALUE)")
     p.add_argument("--seed", type=int, default=0, help="run.seed of every run (another seed of the same budget, "
                    "not an ablation: the published values are means over seeds)")
+    p.add_argument("--combine", nargs="+", default=None, metavar="DIR",
+                   help="no runs: combine the density_bench.json of these folders (seeds) into --out")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if args.combine:
+        try:
+            combine([Path(d) for d in args.combine], out)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     budget = dict(FULL if args.full else REDUCED)
     if args.steps:

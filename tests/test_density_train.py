@@ -197,3 +197,28 @@ def test_shipped_configs_are_the_benchmark_runs(name, method, tmp_path):
     for section in ("model", "optim", "data"):
         assert dataclasses.asdict(getattr(ours, section)) == dataclasses.asdict(getattr(theirs, section)), section
     assert ours.train.max_steps == theirs.train.max_steps and ours.run.seed == theirs.run.seed
+
+
+def test_bench_combines_seeds_and_refuses_mixed_runs(tmp_path):
+    """bench/density.py --combine: mean and sample std over seeds beside the published mean and spread; a folder
+    of another budget, an ablation or a repeated seed is refused, naming the file."""
+    from bench import density as bench
+
+    def write(name, seed, err, budget=bench.FULL, sets=()):
+        d = tmp_path / name
+        d.mkdir()
+        row = {"target": "manywell", "method": "pis", "log_z_error": err, "iw_log_z_error": err / 2,
+               "published": 3.85, "best_published": 3.85}
+        (d / "density_bench.json").write_text(json.dumps({"budget": budget, "seed": seed, "sets": list(sets),
+                                                          "rows": [row]}))
+        return d
+    a, b = write("s0", 0, 3.80), write("s1", None, 3.90, sets=["run.seed=1"])   # an early run's form of --seed
+    [r] = bench.combine([a, b], tmp_path / "out")
+    assert r["seeds"] == [0, 1] and r["mean"] == pytest.approx(3.85) and r["std"] == pytest.approx(0.1 / 2 ** 0.5)
+    assert r["inside_published_spread"] and not r["every_seed_below_best"]
+    assert json.loads((tmp_path / "out" / "density_seeds.json").read_text())["rows"][0]["mean"] == r["mean"]
+    for bad, says in ((write("abl", 2, 3.7, sets=["optim.lr=1e-2"]), "abl/density_bench.json is an ablation"),
+                      (write("short", 3, 3.7, budget=bench.REDUCED), "short/density_bench.json has budget"),
+                      (write("again", 0, 3.7), "seed \\[0, 0, 1\\] more than once")):
+        with pytest.raises(ValueError, match=says):
+            bench.combine([a, b, bad], tmp_path / "out")
