@@ -249,27 +249,6 @@ def test_exposed_time_of_bucketed_exchange_matches_the_pipeline_closed_forms():
         assert exposed_time(tb, k, comm, enc, lat) == pytest.approx(comm + enc + k * lat - tb * (k - 1) / k)
 
 
-def test_example_batch_tiled_to_the_training_size_keeps_its_loss():
-    """The bucket cap times a backward of the example batch tiled to the training batch; a mean loss over copies
-    of one sample equals that sample's loss (to float32 rounding of a mean), and a simulated batch's counts say
-    the new size."""
-    from trainer.train import batch_rows, tile_batch
-    torch.manual_seed(0)
-    one = {"x": torch.randn(1, 3, 8, 8), "y": torch.randn(1, 1, 8, 8)}
-    two = {"x": torch.randn(2, 3, 8, 8), "y": torch.randn(2, 1, 8, 8)}
-    big = tile_batch(one, 5)
-    assert batch_rows(big) == 5 and all(torch.equal(big["x"][i], one["x"][0]) for i in range(5))
-    assert torch.equal(tile_batch(two, 5)["y"][[0, 2, 4]], two["y"][[0, 0, 0]]) and torch.equal(
-        tile_batch(two, 5)["y"][[1, 3]], two["y"][[1, 1]])
-    model = torch.nn.Conv2d(3, 1, 1)
-
-    def loss(b):
-        return ((model(b["x"]) - b["y"]) ** 2).mean()
-    assert loss(big).item() == pytest.approx(loss(one).item(), rel=1e-6)
-    sim = tile_batch({"seed": torch.tensor(0), "n": torch.tensor(2), "global_n": torch.tensor(2)}, 300)
-    assert batch_rows(sim) == 300 and int(sim["global_n"]) == 300 and int(sim["seed"]) == 0
-
-
 def test_backward_timed_at_the_training_batch_not_scaled_from_one_sample():
     """backward_seconds runs the example's loss at the training batch size (a one-sample backward times the batch
     counts its fixed per-op cost batch times over) and leaves no gradients behind."""

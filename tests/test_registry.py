@@ -65,3 +65,23 @@ def test_fno_spec_checks_modes_against_the_grid_and_lists_its_shard_units():
     batch = spec.example_batch(data)
     loss, metrics = spec.loss(model, batch, data)
     assert loss.shape == () and torch.isfinite(loss) and metrics["rel_l2"] == loss.item()
+
+
+def test_example_batches_at_the_training_size():
+    """The DDP bucket cap times a backward of the spec's example batch built at the training size: it has that many
+    samples (a simulated batch says so in its counts), and a mean loss over identical samples equals the default
+    example's (to float32 rounding of a mean)."""
+    from data.loader import ChannelNormalizer
+    from trainer.models.fno import FNOConfig
+    from trainer.registry import DataSpec
+    from trainer.train import batch_rows
+    data = DataSpec((1, 17, 17), (1, 17, 17), ChannelNormalizer([1.0], [2.0]))
+    fno = get_model_spec("fno")
+    one, big = fno.example_batch(data), fno.example_batch(data, 5)
+    assert batch_rows(one) == 1 and batch_rows(big) == 5 and big["x"].shape[1:] == one["x"].shape[1:]
+    torch.manual_seed(0)
+    model = fno.build(FNOConfig(width=8, modes=[4, 4], n_layers=2, projection_channels=8), data)
+    assert fno.loss(model, big, data)[0].item() == pytest.approx(fno.loss(model, one, data)[0].item(), rel=1e-6)
+    import trainer.density.model  # noqa: F401  (registers density_sampler)
+    sim = get_model_spec("density_sampler").example_batch(data, 300)
+    assert batch_rows(sim) == 300 and int(sim["global_n"]) == 300 and int(sim["seed"]) == 0

@@ -36,7 +36,8 @@ class ModelSpec:
     build: Callable[[Any, DataSpec], nn.Module]                  # (model config, data) -> module
     loss: Callable[[nn.Module, Batch, DataSpec], tuple[torch.Tensor, dict[str, float]]]   # mean loss, metrics
     evaluate: Callable[[nn.Module, Batch, DataSpec], torch.Tensor]    # per-sample test error, shape (batch,)
-    example_batch: Callable[[DataSpec], Batch]                   # one small batch (for shape checks, warm-up)
+    example_batch: Callable[..., Batch]     # (data, rows=default) -> a batch of `rows` samples (default: one small
+                                            # batch, for shape checks and warm-up; rows: the training size, timed)
     shard_units: Callable[[nn.Module], list[nn.Module]]         # submodules a sharded engine wraps one by one
     # optional: this operator as a diffusion backbone, (model config, in_channels, out_channels, emb_dim) -> module
     # whose forward(x, emb) takes a noise embedding (B, emb_dim) that modulates each layer

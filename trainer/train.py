@@ -90,15 +90,6 @@ def batch_rows(batch: Batch) -> int:
     return int(batch["n"]) if "n" in batch else len(next(iter(batch.values())))
 
 
-def tile_batch(batch: Batch, rows: int) -> Batch:
-    """`batch` grown to `rows` samples: a simulated batch's counts set to `rows`, else every tensor's leading
-    dimension repeated cyclically (for timing a step at the training size from the one-sample example)."""
-    if "n" in batch:
-        return {**batch, "n": torch.tensor(rows), "global_n": torch.tensor(rows)}
-    n = batch_rows(batch)
-    return {k: v.repeat(-(-rows // n), *[1] * (v.dim() - 1))[:rows] for k, v in batch.items()}
-
-
 def batch_lr_scale(optimizer: str, global_batch: int, reference_batch: int) -> float:
     """Learning-rate factor when the global batch changes from `reference_batch` to `global_batch`.
 
@@ -259,7 +250,9 @@ class Trainer:
         example = self._example = {k: v.to(self.device) for k, v in example.items()}
 
         def example_loss(m: torch.nn.Module, rows: int | None = None) -> torch.Tensor:
-            return self.spec.loss(m, example if rows is None else tile_batch(example, rows), self.data)[0]
+            batch = example if rows is None else {k: v.to(self.device)
+                                                  for k, v in self.spec.example_batch(self.data, rows).items()}
+            return self.spec.loss(m, batch, self.data)[0]
         self.engine = ENGINES[cfg.parallel.engine](cfg, self.model, self.device, self._build_optimizer, example_loss)
         self._closing.callback(self.engine.close)
         self.model, self.optimizer = self.engine.model, self.engine.optimizer

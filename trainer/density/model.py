@@ -270,8 +270,8 @@ def _build(cfg: DensitySamplerConfig, data: DataSpec) -> DensitySampler:
     return DensitySampler(cfg, get_target(cfg.target, **cfg.target_params))
 
 
-def _example_batch(data: DataSpec) -> Batch:
-    return {k: torch.tensor(v) for k, v in dict(seed=0, step=0, total=1, first=0, n=2, global_n=2).items()}
+def _example_batch(data: DataSpec, rows: int = 2) -> Batch:
+    return {k: torch.tensor(v) for k, v in dict(seed=0, step=0, total=1, first=0, n=rows, global_n=rows).items()}
 
 
 register_model(ModelSpec(

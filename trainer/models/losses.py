@@ -25,5 +25,5 @@ def operator_loss(model: nn.Module, batch: Batch, data: DataSpec) -> tuple[torch
     return loss, {"rel_l2": loss.item()}
 
 
-def operator_example_batch(data: DataSpec) -> Batch:
-    return {"x": torch.zeros(1, *data.input_shape), "y": torch.zeros(1, *data.target_shape)}
+def operator_example_batch(data: DataSpec, rows: int = 1) -> Batch:
+    return {"x": torch.zeros(rows, *data.input_shape), "y": torch.zeros(rows, *data.target_shape)}

@@ -64,7 +64,7 @@ class DDPEngine(Engine):
 
 def backward_seconds(model: torch.nn.Module, example_loss: ExampleLoss, batch_size: int, repeats: int = 3) -> float:
     """Seconds of one backward at the training batch size: the median of `repeats` backwards of the example batch
-    tiled to `batch_size` samples, after one warm-up. (Scaling a one-sample backward by the batch size instead
+    built at `batch_size` samples (ModelSpec.example_batch), after one warm-up. (Scaling a one-sample backward by the batch size instead
     multiplies its fixed per-op cost too: several times the real backward for small models.) Gradients are
     discarded."""
     times = []

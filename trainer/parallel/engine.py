@@ -22,7 +22,7 @@ from trainer.checkpoint import ModelOptimizerState
 from trainer.comm import ExchangeStats
 
 MakeOptimizer = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-ExampleLoss = Callable[..., torch.Tensor]    # (module, rows=None): the example batch's loss, tiled to `rows` samples
+ExampleLoss = Callable[..., torch.Tensor]    # (module, rows=None): the loss of the example batch, or of one of `rows`
 
 
 class Engine:
