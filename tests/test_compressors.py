@@ -22,6 +22,8 @@ VARIANTS = {
     "powersgd_complex": ("powersgd", {"powersgd_complex": "complex"}),
     "powersgd_r1": ("powersgd", {"rank": 1}),   # odd-sized P/Q ahead of complex ones in one flat buffer
     "powersgd_bf16q": ("powersgd", {"q_wire": "bfloat16"}),
+    "powersgd_balanced": ("powersgd", {"powersgd_view": "balanced"}),
+    "powersgd_balanced_real": ("powersgd", {"powersgd_view": "balanced", "powersgd_complex": "real_view"}),
     "topk": ("topk", {}),
     "randk": ("randk", {}), "randk_unbiased": ("randk", {"randk_unbiased": True}),
     "int8": ("int8", {}), "int4": ("int4", {}), "sign": ("sign", {}),
@@ -38,9 +40,10 @@ def make_views(spec=SPEC) -> tuple[list[ParamView], int]:
 
 
 def comm_config(density=0.1, block_size=64, rank=4, powersgd_complex="complex", min_compression_rate=2.0,
-                randk_unbiased=False, q_wire="float32", **rest) -> CommConfig:
+                randk_unbiased=False, q_wire="float32", powersgd_view="first", **rest) -> CommConfig:
     """A CommConfig from the settings these tests vary, placed in their compressors' tables."""
-    return CommConfig(**rest, powersgd=PowerSGDOptions(rank, powersgd_complex, min_compression_rate, q_wire),
+    return CommConfig(**rest, powersgd=PowerSGDOptions(rank, powersgd_complex, min_compression_rate, q_wire,
+                                                       powersgd_view),
                       topk=TopKOptions(density), randk=RandKOptions(density, randk_unbiased),
                       int8=QuantOptions(block_size), int4=QuantOptions(block_size))
 
@@ -129,6 +132,38 @@ def test_powersgd_exact_on_low_rank_mean(mode, complex_rank, exact, q_wire):
         errs = [(v.slice(out) - v.slice(true)).norm() / v.slice(true).norm() for v in views]
         assert low <= errs[1] <= high, f"step {step}: lin.weight's relative error {errs[1]:.2e}"
         assert (low <= errs[0] <= high) if exact else (errs[0] > 1e-2), f"step {step}: relative error {errs[0]:.2e}"
+
+
+@pytest.mark.parametrize("mode", ["complex", "real_view"])
+def test_powersgd_balanced_view_exact_where_the_first_dim_view_is_not(mode):
+    """A (12, 12, 6, 4) complex gradient whose mean is complex rank 2 as the (in kx, out ky) = (72, 48) matrix the
+    balanced view picks (12 x 6 + 12 x 4 = 120 floats per rank, the fewest), but full rank 12 as (in, out kx ky).
+    Rank 4 (real_view: real rank 4 = complex rank 2) recovers it exactly in the balanced view and cannot in the
+    first-dim one. A 3-float bias first puts the complex weight at an odd offset (no complex view of the bucket)."""
+    from trainer.compress.powersgd import matrix_axes
+    shape = (12, 12, 6, 4)
+    assert matrix_axes(shape, "balanced") == ((0, 2, 1, 3), 2) and matrix_axes(shape, "first") == ((0, 1, 2, 3), 1)
+    views, n = make_views([("b", (3,), False), ("spec.weight", shape, True), ("lin.weight", (24, 40), False)])
+    A = torch.randn(72, 2, dtype=torch.complex64, generator=torch.Generator().manual_seed(5))
+
+    def grad(rank, n, step):
+        g = torch.Generator().manual_seed(100 * rank + step)
+        M = A @ torch.randn(2, 48, dtype=torch.complex64, generator=g)            # rows (i, kx), columns (o, ky)
+        w = M.view(12, 6, 12, 4).permute(0, 2, 1, 3)                               # back to (in, out, kx, ky)
+        return torch.cat([torch.randn(3, generator=g), torch.view_as_real(w.contiguous()).reshape(-1),
+                          torch.randn(24 * 40, generator=g)])
+
+    true = (grad(0, n, 1) + grad(1, n, 1)) / 2
+    errs = {}
+    for view in ("balanced", "first"):
+        outs = run_steps(2, "powersgd", 2, grad=grad, views=(views, n), powersgd_complex=mode, rank=4,
+                         powersgd_view=view)
+        out = outs[0][0][1]
+        assert torch.equal(out, outs[1][0][1])
+        spec = views[1]
+        errs[view] = ((spec.slice(out) - spec.slice(true)).norm() / spec.slice(true).norm()).item()
+        torch.testing.assert_close(views[0].slice(out), views[0].slice(true))     # the bias goes uncompressed
+    assert errs["balanced"] < 1e-5 and errs["first"] > 1e-2, errs
 
 
 def test_powersgd_complex_vs_real_view_error_per_byte(capsys):
@@ -330,7 +365,8 @@ def test_error_feedback_average_converges_on_constant_gradient(variant, steps, g
         assert (avg - true).norm() / true.norm() > 0.1
 
 
-@pytest.mark.parametrize("variant", ["powersgd", "powersgd_complex", "powersgd_r1", "powersgd_bf16q"])
+@pytest.mark.parametrize("variant", ["powersgd", "powersgd_complex", "powersgd_r1", "powersgd_bf16q",
+                                     "powersgd_balanced", "powersgd_balanced_real"])
 def test_powersgd_cost_model_predicts_the_bytes_it_sends(variant):
     """One rule decides what PowerSGD compresses (`powersgd_matrix`): `auto`'s cost model predicts exactly the bytes
     the compressor sends. (16, 16) at rank 4 sits on the rule's edge, r (n + m) * 2 == n m: not compressed, as

@@ -48,6 +48,7 @@ def test_nested_tables_and_overrides_at_any_depth(tmp_path):
     ("comm.bucket_cap_mb=4", "'comm.bucket_cap_mb' moved to 'parallel.bucket_cap_mb'"),
     ("comm.powersgd.rnak=2", "unknown config key 'comm.powersgd.rnak'; allowed: complex, min_compression_rate, q_wire, rank"),
     ("comm.powersgd=2", "config section 'comm.powersgd' must be a table"),
+    ("comm.powersgd.view=rows", "'comm.powersgd.view' = 'rows'; allowed: 'first', 'balanced'"),
     ("model.fno.modes=[0, 4]", "'model.fno.modes'"),
     ("model.name=unet", "'model.name' = 'unet'; allowed: 'fno'"),
     ("model.unet.width=3", "'model.name' = 'unet'; allowed: 'fno'"),

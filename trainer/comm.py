@@ -250,7 +250,7 @@ def _torch_powersgd_bytes(bucket, cfg: CommConfig) -> int:
     """Allreduced bytes of torch's powerSGD_hook for one bucket (its rule is ours: `powersgd_matrix`, on real views)."""
     total = 0
     for g in bucket.gradients():
-        matrix = powersgd_matrix(tuple(g.shape), False, cfg, real_view=True)
+        matrix = powersgd_matrix(tuple(g.shape), False, cfg, real_view=True, view="first")
         total += 4 * (sum(powersgd_floats(*matrix)) if matrix else g.numel())
     return total
 
