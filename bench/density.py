@@ -30,8 +30,10 @@ PUBLISHED = {"pis": (1.769, 0.534, 3.85), "dds": (1.760, 0.424, 7.36), "tb": (1.
              "tb_expl": (0.560, 0.749, 4.01), "vargrad_expl": (0.615, 0.642, 4.01),
              "tb_expl_ls": (0.171, 0.653, 4.57)}
 PUBLISHED["dds_cos"] = PUBLISHED["dds_cos_lp"] = PUBLISHED["dds"]     # DDS with its own code's schedule (+ Langevin)
+PUBLISHED["tb_expl_paper"], PUBLISHED["vargrad_expl_paper"] = PUBLISHED["tb_expl"], PUBLISHED["vargrad_expl"]
 # ... their spread over the 5 runs, where ../shared/DIFFUSION.md or the issue records it
-SPREAD = {("gmm25", "tb_expl_ls"): 0.013, ("gmm25", "tb_expl"): 0.302, ("funnel", "dds"): 0.049,
+SPREAD = {("gmm25", "tb_expl_ls"): 0.013, ("gmm25", "tb_expl"): 0.302, ("gmm25", "tb_expl_paper"): 0.302,
+          ("funnel", "dds"): 0.049,
           ("funnel", "dds_cos"): 0.049, ("manywell", "pis"): 0.03}
 BEST = {"gmm25": 0.171, "funnel": 0.424, "manywell": 3.85}
 TARGETS = {"gmm25": 5.0 ** 0.5, "funnel": 1.0, "manywell": 1.0}     # target -> sigma (sigma^2 = 5, 1, 1)
@@ -39,10 +41,16 @@ TARGETS = {"gmm25": 5.0 ** 0.5, "funnel": 1.0, "manywell": 1.0}     # target -> 
 # factor^2 / dt on the variance rate): 0.2 for TB/VarGrad + Expl., 0.1 for TB + Expl. + LS (Sendera et al. 2024,
 # App. A's commands). Not sqrt(0.2): that explores with 5x (LS: 20x) the published variance.
 EXPL = {"expl": "model.density_sampler.exploration_std=0.2", "expl_ls": "model.density_sampler.exploration_std=0.1"}
+# The paper's text (App. D) says otherwise: exploration noise of *variance* 0.2, decayed linearly over the first *half*
+# of training. The "_paper" rows run that reading; gfn-diffusion's own code, run here with each reading, agrees with
+# ours on both (docs/density.md, session 14).
+EXPL_PAPER = ["model.density_sampler.exploration_std=0.4472135954999579", "model.density_sampler.exploration_until=0.5"]
 METHODS = {"pis": ["model.density_sampler.method=pis"], "dds": ["model.density_sampler.method=dds"],
            "tb": ["model.density_sampler.method=tb"],
            "tb_expl": ["model.density_sampler.method=tb", EXPL["expl"]],
            "vargrad_expl": ["model.density_sampler.method=vargrad", EXPL["expl"]],
+           "tb_expl_paper": ["model.density_sampler.method=tb", *EXPL_PAPER],
+           "vargrad_expl_paper": ["model.density_sampler.method=vargrad", *EXPL_PAPER],
            "tb_expl_ls": ["model.density_sampler.method=tb", EXPL["expl_ls"],
                           "model.density_sampler.local_search=true"],
            # DDS's code's settings for its Funnel runs (trainer/density/sde.py: cos_sq steps, alpha 0.6875, t_f 6.4)
