@@ -29,13 +29,15 @@ VIEWS = ("first", "balanced")
 def view_errors(grad, ranks: list[int]) -> list[dict]:
     """For one (complex or real) gradient tensor: per view and rank, the truncated SVD's relative error and the
     float32 values PowerSGD would send (P and Q, r (n + m), doubled for complex)."""
+    import math
+
     import torch
 
     from trainer.compress.powersgd import matrix_axes
     rows = []
     for view in VIEWS:
         perm, k = matrix_axes(tuple(grad.shape), view)
-        M = grad.permute(perm).reshape(int(torch.tensor(grad.shape)[list(perm[:k])].prod()), -1)
+        M = grad.permute(perm).reshape(math.prod(grad.shape[a] for a in perm[:k]), -1)
         s = torch.linalg.svdvals(M.to(torch.complex128 if M.is_complex() else torch.float64))
         total = s.square().sum()
         for r in ranks:
@@ -51,6 +53,7 @@ def measure(x, y, steps: int, at: list[int], ranks: list[int], seed: int = 0) ->
     import torch
 
     from trainer.models.fno import FNO
+    from trainer.models.losses import relative_l2
     torch.manual_seed(seed)
     x, y = (x - x.mean()) / x.std(), (y - y.mean()) / y.std()
     model = FNO(x.shape[1], y.shape[1], (12, 12), width=32, n_layers=4, padding=0)
@@ -58,8 +61,7 @@ def measure(x, y, steps: int, at: list[int], ranks: list[int], seed: int = 0) ->
     out = []
     for step in range(steps + 1):
         idx = torch.randint(0, x.shape[0], (16,))
-        pred = model(x[idx])
-        loss = ((pred - y[idx]).flatten(1).norm(dim=1) / y[idx].flatten(1).norm(dim=1)).mean()
+        loss = relative_l2(model(x[idx]), y[idx]).mean()
         opt.zero_grad()
         loss.backward()
         if step in at:

@@ -37,6 +37,7 @@ complex P, Q, conjugate transposes and a complex QR, and ships their real views.
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 
@@ -46,6 +47,7 @@ from kernels import lowrank_product
 from trainer.compress.base import Compressor, GradientPlan, ParamView, mixed_seed, timed
 
 
+@functools.lru_cache(maxsize=None)
 def matrix_axes(shape: tuple[int, ...], view: str) -> tuple[tuple[int, ...], int]:
     """(perm, k): a tensor of `shape` is compressed as the matrix tensor.permute(perm) with its first k axes as rows.
     "first": (0, 1, ...), k = 1. "balanced": rows are axis 0 plus the subset of the other axes, each group in its
@@ -120,18 +122,21 @@ class PowerSGDCompressor(Compressor):
         """A bucket slice as the parameter's own tensor (complex view for complex parameters), no copy."""
         return torch.view_as_complex(flat.view(-1, 2)).view(v.shape) if v.is_complex else flat.view(v.shape)
 
-    def _matrix(self, x: torch.Tensor, v: ParamView, n: int, m: int, cplx: bool) -> torch.Tensor:
+    def _perm(self, v: ParamView) -> tuple[int, ...] | None:
+        """The axis permutation of `v`'s matrix view, or None when it is the identity (the matrix is a view of x)."""
+        perm = matrix_axes(tuple(v.shape), self.cfg.powersgd.view)[0]
+        return None if perm == tuple(range(len(perm))) else perm
+
+    def _matrix(self, x: torch.Tensor, v: ParamView, perm, n: int, m: int, cplx: bool) -> torch.Tensor:
         """x (the parameter's floats in the bucket's layout) as the (n, m) matrix PowerSGD works on: a view of x
-        for the first-dim view, a permuted copy otherwise."""
-        perm = matrix_axes(v.shape, self.cfg.powersgd.view)[0]
-        if perm == tuple(range(len(perm))):
+        without a permutation, a permuted copy with one."""
+        if perm is None:
             return torch.view_as_complex(x.view(-1, 2)).view(n, m) if cplx else x.view(n, m)
         t = self._tensor(x, v).permute(perm).reshape(n, -1)
         return t if cplx or not v.is_complex else torch.view_as_real(t).reshape(n, m)
 
-    def _write(self, approx: torch.Tensor, out: torch.Tensor, v: ParamView) -> None:
-        """out (the bucket's slice) = approx, an (n, m) matrix of `_matrix`'s view, permuted back."""
-        perm = matrix_axes(v.shape, self.cfg.powersgd.view)[0]
+    def _write(self, approx: torch.Tensor, out: torch.Tensor, v: ParamView, perm: tuple[int, ...]) -> None:
+        """out (the bucket's slice) = approx, an (n, m) matrix of `_matrix`'s permuted view, permuted back."""
         if v.is_complex and not approx.is_complex():
             approx = torch.view_as_complex(approx.reshape(approx.shape[0], -1, 2))
         odd = v.is_complex and out.storage_offset() % 2         # no complex view of it: go through a copy
@@ -180,7 +185,7 @@ class PowerSGDCompressor(Compressor):
                 v.slice(grad).copy_(part)
             return grad
 
-        xs, Ms, Qs = [], [], []
+        xs, perms, Ms, Qs = [], [], [], []
         for v, (n, m, cplx) in low_rank:
             g = v.slice(grad)
             e = self.get(v.name + "/e") if ef else None
@@ -191,7 +196,8 @@ class PowerSGDCompressor(Compressor):
             else:
                 x = g                                   # read-only until every P and Q is computed
             xs.append(x)
-            Ms.append(self._matrix(x, v, n, m, cplx))
+            perms.append(self._perm(v))
+            Ms.append(self._matrix(x, v, perms[-1], n, m, cplx))
             Qs.append(self._warm_q(v, m, min(self.cfg.powersgd.rank, n, m), cplx, grad.device))
 
         # The uncompressed tensors ride along with the P's: two allreduces per bucket, not three.
@@ -206,11 +212,11 @@ class PowerSGDCompressor(Compressor):
         # (kernels.lowrank_product: one read of M, a fixed summation order; 20% faster than MKL's product here)
         QHs = self._allreduce([lowrank_product(P.mH, M) for M, P in zip(Ms, Ps)], getattr(torch, self.cfg.powersgd.q_wire))
 
-        for (v, _), x, P, QH in zip(low_rank, xs, Ps, QHs):
+        for (v, _), x, perm, P, QH in zip(low_rank, xs, perms, Ps, QHs):
             QH = QH.div_(W) if W > 1 else QH            # our own slice of the allreduced buffer
             out = v.slice(grad)                         # approx = P Q^H straight into the bucket, summed in
-            if matrix_axes(v.shape, self.cfg.powersgd.view)[0] != tuple(range(len(v.shape))):
-                self._write(lowrank_product(P, QH), out, v)      # a permuted view: the product, then permuted back
+            if perm is not None:
+                self._write(lowrank_product(P, QH), out, v, perm)     # the product, then permuted back
             elif not P.is_complex():                    # kernels.lowrank_product's fixed order
                 lowrank_product(P, QH, out=out.view(P.shape[0], -1))
             elif out.storage_offset() % 2 == 0:
