@@ -29,7 +29,8 @@ the floats per rank, is smallest (`matrix_axes`): an FNO spectral weight (in, ou
 (in kx, out ky) = 768 x 384, 1,152 complex per rank against (in, out kx ky)'s 9,248. Measured on the demo FNO's
 gradients (40-200 Adam steps, truncated SVD), the relative error at rank r is about the same in either view
 (r 4: 0.10-0.24, r 8: 0.04-0.12), so at equal bytes the balanced view carries 8x the rank. A permuted view costs one
-copy of the tensor each way. Complex parameters (FNO spectral weights (in, out, m1, m2)) by
+pass each way, fused with error feedback: M = permute(g + e) in; approx and e = M - approx permuted back out.
+Complex parameters (FNO spectral weights (in, out, m1, m2)) by
 `cfg.powersgd.complex`: "real_view" compresses the interleaved float32 (in, out*m1*m2*2) matrix (a
 complex rank-r matrix is a real rank-2r one there); "complex" keeps M complex (in, out*m1*m2) with
 complex P, Q, conjugate transposes and a complex QR, and ships their real views.
@@ -118,32 +119,44 @@ class PowerSGDCompressor(Compressor):
         matrix = powersgd_matrix(v.shape, v.is_complex, self.cfg)
         return None if matrix is None else (matrix[0], matrix[1], matrix[3])
 
-    def _tensor(self, flat: torch.Tensor, v: ParamView) -> torch.Tensor:
-        """A bucket slice as the parameter's own tensor (complex view for complex parameters), no copy."""
-        return torch.view_as_complex(flat.view(-1, 2)).view(v.shape) if v.is_complex else flat.view(v.shape)
-
     def _perm(self, v: ParamView) -> tuple[int, ...] | None:
         """The axis permutation of `v`'s matrix view, or None when it is the identity (the matrix is a view of x)."""
         perm = matrix_axes(tuple(v.shape), self.cfg.powersgd.view)[0]
         return None if perm == tuple(range(len(perm))) else perm
 
-    def _matrix(self, x: torch.Tensor, v: ParamView, perm, n: int, m: int, cplx: bool) -> torch.Tensor:
-        """x (the parameter's floats in the bucket's layout) as the (n, m) matrix PowerSGD works on: a view of x
-        without a permutation, a permuted copy with one."""
-        if perm is None:
-            return torch.view_as_complex(x.view(-1, 2)).view(n, m) if cplx else x.view(n, m)
-        t = self._tensor(x, v).permute(perm).reshape(n, -1)
-        return t if cplx or not v.is_complex else torch.view_as_real(t).reshape(n, m)
+    @staticmethod
+    def _permuted(flat: torch.Tensor, v: ParamView, perm: tuple[int, ...]) -> torch.Tensor:
+        """A bucket slice as the parameter's float32 tensor (a complex one with a trailing (re, im) axis) with its
+        axes in `perm` order: a strided view, no copy, at any storage offset."""
+        if v.is_complex:
+            return flat.view(*v.shape, 2).permute(*perm, len(perm))
+        return flat.view(v.shape).permute(perm)
 
-    def _write(self, approx: torch.Tensor, out: torch.Tensor, v: ParamView, perm: tuple[int, ...]) -> None:
-        """out (the bucket's slice) = approx, an (n, m) matrix of `_matrix`'s permuted view, permuted back."""
-        if v.is_complex and not approx.is_complex():
-            approx = torch.view_as_complex(approx.reshape(approx.shape[0], -1, 2))
-        odd = v.is_complex and out.storage_offset() % 2         # no complex view of it: go through a copy
-        target = torch.empty_like(out) if odd else out
-        self._tensor(target, v).permute(perm).copy_(approx.reshape([v.shape[a] for a in perm]))
-        if odd:
-            out.copy_(target)
+    def _permuted_matrix(self, g: torch.Tensor, e: torch.Tensor | None, v: ParamView, perm, n: int, m: int,
+                         cplx: bool) -> torch.Tensor:
+        """M = (g + e) in the permuted matrix view, in one pass into a new contiguous tensor (n, m)."""
+        gp = self._permuted(g, v, perm)
+        M = torch.empty(gp.shape, dtype=g.dtype, device=g.device)
+        if e is None:
+            M.copy_(gp)
+        else:
+            torch.add(gp, self._permuted(e, v, perm), out=M)
+        return torch.view_as_complex(M).view(n, m) if cplx else M.view(n, m)
+
+    def _write_permuted(self, approx: torch.Tensor, M: torch.Tensor | None, out: torch.Tensor, v: ParamView,
+                        perm: tuple[int, ...]) -> torch.Tensor | None:
+        """out (the bucket's slice) = approx, an (n, m) matrix of `_permuted_matrix`'s view, permuted back; with M,
+        also returns the residual M - approx in the bucket layout (a new flat tensor), one pass each."""
+        flat = torch.view_as_real(approx) if approx.is_complex() else approx
+        target = self._permuted(out, v, perm)
+        flat = flat.reshape(target.shape)
+        target.copy_(flat)
+        if M is None:
+            return None
+        e = torch.empty_like(out)
+        torch.sub((torch.view_as_real(M) if M.is_complex() else M).reshape(target.shape), flat,
+                  out=self._permuted(e, v, perm))
+        return e
 
     def _warm_q(self, v: ParamView, m: int, r: int, cplx: bool, device: torch.device) -> torch.Tensor:
         """Last step's Q, or a Gaussian one from a generator seeded by (seed, name): the same on every rank."""
@@ -189,15 +202,20 @@ class PowerSGDCompressor(Compressor):
         for v, (n, m, cplx) in low_rank:
             g = v.slice(grad)
             e = self.get(v.name + "/e") if ef else None
-            if e is not None and e.shape == g.shape:
-                x = g + e                               # this step's own tensor: it becomes the residual
-            elif ef or (v.is_complex and g.storage_offset() % 2):
-                x = g.clone()                           # (a complex view needs an even storage offset)
-            else:
-                x = g                                   # read-only until every P and Q is computed
-            xs.append(x)
+            e = e if e is not None and e.shape == g.shape else None
             perms.append(self._perm(v))
-            Ms.append(self._matrix(x, v, perms[-1], n, m, cplx))
+            if perms[-1] is not None:                   # a permuted copy of g + e: M is this step's own tensor
+                x = None
+                Ms.append(self._permuted_matrix(g, e, v, perms[-1], n, m, cplx))
+            else:
+                if e is not None:
+                    x = g + e                           # this step's own tensor: it becomes the residual
+                elif ef or (v.is_complex and g.storage_offset() % 2):
+                    x = g.clone()                       # (a complex view needs an even storage offset)
+                else:
+                    x = g                               # read-only until every P and Q is computed
+                Ms.append(torch.view_as_complex(x.view(-1, 2)).view(n, m) if cplx else x.view(n, m))
+            xs.append(x)
             Qs.append(self._warm_q(v, m, min(self.cfg.powersgd.rank, n, m), cplx, grad.device))
 
         # The uncompressed tensors ride along with the P's: two allreduces per bucket, not three.
@@ -212,18 +230,20 @@ class PowerSGDCompressor(Compressor):
         # (kernels.lowrank_product: one read of M, a fixed summation order; 20% faster than MKL's product here)
         QHs = self._allreduce([lowrank_product(P.mH, M) for M, P in zip(Ms, Ps)], getattr(torch, self.cfg.powersgd.q_wire))
 
-        for (v, _), x, perm, P, QH in zip(low_rank, xs, perms, Ps, QHs):
+        for (v, _), x, M, perm, P, QH in zip(low_rank, xs, Ms, perms, Ps, QHs):
             QH = QH.div_(W) if W > 1 else QH            # our own slice of the allreduced buffer
             out = v.slice(grad)                         # approx = P Q^H straight into the bucket, summed in
-            if perm is not None:
-                self._write(lowrank_product(P, QH), out, v, perm)     # the product, then permuted back
+            if perm is not None:                        # the product, permuted back; e = M - approx in one pass
+                e = self._write_permuted(lowrank_product(P, QH), M if ef else None, out, v, perm)
+                if ef:
+                    self.put(v.name + "/e", e)
             elif not P.is_complex():                    # kernels.lowrank_product's fixed order
                 lowrank_product(P, QH, out=out.view(P.shape[0], -1))
             elif out.storage_offset() % 2 == 0:
                 lowrank_product(P, QH, out=torch.view_as_complex(out.view(-1, 2)).view(P.shape[0], -1))
             else:
                 out.copy_(torch.view_as_real(lowrank_product(P, QH)).reshape(-1))
-            if ef:
+            if ef and perm is None:
                 self.put(v.name + "/e", x.sub_(out))    # e = M - approx, in x's own storage
             self.put(v.name + "/q", QH.mH.resolve_conj(), local=False)     # Q (m, r), a transposed view
         return grad
