@@ -473,23 +473,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
+MALLOC_TUNABLES = {"glibc.malloc.hugetlb": "1", "glibc.malloc.mmap_max": "0", "glibc.malloc.trim_threshold": str(2**34)}
+HUGEPAGE_TUNABLE = ":".join(f"{k}={v}" for k, v in MALLOC_TUNABLES.items())
 
 
 def hugepage_malloc_env(env: dict[str, str]) -> dict[str, str] | None:
-    """`env` plus glibc's transparent-huge-page malloc, or None where there is nothing to add (set already, turned off
-    by FIELDTRAIN_HUGEPAGES=0, or not Linux with glibc).
+    """`env` plus glibc malloc tunables that keep a training step from faulting in fresh pages, or None where there is
+    nothing to add (all set already, any of them set by the user, FIELDTRAIN_HUGEPAGES=0, or not Linux with glibc).
 
-    glibc hands each large torch allocation (posix_memalign) fresh pages above the last, so every step's activations
-    and gradient-sized buffers fault in and zero-fill 4 KiB at a time; with glibc.malloc.hugetlb=1 malloc asks for
-    2 MiB pages (madvise), 512x fewer faults. Measured on the 2-core machine (bench/README.md, `step.py`): comm.py's
-    FNO step 0.54 -> 0.43 s, an int8 exchange of its gradient 24 -> 19 ms; the demo's small FNO within noise. glibc
-    reads tunables only at process start, hence the re-exec in `main`."""
+    glibc hands each large torch allocation (posix_memalign) fresh pages above the last or a fresh mmap, and gives
+    them back when freed, so every step's activations and gradient-sized buffers fault in and zero-fill again.
+    glibc.malloc.hugetlb=1 asks for 2 MiB pages (madvise): 512x fewer faults (comm.py's FNO step 0.54 -> 0.43 s).
+    mmap_max=0 and a 16 GiB trim_threshold then keep freed memory in the heap for the next step, so a steady-state step
+    faults nothing (comm.py's FNO, one thread: ~200 huge-page faults and 24 ms of system time per step -> 0, step
+    0.218/0.222 -> 0.195/0.193 s in two interleaved runs; bench/README.md, `step.py`). The price: the process keeps
+    its peak heap, as torch's CUDA caching allocator does. glibc reads tunables only at process start, hence the
+    re-exec in `main`."""
     import platform
     if sys.platform != "linux" or env.get("FIELDTRAIN_HUGEPAGES", "1") == "0" or platform.libc_ver()[0] != "glibc":
         return None
     tunables = env.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" in tunables:
+    if any(k in tunables for k in MALLOC_TUNABLES):
         return None
     return {**env, "GLIBC_TUNABLES": f"{tunables}:{HUGEPAGE_TUNABLE}" if tunables else HUGEPAGE_TUNABLE}
 

@@ -287,4 +287,5 @@ def test_hugepage_malloc_env_adds_the_tunable_once():
     assert hugepage_malloc_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "X": "1"}) == {
         "GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{HUGEPAGE_TUNABLE}", "X": "1"}
     assert hugepage_malloc_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None      # the user's choice stands
+    assert hugepage_malloc_env({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}) is None
     assert hugepage_malloc_env({"FIELDTRAIN_HUGEPAGES": "0"}) is None
