@@ -24,6 +24,7 @@ VARIANTS = {
     "powersgd_bf16q": ("powersgd", {"q_wire": "bfloat16"}),
     "powersgd_balanced": ("powersgd", {"powersgd_view": "balanced"}),
     "powersgd_balanced_real": ("powersgd", {"powersgd_view": "balanced", "powersgd_complex": "real_view"}),
+    "powersgd_bf16pq": ("powersgd", {"powersgd_view": "balanced", "p_wire": "bfloat16", "q_wire": "bfloat16"}),
     "topk": ("topk", {}),
     "randk": ("randk", {}), "randk_unbiased": ("randk", {"randk_unbiased": True}),
     "int8": ("int8", {}), "int4": ("int4", {}), "sign": ("sign", {}),
@@ -40,10 +41,11 @@ def make_views(spec=SPEC) -> tuple[list[ParamView], int]:
 
 
 def comm_config(density=0.1, block_size=64, rank=4, powersgd_complex="complex", min_compression_rate=2.0,
-                randk_unbiased=False, q_wire="float32", powersgd_view="first", **rest) -> CommConfig:
+                randk_unbiased=False, q_wire="float32", powersgd_view="first", p_wire="float32",
+                **rest) -> CommConfig:
     """A CommConfig from the settings these tests vary, placed in their compressors' tables."""
     return CommConfig(**rest, powersgd=PowerSGDOptions(rank, powersgd_complex, min_compression_rate, q_wire,
-                                                       powersgd_view),
+                                                       powersgd_view, p_wire),
                       topk=TopKOptions(density), randk=RandKOptions(density, randk_unbiased),
                       int8=QuantOptions(block_size), int4=QuantOptions(block_size))
 
@@ -366,7 +368,7 @@ def test_error_feedback_average_converges_on_constant_gradient(variant, steps, g
 
 
 @pytest.mark.parametrize("variant", ["powersgd", "powersgd_complex", "powersgd_r1", "powersgd_bf16q",
-                                     "powersgd_balanced", "powersgd_balanced_real"])
+                                     "powersgd_balanced", "powersgd_balanced_real", "powersgd_bf16pq"])
 def test_powersgd_cost_model_predicts_the_bytes_it_sends(variant):
     """One rule decides what PowerSGD compresses (`powersgd_matrix`): `auto`'s cost model predicts exactly the bytes
     the compressor sends. (16, 16) at rank 4 sits on the rule's edge, r (n + m) * 2 == n m: not compressed, as
@@ -382,6 +384,40 @@ def test_powersgd_cost_model_predicts_the_bytes_it_sends(variant):
     assert sent == predicted
     if cfg.powersgd.rank == 4:   # the edge matrix and the bias go uncompressed
         assert (16, 16) not in [(p // 4, q // 4) for p, q in matrices] and n_small >= 16 * 16 + 24
+
+
+@pytest.mark.parametrize("mode", ["complex", "real_view"])
+def test_powersgd_bf16_p_within_its_rounding_bound(mode):
+    """P sent as bfloat16 on a mean of rank <= r (exact with fp32 P): every rank orthonormalises the same rounded sum
+    P_sum + D, and for M = P_sum X the error (I - U U^H) M = -(I - U U^H) D X, so |error|_F / |M|_F <=
+    |D|_F / sigma_k(P_sum) (k the mean's rank) with |D| <= 2^-9 (|P_0| + |P_1| + |P_sum|) entrywise (each rank's product and the sum
+    rounded to 8 mantissa bits). And above 2^-14: something was rounded. Q stays float32 here."""
+    from trainer.compress.transport import LocalTransport
+    spec = [("spec.weight", (16, 8, 6, 4), True)]
+    views, n = make_views(spec)
+    g = torch.Generator().manual_seed(7)
+    A = torch.randn(16, 2, dtype=torch.complex64, generator=g)
+
+    def grad(rank, n, step):
+        g = torch.Generator().manual_seed(rank)
+        return torch.view_as_real(A @ torch.randn(2, 8 * 6 * 4, dtype=torch.complex64, generator=g)).reshape(-1)
+
+    out = run_steps(2, "powersgd", 1, grad=grad, views=(views, n), powersgd_complex=mode, rank=4,
+                    p_wire="bfloat16")[0][0][0]
+    true = (grad(0, n, 0) + grad(1, n, 0)) / 2
+    comp = build("powersgd", LocalTransport(), powersgd_complex=mode, rank=4)
+    rows, cols, _ = comp.matrix_shape(views[0])
+    cplx = mode == "complex"
+    as_matrix = (lambda x: torch.view_as_complex(x.view(-1, 2)).view(rows, cols)) if cplx else (
+        lambda x: x.view(rows, cols))
+    Q = comp._warm_q(views[0], cols, 4, cplx, torch.device("cpu")).to(torch.complex128 if cplx else torch.float64)
+    P = [as_matrix(grad(r, n, 0)).to(Q.dtype) @ Q for r in range(2)]
+    P_sum = P[0] + P[1]
+    sv = torch.linalg.svdvals(P_sum)
+    sigma = sv[(sv > 1e-4 * sv[0]).sum() - 1]   # the smallest of the mean's rank (2 complex, 4 real): X = P_sum^+ M
+    bound = 2.0**-9 * (1 + 2.0**-8) * sum(p.norm() for p in [*P, P_sum]) / sigma
+    err = float((out - true).norm() / true.norm())
+    assert 2.0**-14 < err <= float(bound), (err, float(bound))
 
 
 @pytest.mark.parametrize("shape", [(16, 16), (17, 16), (24, 40), (9, 35), (3, 100), (100, 3), (12, 288), (40,)])

@@ -182,12 +182,15 @@ class PowerSGDOptions:
     q_wire: str = "float32"        # Q's dtype on the wire: "bfloat16" halves the bytes (the rounding goes to e)
     view: str = "first"            # a tensor's matrix: "first" dim x the rest (torch's hook), or the "balanced"
                                    # split of its axes with the fewest floats per rank (powersgd.matrix_axes)
+    p_wire: str = "float32"        # P's dtype on the wire: "bfloat16" halves P's bytes (P is orthonormalised after
+                                   # the sum, so the rounding only tilts the subspace; e keeps what it loses)
 
     def __post_init__(self):
         _positive("comm.powersgd.rank", self.rank)
         _choice("comm.powersgd.complex", self.complex, ("real_view", "complex"))
         _positive("comm.powersgd.min_compression_rate", self.min_compression_rate)
         _choice("comm.powersgd.q_wire", self.q_wire, ("float32", "bfloat16"))
+        _choice("comm.powersgd.p_wire", self.p_wire, ("float32", "bfloat16"))
         _choice("comm.powersgd.view", self.view, ("first", "balanced"))
 
 

@@ -20,8 +20,11 @@ every uncompressed tensor concatenated, every P, every Q. A tensor is sent uncom
 With `q_wire = "bfloat16"` the Q allreduce (nearly all of the bytes: m >> n for FNO weights) travels as bfloat16:
 each rank's Q^H and the sum are rounded to 8 mantissa bits (relative 2^-9 each), every rank applies the same
 rounded Q, and error feedback keeps what the rounding lost (e = M - approx with the approx actually applied), so
-it is an error of this step only, as the rank truncation is. P stays float32 (it is orthonormalised; its bytes
-are the dense tensors' and n r per matrix).
+it is an error of this step only, as the rank truncation is. `p_wire = "bfloat16"` does the same for P (n r per
+matrix: most of the bytes in the balanced view, where n > m): every rank orthonormalises the same rounded sum, so
+approx = P P^H mean_j M_j is still a projection, onto a subspace tilted by the rounding; for a mean of rank <= r its
+relative error is at most |dP| / |P| times cond(P) (the rest goes to error feedback). The uncompressed tensors
+then take an allreduce of their own.
 
 Matrix view (`cfg.powersgd.view`): "first" is the first dim x the rest (torch's hook; conv weights as (out, in k k)).
 "balanced" splits the axes into rows (the first axis and others) and columns, keeping their order, so that n + m,
@@ -102,10 +105,14 @@ class PowerSGDCompressor(Compressor):
 
     @classmethod
     def collectives(cls, cfg, plan: GradientPlan, w: int) -> list[tuple[str, float]]:
-        """Two allreduces: the P's with the uncompressed tensors riding along, then the Q's."""
+        """Two allreduces: the P's with the uncompressed tensors riding along, then the Q's; with P in bfloat16 the
+        uncompressed tensors go first in an allreduce of their own."""
         q_bytes = 2 if cfg.powersgd.q_wire == "bfloat16" else 4
-        return [("allreduce", 4 * plan.n_small + 4 * sum(p for p, _ in plan.matrices)),
-                ("allreduce", q_bytes * sum(q for _, q in plan.matrices))]
+        p_bytes = 4 * sum(p for p, _ in plan.matrices)
+        if cfg.powersgd.p_wire == "bfloat16":
+            dense = [("allreduce", 4 * plan.n_small)] if plan.n_small else []
+            return dense + [("allreduce", p_bytes / 2), ("allreduce", q_bytes * sum(q for _, q in plan.matrices))]
+        return [("allreduce", 4 * plan.n_small + p_bytes), ("allreduce", q_bytes * sum(q for _, q in plan.matrices))]
 
     @classmethod
     def encode_seconds(cls, cfg, n: int) -> float:
@@ -221,8 +228,13 @@ class PowerSGDCompressor(Compressor):
         # The uncompressed tensors ride along with the P's: two allreduces per bucket, not three.
         # P = M Q as (Q^T M^T)^T: the same bits, and MKL's kernel for that layout is ~25% faster for these skinny
         # products (complex 32 x 9216 by 9216 x 4: 0.20 against 0.26 ms)
-        summed = self._allreduce([dense_flat] + [(Q.mT @ M.mT).mT for M, Q in zip(Ms, Qs)])  # (n, r) each
-        dense_sum, Ps = summed[0].div_(W), summed[1:]
+        Ps = [(Q.mT @ M.mT).mT for M, Q in zip(Ms, Qs)]                              # (n, r) each
+        if self.cfg.powersgd.p_wire == "float32":
+            summed = self._allreduce([dense_flat] + Ps)
+            dense_sum, Ps = summed[0].div_(W), summed[1:]
+        else:          # bfloat16 P: the uncompressed tensors cannot ride along (the same collectives on every rank)
+            dense_sum = self.transport.allreduce_(dense_flat).div_(W) if dense_flat.numel() else dense_flat
+            Ps = self._allreduce(Ps, torch.bfloat16)
         for v, part in zip(dense, dense_sum.split([v.numel for v in dense])):
             v.slice(grad).copy_(part)
         Ps = [torch.linalg.qr(P).Q for P in Ps]
