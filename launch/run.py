@@ -35,8 +35,9 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False, unt
         log.info("rank %d/%d (local %d/%d) from %s, on its %s process group", env.rank, env.world_size,
                  env.local_rank, env.local_world_size, env.source, torch.distributed.get_backend())
     try:
-        threads = cfg.run.threads_per_rank or max(1, (os.cpu_count() or 1) // env.local_world_size)
+        threads = cfg.run.threads_per_rank or default_threads(env.local_world_size)
         torch.set_num_threads(threads)
+        log.info("rank %d: %d intra-op thread(s)", env.rank, threads)
         set_deterministic(cfg.run.deterministic)
         from trainer.registry import get_model_spec
         trainer_cls = trainer_cls or get_model_spec(cfg.model.name).trainer_class() or Trainer
@@ -52,6 +53,19 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False, unt
             # rank aborts (signal 6) after a finished run. Collect them, then destroy the group while Python lives.
             gc.collect()
             destroy_distributed()
+
+
+def default_threads(local_world_size: int) -> int:
+    """Intra-op threads per rank when run.threads_per_rank = 0: OMP_NUM_THREADS where it is set (torchrun, Ray's
+    workers and `fieldtrain train --nproc` set it), else the cores this process may run on over the ranks of its
+    node. (Ignoring OMP_NUM_THREADS made each rank of bench/comm.py's emulated nodes, one rank per namespace and so
+    "alone on its node", run 2 threads on the 2 shared cores: 4 busy threads, and backwards timed at start-up 10x
+    their steady-state time while both ranks measured at once.)"""
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_world_size))
 
 
 def set_deterministic(on: bool) -> None:

@@ -289,3 +289,19 @@ def test_hugepage_malloc_env_adds_the_tunable_once():
     assert hugepage_malloc_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None      # the user's choice stands
     assert hugepage_malloc_env({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}) is None
     assert hugepage_malloc_env({"FIELDTRAIN_HUGEPAGES": "0"}) is None
+
+
+def test_default_threads_follow_omp_num_threads_then_the_cores(monkeypatch):
+    """run.threads_per_rank = 0 takes OMP_NUM_THREADS where it is set (torchrun, Ray workers, our --nproc launcher),
+    else this process's cores over the ranks of its node; never 0."""
+    import os
+
+    from launch.run import default_threads
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads(1) == 3 and default_threads(8) == 3
+    for unset in ("", "0", "x"):
+        monkeypatch.setenv("OMP_NUM_THREADS", unset)
+        cores = len(os.sched_getaffinity(0))
+        assert default_threads(1) == cores and default_threads(cores + 1) == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert default_threads(2) == max(1, len(os.sched_getaffinity(0)) // 2)

@@ -32,7 +32,7 @@ class RunConfig:
     out_dir: str = "runs"          # the run directory is out_dir/name
     seed: int = 0
     deterministic: bool = True     # torch.use_deterministic_algorithms and one intra-op thread per rank
-    threads_per_rank: int = 0      # 0: cores // local ranks
+    threads_per_rank: int = 0      # 0: OMP_NUM_THREADS if set, else cores // local ranks
 
     def __post_init__(self):
         for k in ("name", "out_dir"):
