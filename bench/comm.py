@@ -151,7 +151,7 @@ def rank_command(topo: netns.Topology, i: int, row: Row, run_root: Path, port: i
            "OMP_NUM_THREADS": 1}
     sets = [*MODEL, f"data.path={DATA}", f"run.out_dir={run_root}", f"run.name={row.name}",
             f"train.max_steps={steps}", "train.log_every=1", f"train.eval_every={eval_every}",
-            "train.progress=false", *ENGINE, *row.overrides]
+            "train.progress=false", "run.threads_per_rank=1", *ENGINE, *row.overrides]
     argv = [sys.executable, "-m", "launch.cli", "train", str(CONFIG), "--overwrite"]   # a rerun replaces the row
     for s in sets:
         argv += ["--set", s]

@@ -108,7 +108,8 @@ def test_rank_command():
     cmd = comm.rank_command(topo, 2, comm.parse_row("fp16"), comm.ROOT / "out", 29501, 50, 10)
     assert cmd[:5] == ["ip", "netns", "exec", "ftb1-n2", "env"]
     for kv in ("RANK=2", "WORLD_SIZE=4", "MASTER_ADDR=198.18.0.1", "MASTER_PORT=29501", "GLOO_SOCKET_IFNAME=eth0",
-               "OMP_NUM_THREADS=1", "comm.compressor=fp16", "train.max_steps=50", "train.eval_every=10"):
+               "OMP_NUM_THREADS=1", "run.threads_per_rank=1", "comm.compressor=fp16", "train.max_steps=50",
+               "train.eval_every=10"):
         assert kv in cmd
     # 2 namespaces x 2 ranks: rank 3 is node 1's second rank, in namespace n1
     topo = netns.Topology(2, 10**8, prefix="ftb1")

@@ -32,7 +32,8 @@ the floats per rank, is smallest (`matrix_axes`): an FNO spectral weight (in, ou
 (in kx, out ky) = 768 x 384, 1,152 complex per rank against (in, out kx ky)'s 9,248. Measured on the demo FNO's
 gradients (40-200 Adam steps, truncated SVD), the relative error at rank r is about the same in either view
 (r 4: 0.10-0.24, r 8: 0.04-0.12), so at equal bytes the balanced view carries 8x the rank. A permuted view costs one
-pass each way, fused with error feedback: M = permute(g + e) in; approx and e = M - approx permuted back out.
+pass each way, fused with error feedback, whose residual stays in the matrix layout: M = permute(g) + e in one
+pass; approx permuted back out; e = M - approx in M's own storage.
 Complex parameters (FNO spectral weights (in, out, m1, m2)) by
 `cfg.powersgd.complex`: "real_view" compresses the interleaved float32 (in, out*m1*m2*2) matrix (a
 complex rank-r matrix is a real rank-2r one there); "complex" keeps M complex (in, out*m1*m2) with
@@ -141,29 +142,27 @@ class PowerSGDCompressor(Compressor):
 
     def _permuted_matrix(self, g: torch.Tensor, e: torch.Tensor | None, v: ParamView, perm, n: int, m: int,
                          cplx: bool) -> torch.Tensor:
-        """M = (g + e) in the permuted matrix view, in one pass into a new contiguous tensor (n, m)."""
+        """M = g + e in the permuted matrix view, in one pass into a new contiguous tensor (n, m); e, the residual,
+        is kept in that layout (`_write_permuted`)."""
         gp = self._permuted(g, v, perm)
         M = torch.empty(gp.shape, dtype=g.dtype, device=g.device)
         if e is None:
             M.copy_(gp)
         else:
-            torch.add(gp, self._permuted(e, v, perm), out=M)
+            torch.add(gp, e, out=M)
         return torch.view_as_complex(M).view(n, m) if cplx else M.view(n, m)
 
     def _write_permuted(self, approx: torch.Tensor, M: torch.Tensor | None, out: torch.Tensor, v: ParamView,
                         perm: tuple[int, ...]) -> torch.Tensor | None:
         """out (the bucket's slice) = approx, an (n, m) matrix of `_permuted_matrix`'s view, permuted back; with M,
-        also returns the residual M - approx in the bucket layout (a new flat tensor), one pass each."""
+        returns the residual e = M - approx, computed in M's own storage (the matrix layout, contiguous)."""
         flat = torch.view_as_real(approx) if approx.is_complex() else approx
         target = self._permuted(out, v, perm)
-        flat = flat.reshape(target.shape)
-        target.copy_(flat)
+        target.copy_(flat.reshape(target.shape))
         if M is None:
             return None
-        e = torch.empty_like(out)
-        torch.sub((torch.view_as_real(M) if M.is_complex() else M).reshape(target.shape), flat,
-                  out=self._permuted(e, v, perm))
-        return e
+        e = torch.view_as_real(M) if M.is_complex() else M
+        return e.sub_(flat).view(target.shape)     # shaped as permuted: a residual of another layout never matches
 
     def _warm_q(self, v: ParamView, m: int, r: int, cplx: bool, device: torch.device) -> torch.Tensor:
         """Last step's Q, or a Gaussian one from a generator seeded by (seed, name): the same on every rank."""
@@ -209,8 +208,9 @@ class PowerSGDCompressor(Compressor):
         for v, (n, m, cplx) in low_rank:
             g = v.slice(grad)
             e = self.get(v.name + "/e") if ef else None
-            e = e if e is not None and e.shape == g.shape else None
             perms.append(self._perm(v))
+            layout = g.shape if perms[-1] is None else self._permuted(g, v, perms[-1]).shape
+            e = e if e is not None and e.shape == layout else None     # another view's (or world's) residual: reset
             if perms[-1] is not None:                   # a permuted copy of g + e: M is this step's own tensor
                 x = None
                 Ms.append(self._permuted_matrix(g, e, v, perms[-1], n, m, cplx))
