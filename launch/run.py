@@ -37,12 +37,12 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False, unt
     try:
         threads = cfg.run.threads_per_rank or default_threads(env.local_world_size)
         torch.set_num_threads(threads)
-        log.info("rank %d: %d intra-op thread(s)", env.rank, threads)
         set_deterministic(cfg.run.deterministic)
         from trainer.registry import get_model_spec
         trainer_cls = trainer_cls or get_model_spec(cfg.model.name).trainer_class() or Trainer
         summary = trainer_cls(cfg, device, resume=resume, overwrite=overwrite).train(until_step=until_step)
         summary["glibc_hugepages"] = "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")   # launch/cli.py
+        summary["intra_op_threads"] = threads
         if env.rank == 0:
             log.info("summary: %s", json.dumps(summary))
         return summary
