@@ -297,7 +297,8 @@ def test_topk_is_a_contraction():
     assert (out - x).pow(2).sum() >= (1 - k / n) * x.pow(2).sum() * (1 - 1e-6)
 
 
-@pytest.mark.parametrize("variant", ["powersgd", "powersgd_complex", "topk", "randk", "int8", "int4", "sign"])
+@pytest.mark.parametrize("variant", ["powersgd", "powersgd_complex", "powersgd_bf16pq", "topk", "randk", "int8", "int4",
+                                     "sign"])
 def test_rollback_state_dict_and_world_change(variant):
     views, n = make_views()
 
