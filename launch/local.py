@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 
-from launch.run import EXIT_PREEMPTED
+from launch.run import EXIT_PREEMPTED, default_threads
 
 log = logging.getLogger("fieldtrain")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -130,7 +130,7 @@ def spawn_local(nproc: int, argv: list[str], env: dict | None = None) -> int:
     if nproc < 1:
         raise ValueError(f"--nproc {nproc}: must be >= 1")
     env = dict(os.environ if env is None else env)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env["OMP_NUM_THREADS"] = str(default_threads(nproc, env))     # the rule every rank applies when it is unset
     grace_s = _stop_grace_s(env)
     from torch.distributed import TCPStore
     store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)   # the port is ours until we exit

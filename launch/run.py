@@ -55,13 +55,13 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False, unt
             destroy_distributed()
 
 
-def default_threads(local_world_size: int) -> int:
+def default_threads(local_world_size: int, env=os.environ) -> int:
     """Intra-op threads per rank when run.threads_per_rank = 0: OMP_NUM_THREADS where it is set (torchrun, Ray's
     workers and `fieldtrain train --nproc` set it), else the cores this process may run on over the ranks of its
     node. (Ignoring OMP_NUM_THREADS made each rank of bench/comm.py's emulated nodes, one rank per namespace and so
     "alone on its node", run 2 threads on the 2 shared cores: 4 busy threads, and backwards timed at start-up 10x
     their steady-state time while both ranks measured at once.)"""
-    omp = os.environ.get("OMP_NUM_THREADS", "")
+    omp = env.get("OMP_NUM_THREADS", "")
     if omp.isdigit() and int(omp) > 0:
         return int(omp)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

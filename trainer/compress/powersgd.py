@@ -108,12 +108,11 @@ class PowerSGDCompressor(Compressor):
     def collectives(cls, cfg, plan: GradientPlan, w: int) -> list[tuple[str, float]]:
         """Two allreduces: the P's with the uncompressed tensors riding along, then the Q's; with P in bfloat16 the
         uncompressed tensors go first in an allreduce of their own."""
-        q_bytes = 2 if cfg.powersgd.q_wire == "bfloat16" else 4
-        p_bytes = 4 * sum(p for p, _ in plan.matrices)
+        p_floats, q_floats = sum(p for p, _ in plan.matrices), sum(q for _, q in plan.matrices)
+        q = ("allreduce", (2 if cfg.powersgd.q_wire == "bfloat16" else 4) * q_floats)
         if cfg.powersgd.p_wire == "bfloat16":
-            dense = [("allreduce", 4 * plan.n_small)] if plan.n_small else []
-            return dense + [("allreduce", p_bytes / 2), ("allreduce", q_bytes * sum(q for _, q in plan.matrices))]
-        return [("allreduce", 4 * plan.n_small + p_bytes), ("allreduce", q_bytes * sum(q for _, q in plan.matrices))]
+            return ([("allreduce", 4 * plan.n_small)] if plan.n_small else []) + [("allreduce", 2 * p_floats), q]
+        return [("allreduce", 4 * plan.n_small + 4 * p_floats), q]
 
     @classmethod
     def encode_seconds(cls, cfg, n: int) -> float:
@@ -143,10 +142,10 @@ class PowerSGDCompressor(Compressor):
     def _permuted_matrix(self, g: torch.Tensor, e: torch.Tensor | None, v: ParamView, perm, n: int, m: int,
                          cplx: bool) -> torch.Tensor:
         """M = g + e in the permuted matrix view, in one pass into a new contiguous tensor (n, m); e, the residual,
-        is kept in that layout (`_write_permuted`)."""
+        is kept in that layout (`_write_permuted`): one of another shape (another view's, or none) is not added."""
         gp = self._permuted(g, v, perm)
         M = torch.empty(gp.shape, dtype=g.dtype, device=g.device)
-        if e is None:
+        if e is None or e.shape != gp.shape:
             M.copy_(gp)
         else:
             torch.add(gp, e, out=M)
@@ -209,13 +208,11 @@ class PowerSGDCompressor(Compressor):
             g = v.slice(grad)
             e = self.get(v.name + "/e") if ef else None
             perms.append(self._perm(v))
-            layout = g.shape if perms[-1] is None else self._permuted(g, v, perms[-1]).shape
-            e = e if e is not None and e.shape == layout else None     # another view's (or world's) residual: reset
             if perms[-1] is not None:                   # a permuted copy of g + e: M is this step's own tensor
                 x = None
                 Ms.append(self._permuted_matrix(g, e, v, perms[-1], n, m, cplx))
             else:
-                if e is not None:
+                if e is not None and e.shape == g.shape:
                     x = g + e                           # this step's own tensor: it becomes the residual
                 elif ef or (v.is_complex and g.storage_offset() % 2):
                     x = g.clone()                       # (a complex view needs an even storage offset)
