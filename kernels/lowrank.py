@@ -87,3 +87,52 @@ def lowrank_product(P: torch.Tensor, QH: torch.Tensor, out: torch.Tensor | None 
     contiguous (n, m) tensor of P's dtype) or a new tensor."""
     out = _check(P, QH, out)      # here, not inside the kernel: FusedKernel takes a failing fast path for a broken
     return (_COMPLEX if P.is_complex() else _REAL)(P, QH, out)      # compiler and falls back for good
+
+
+# Low-precision products (`comm.powersgd.compute = "bfloat16"`). A complex matrix M (n, m) is read in its real form
+# Mr = view_as_real(M) as (n, 2m), (re, im) pairs interleaved, and each complex product is one real matmul of the same
+# 4nmr real multiply-adds with a small real-form partner built from P or Q. The matmul takes `dtype` inputs,
+# accumulates in float32 and rounds its result to `dtype` (bfloat16 on CPU: oneDNN's AVX512-BF16 kernels, 4x the
+# float32 rate here); results come back as float32/complex64. With dtype=float32 the same code is plain float32
+# arithmetic in another order, which is how the tests check the real-form algebra.
+
+def real_form(M: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """M (n, m), real or complex, as an (n, m) or (n, 2m) real matrix of `dtype` (a copy)."""
+    return (torch.view_as_real(M) if M.is_complex() else M).reshape(M.shape[0], -1).to(dtype)
+
+
+def project(Mr: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """P = M Q for M given as `real_form(M)`, Q (m, r) real or complex: (n, r) float32 or complex64.
+    Complex: [Re P, Im P] interleaved = Mr B, B (2m, 2r) with B[2k, 2j:2j+2] = (Re Q, Im Q)[k, j] and
+    B[2k+1, 2j:2j+2] = (-Im Q, Re Q)[k, j]."""
+    if not Q.is_complex():
+        return (Mr @ Q.to(Mr.dtype)).float()
+    re, im = Q.real, Q.imag
+    B = torch.stack([torch.stack([re, im], -1), torch.stack([-im, re], -1)], 1)      # (m, 2, r, 2)
+    Pr = (Mr @ B.reshape(2 * Q.shape[0], 2 * Q.shape[1]).to(Mr.dtype)).float()       # (n, 2r)
+    return torch.view_as_complex(Pr.view(Pr.shape[0], -1, 2))
+
+
+def coproject(P: torch.Tensor, Mr: torch.Tensor) -> torch.Tensor:
+    """Q^H = P^H M for P (n, r) and M given as `real_form(M)`: (r, m) float32 or complex64.
+    Complex: R = [Re P^T; Im P^T] Mr (2r, 2m); Re Q^H = Re P^T Re M + Im P^T Im M, Im Q^H = Re P^T Im M - Im P^T Re M."""
+    if not P.is_complex():
+        return (P.mT.to(Mr.dtype) @ Mr).float()
+    r = P.shape[1]
+    C = torch.view_as_real(P.resolve_conj()).permute(2, 1, 0).reshape(2 * r, -1).to(Mr.dtype)   # (2r, n)
+    R = (C @ Mr).float().view(2, r, -1, 2)           # [Re P^T | Im P^T] x [Re M | Im M]
+    return torch.complex(R[0, ..., 0] + R[1, ..., 1], R[0, ..., 1] - R[1, ..., 0])
+
+
+def expand(P: torch.Tensor, QH: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """approx = P Q^H in real form, float32 (n, m) or (n, 2m) (the (re, im) layout of a complex (n, m)), computed in
+    `dtype` (converted once here: the callers' strided copies and subtractions run 1.7x slower from bfloat16).
+    Complex: [Re P, Im P] (n, 2r) times D (2r, 2m) with D's rows j = (Re, Im) Q^H[j] interleaved and rows r + j =
+    (-Im, Re) Q^H[j] interleaved."""
+    if not P.is_complex():
+        return (P.to(dtype) @ QH.to(dtype)).float()
+    n, r = P.shape
+    re, im = QH.real, QH.imag
+    D = torch.cat([torch.stack([re, im], -1), torch.stack([-im, re], -1)]).reshape(2 * r, -1)      # (2r, 2m)
+    left = torch.view_as_real(P.resolve_conj()).permute(0, 2, 1).reshape(n, 2 * r)               # [Re P | Im P]
+    return (left.to(dtype) @ D.to(dtype)).float()

@@ -528,3 +528,41 @@ def test_encode_with_residual_is_encode_then_the_decode_error(compiled_mode, bit
     want_codes, want_s = encode_blockwise(x, bits, 16, generator=_gen("cpu", 6))
     assert torch.equal(codes, want_codes) and torch.equal(s, want_s)
     assert torch.equal(residual, x - decode_blockwise(codes, s, n, bits, 16))
+
+
+def _abs_real_form(x: torch.Tensor) -> torch.Tensor:
+    return x.abs().double()          # complex: the modulus bounds |re| and |im| of each real-form term's factor
+
+
+@pytest.mark.parametrize("cplx", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_real_form_products_are_the_complex_products_within_rounding(cplx, dtype):
+    """kernels.lowrank's project (M Q), coproject (P^H M) and expand (P Q^H) against the exact float64 products.
+    Each is one real matmul of K real terms with inputs rounded to `dtype` (unit roundoff u: 2^-8 bfloat16, 2^-24
+    float32), float32 accumulation (<= K 2^-24 |A||B|) and the result rounded to `dtype`; for complex entries a real
+    output's terms are bounded by the moduli (|a c| + |b d| <= |a + bi| |c + di|), so elementwise
+    |error| <= (2u + u^2 + K 2^-24)(1 + u) (|A| |B|) + u |AB|, with |A| |B| the product of the entries' moduli.
+    A bfloat16 result above u^2 |A||B| somewhere shows the low-precision product ran."""
+    from kernels.lowrank import coproject, expand, project, real_form
+    g = torch.Generator().manual_seed(3)
+    ct = torch.complex64 if cplx else torch.float32
+    n, m, r = 37, 53, 5
+    M, Q, P = (torch.randn(*s, generator=g, dtype=ct) for s in ((n, m), (m, r), (n, r)))
+    u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-24
+    Mr = real_form(M, dtype)
+    assert Mr.dtype == dtype and Mr.shape == (n, m * (2 if cplx else 1))
+    QH = Q.mH.contiguous()
+    for got, A, B in ((project(Mr, Q), M, Q), (coproject(P, Mr), P.mH, M), (expand(P, QH, dtype), P, QH)):
+        exact = A.to(torch.complex128 if cplx else torch.float64) @ B.to(torch.complex128 if cplx else torch.float64)
+        if cplx and not got.is_complex():        # expand's real form: (re, im) interleaved
+            got = torch.view_as_complex(got.view(n, m, 2))
+        assert got.shape == exact.shape and got.dtype == ct
+        K = A.shape[1] * (2 if cplx else 1)
+        mag = _abs_real_form(A) @ _abs_real_form(B)
+        bound = (2 * u + u * u + K * 2.0**-24) * (1 + u) * mag + u * exact.abs()
+        err = got.to(exact.dtype) - exact
+        parts = (err.real, err.imag) if cplx else (err,)
+        for part in parts:
+            assert (part.abs() <= bound).all(), float((part.abs() / bound).max())
+        if dtype == torch.bfloat16:
+            assert (err.abs() > u * u * mag).any()

@@ -184,6 +184,8 @@ class PowerSGDOptions:
                                    # split of its axes with the fewest floats per rank (powersgd.matrix_axes)
     p_wire: str = "float32"        # P's dtype on the wire: "bfloat16" halves P's bytes (P is orthonormalised after
                                    # the sum, so the rounding only tilts the subspace; e keeps what it loses)
+    compute: str = "float32"       # the three products' inputs: "bfloat16" (float32 accumulation, bfloat16 results;
+                                   # e keeps the rounding) runs 4x faster on CPUs with AVX512-BF16 and on GPUs
 
     def __post_init__(self):
         _positive("comm.powersgd.rank", self.rank)
@@ -191,6 +193,7 @@ class PowerSGDOptions:
         _positive("comm.powersgd.min_compression_rate", self.min_compression_rate)
         _choice("comm.powersgd.q_wire", self.q_wire, ("float32", "bfloat16"))
         _choice("comm.powersgd.p_wire", self.p_wire, ("float32", "bfloat16"))
+        _choice("comm.powersgd.compute", self.compute, ("float32", "bfloat16"))
         _choice("comm.powersgd.view", self.view, ("first", "balanced"))
 
 

@@ -18,7 +18,7 @@ every uncompressed tensor concatenated, every P, every Q. A tensor is sent uncom
 `powersgd_matrix`).
 
 With `q_wire = "bfloat16"` the Q allreduce (nearly all of the bytes: m >> n for FNO weights) travels as bfloat16:
-each rank's Q^H and the sum are rounded to 8 mantissa bits (relative 2^-9 each), every rank applies the same
+each rank's Q^H and the sum are rounded to 8 significant bits (relative 2^-8 each), every rank applies the same
 rounded Q, and error feedback keeps what the rounding lost (e = M - approx with the approx actually applied), so
 it is an error of this step only, as the rank truncation is. `p_wire = "bfloat16"` does the same for P (n r per
 matrix: most of the bytes in the balanced view, where n > m): every rank orthonormalises the same rounded sum, so
@@ -34,6 +34,11 @@ gradients (40-200 Adam steps, truncated SVD), the relative error at rank r is ab
 (r 4: 0.10-0.24, r 8: 0.04-0.12), so at equal bytes the balanced view carries 8x the rank. A permuted view costs one
 pass each way, fused with error feedback, whose residual stays in the matrix layout: M = permute(g) + e in one
 pass; approx permuted back out; e = M - approx in M's own storage.
+`compute = "bfloat16"` runs the three products with bfloat16 inputs, float32 accumulation and bfloat16 results
+(`kernels.lowrank.project/coproject/expand`, complex products as real matmuls of the interleaved real form): on a CPU
+with AVX512-BF16 (and on GPUs) 4x the float32 rate. Each product's error is at most 2^-8 |A| |B| + 2^-9 |AB|
+(elementwise); P is orthonormalised in float32; the decode is the same rounded product on every rank, and error
+feedback keeps what the rounding lost (e = M - approx, M in float32).
 Complex parameters (FNO spectral weights (in, out, m1, m2)) by
 `cfg.powersgd.complex`: "real_view" compresses the interleaved float32 (in, out*m1*m2*2) matrix (a
 complex rank-r matrix is a real rank-2r one there); "complex" keeps M complex (in, out*m1*m2) with
@@ -49,6 +54,7 @@ import zlib
 import torch
 
 from kernels import lowrank_product
+from kernels.lowrank import coproject, expand, project, real_form
 from trainer.compress.base import Compressor, GradientPlan, ParamView, mixed_seed, timed
 
 
@@ -117,9 +123,9 @@ class PowerSGDCompressor(Compressor):
     @classmethod
     def encode_seconds(cls, cfg, n: int) -> float:
         """One square-ish matrix of n floats: P = orth(M Q), Q = M^T P."""
-        m = max(1, int(math.sqrt(n)))
-        mat, q = torch.randn(m, m), torch.randn(m, cfg.powersgd.rank)
-        return timed(lambda: mat.T @ torch.linalg.qr(mat @ q).Q)
+        m, dtype = max(1, int(math.sqrt(n))), getattr(torch, cfg.powersgd.compute)
+        mat, q = torch.randn(m, m).to(dtype), torch.randn(m, cfg.powersgd.rank).to(dtype)
+        return timed(lambda: mat.T @ torch.linalg.qr((mat @ q).float()).Q.to(dtype))
 
     def matrix_shape(self, v: ParamView) -> tuple[int, int, bool] | None:
         """(n, m, complex) of the matrix `v` is compressed as, or None to send it uncompressed."""
@@ -153,15 +159,15 @@ class PowerSGDCompressor(Compressor):
 
     def _write_permuted(self, approx: torch.Tensor, M: torch.Tensor | None, out: torch.Tensor, v: ParamView,
                         perm: tuple[int, ...]) -> torch.Tensor | None:
-        """out (the bucket's slice) = approx, an (n, m) matrix of `_permuted_matrix`'s view, permuted back; with M,
+        """out (the bucket's slice) = approx, an (n, m) matrix of `_permuted_matrix`'s view (or its real form), permuted back; with M,
         returns the residual e = M - approx, computed in M's own storage (the matrix layout, contiguous)."""
-        flat = torch.view_as_real(approx) if approx.is_complex() else approx
         target = self._permuted(out, v, perm)
-        target.copy_(flat.reshape(target.shape))
+        flat = (torch.view_as_real(approx) if approx.is_complex() else approx).reshape(target.shape)
+        target.copy_(flat)
         if M is None:
             return None
-        e = torch.view_as_real(M) if M.is_complex() else M
-        return e.sub_(flat).view(target.shape)     # shaped as permuted: a residual of another layout never matches
+        e = (torch.view_as_real(M) if M.is_complex() else M).view(target.shape)
+        return e.sub_(flat)      # shaped as permuted: a residual of another layout never matches
 
     def _warm_q(self, v: ParamView, m: int, r: int, cplx: bool, device: torch.device) -> torch.Tensor:
         """Last step's Q, or a Gaussian one from a generator seeded by (seed, name): the same on every rank."""
@@ -225,7 +231,12 @@ class PowerSGDCompressor(Compressor):
         # The uncompressed tensors ride along with the P's: two allreduces per bucket, not three.
         # P = M Q as (Q^T M^T)^T: the same bits, and MKL's kernel for that layout is ~25% faster for these skinny
         # products (complex 32 x 9216 by 9216 x 4: 0.20 against 0.26 ms)
-        Ps = [(Q.mT @ M.mT).mT for M, Q in zip(Ms, Qs)]                              # (n, r) each
+        lowp = getattr(torch, self.cfg.powersgd.compute) if self.cfg.powersgd.compute != "float32" else None
+        Mrs = [real_form(M, lowp) for M in Ms] if lowp else Ms
+        if lowp:
+            Ps = [project(Mr, Q) for Mr, Q in zip(Mrs, Qs)]
+        else:
+            Ps = [(Q.mT @ M.mT).mT for M, Q in zip(Ms, Qs)]                          # (n, r) each
         if self.cfg.powersgd.p_wire == "float32":
             summed = self._allreduce([dense_flat] + Ps)
             dense_sum, Ps = summed[0].div_(W), summed[1:]
@@ -237,15 +248,19 @@ class PowerSGDCompressor(Compressor):
         Ps = [torch.linalg.qr(P).Q for P in Ps]
         # Q^H = P^H M, (r, m) each, already in the layout of approx = P Q^H: the n rows of M as n rank-one terms
         # (kernels.lowrank_product: one read of M, a fixed summation order; 20% faster than MKL's product here)
-        QHs = self._allreduce([lowrank_product(P.mH, M) for M, P in zip(Ms, Ps)], getattr(torch, self.cfg.powersgd.q_wire))
+        QHs = self._allreduce([coproject(P, Mr) if lowp else lowrank_product(P.mH, Mr) for Mr, P in zip(Mrs, Ps)],
+                              getattr(torch, self.cfg.powersgd.q_wire))
 
         for (v, _), x, M, perm, P, QH in zip(low_rank, xs, Ms, perms, Ps, QHs):
             QH = QH.div_(W) if W > 1 else QH            # our own slice of the allreduced buffer
             out = v.slice(grad)                         # approx = P Q^H straight into the bucket, summed in
             if perm is not None:                        # the product, permuted back; e = M - approx in one pass
-                e = self._write_permuted(lowrank_product(P, QH), M if ef else None, out, v, perm)
+                approx = expand(P, QH, lowp) if lowp else lowrank_product(P, QH)
+                e = self._write_permuted(approx, M if ef else None, out, v, perm)
                 if ef:
                     self.put(v.name + "/e", e)
+            elif lowp:                                  # the real form is the bucket's own (re, im) layout
+                out.view(P.shape[0], -1).copy_(expand(P, QH, lowp))
             elif not P.is_complex():                    # kernels.lowrank_product's fixed order
                 lowrank_product(P, QH, out=out.view(P.shape[0], -1))
             elif out.storage_offset() % 2 == 0:

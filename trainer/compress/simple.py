@@ -42,8 +42,8 @@ class FP16Compressor(Compressor):
 
 
 class BF16Compressor(FP16Compressor):
-    """As fp16, in bfloat16: fp32's exponent range (no overflow or underflow worries), 8 bits of mantissa
-    (relative error 2^-9 per cast instead of 2^-11)."""
+    """As fp16, in bfloat16: fp32's exponent range (no overflow or underflow worries), 8 significant bits
+    (relative error up to 2^-8 per cast instead of 2^-11)."""
     name, dtype = "bf16", torch.bfloat16
 
 
