@@ -249,6 +249,38 @@ def test_exposed_time_of_bucketed_exchange_matches_the_pipeline_closed_forms():
         assert exposed_time(tb, k, comm, enc, lat) == pytest.approx(comm + enc + k * lat - tb * (k - 1) / k)
 
 
+def test_exposed_time_charges_busy_latency_and_unhidden_encode():
+    from trainer.compress.auto import exposed_time
+    tb, comm, enc, lat = 1.0, 0.2, 0.1, 0.01
+    # one bucket starts after backward: the idle latency; the encode that cannot hide is added whatever the count
+    assert exposed_time(tb, 1, comm, enc, lat, latency_busy=0.6, hidden=0.0) == pytest.approx(comm + enc + lat)
+    # buckets that keep up: only the last is exposed, at the idle latency, plus the encode backward cannot hide
+    for k, h in ((2, 0.0), (4, 0.5), (4, 1.0)):
+        assert exposed_time(tb, k, comm, enc, lat, latency_busy=0.05, hidden=h) == pytest.approx(
+            (comm + h * enc) / k + lat + (1 - h) * enc)
+    # a busy-core latency longer than a bucket's share of backward queues the buckets: k = 2 by hand,
+    # bucket 1 at 0.5 + 0.1 + 0.6 = 1.2, bucket 2 (ready at 1.0) 1.2 + 0.1 + 0.01 = 1.31: one bucket is better
+    assert exposed_time(tb, 2, comm, 0.0, lat, latency_busy=0.6) == pytest.approx(0.31)
+    assert exposed_time(tb, 1, comm, 0.0, lat, latency_busy=0.6) == pytest.approx(0.21)
+
+
+def test_side_thread_on_the_same_core_is_not_hidden():
+    """side_thread_costs on one core (the process pinned to one CPU, so the measuring thread shares it): the side
+    thread's matmuls lengthen the backward by about the work they do, so little of it is hidden (1 would mean a
+    core of its own); the tiny allreduces of a world of one cost next to nothing."""
+    from trainer.compress.auto import side_thread_costs
+    from trainer.compress.transport import LocalTransport
+    a = torch.randn(640, 640)
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:            # "backward": one GIL-free op of ~10 ms, as autograd's engine runs without the GIL
+        hidden, busy = side_thread_costs(LocalTransport(), lambda: lambda: torch.mm(a, a))
+    finally:
+        os.sched_setaffinity(0, before)
+    assert 0.0 <= hidden < 0.5, hidden
+    assert 0.0 <= busy < 0.05, busy
+
+
 def test_backward_timed_at_the_training_batch_not_scaled_from_one_sample():
     """backward_seconds runs the example's loss at the training batch size (a one-sample backward times the batch
     counts its fixed per-op cost batch times over) and leaves no gradients behind."""

@@ -22,11 +22,13 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+import threading
 import time
+from typing import Callable
 
 import torch
 
-from trainer.compress.base import GradientPlan
+from trainer.compress.base import GradientPlan, timed
 from trainer.compress.powersgd import powersgd_floats, powersgd_matrix
 
 log = logging.getLogger("fieldtrain")
@@ -116,21 +118,87 @@ def collectives(name: str, cfg, n: int, matrices: list[tuple[int, int]], n_small
 BUCKET_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16)
 
 
-def exposed_time(t_backward: float, buckets: int, comm: float, encode: float, alpha_per_bucket: float) -> float:
+def exposed_time(t_backward: float, buckets: int, comm: float, encode: float, latency: float,
+                 latency_busy: float | None = None, hidden: float = 1.0) -> float:
     """Seconds the exchange adds after backward when the gradient leaves in `buckets` equal buckets, bucket j ready
-    at t_backward * j / buckets (gradients appear at an even rate) and exchanged one after another on one thread,
-    each taking (comm + encode) / buckets plus its own collectives' latency alpha_per_bucket."""
+    at t_backward * j / buckets (gradients appear at an even rate) and exchanged one after another on one thread.
+    Each bucket takes comm / buckets on the wire, `hidden` of its encode / buckets beside backward, and its
+    collectives' latency: `latency_busy` while backward still runs (the exchange thread then competes with it for
+    the cores: scheduler wake-ups), `latency` after. The encode's other (1 - hidden) is CPU that backward cannot
+    hide (the exchange shares its core): it lengthens the step whatever the bucket count."""
+    busy = latency if latency_busy is None else latency_busy
     finish = 0.0
-    each = (comm + encode) / buckets + alpha_per_bucket
     for j in range(1, buckets + 1):
-        finish = max(finish, t_backward * j / buckets) + each
-    return finish - t_backward
+        start = max(finish, t_backward * j / buckets)
+        finish = start + (comm + hidden * encode) / buckets + (busy if start < t_backward else latency)
+    return finish - t_backward + (1 - hidden) * encode
 
 
-def choose_bucket_cap(cfg, name: str, transport, module: torch.nn.Module, t_backward: float) -> float:
+def side_thread_costs(transport, forward: Callable[[], Callable[[], None]], repeats: int = 3, allreduces: int = 16
+                      ) -> tuple[float, float]:
+    """(hidden, busy) of an exchange thread beside backward on this rank's cores, the slowest rank's (every rank
+    calls it at once: a collective). `forward()` runs a forward pass and returns its backward, the timed part (the
+    exchange runs beside backward, which holds no GIL; a forward's Python would hold it).
+    hidden: the fraction of CPU work on a second thread that runs beside backward without lengthening it, from
+    backward timed alone and beside a thread doing small matmuls: 1 - (t_beside - t_alone) / (work done beside it,
+    in seconds timed alone); 1 when the exchange has a core of its own, 0 when they share one.
+    busy: the seconds of a one-float allreduce issued from a second thread while backward runs (the median of
+    `allreduces`): on an idle core a few tens of microseconds, on a busy one the scheduler's wake-up delays."""
+    a, b = torch.randn(192, 192), torch.randn(192, 192)
+    unit = timed(lambda: torch.mm(a, b), repeats=9)
+
+    def window() -> tuple[float, float]:
+        backward = forward()
+        t0 = time.perf_counter()
+        backward()
+        return t0, time.perf_counter()
+
+    transport.allgather(torch.zeros(1, dtype=torch.float64))        # a barrier: every rank measures at once
+    alone = statistics.median([t1 - t0 for t0, t1 in [window() for _ in range(repeats + 1)][1:]])
+    stop, stamps = threading.Event(), []
+
+    def spin():
+        while not stop.is_set():
+            torch.mm(a, b)
+            stamps.append(time.perf_counter())
+    side = threading.Thread(target=spin, daemon=True)
+    side.start()
+    while len(stamps) < 3:        # a new thread's first matmuls set up its kernels' buffers: not what is measured
+        time.sleep(unit)
+    beside, done = [], []
+    for t0, t1 in [window() for _ in range(repeats)]:
+        beside.append(t1 - t0)
+        done.append(unit * sum(t0 <= t <= t1 for t in stamps))
+    stop.set()
+    side.join()
+    slowed, work = statistics.median(beside) - alone, statistics.median(done)
+    hidden = min(1.0, max(0.0, 1 - slowed / work)) if work > unit else 0.0
+
+    transport.allgather(torch.zeros(1, dtype=torch.float64))
+    times, tiny = [], torch.zeros(1)
+
+    def ping():
+        for _ in range(allreduces):
+            t0 = time.perf_counter()
+            transport.allreduce_(tiny)
+            times.append(time.perf_counter() - t0)
+    side = threading.Thread(target=ping, daemon=True)
+    side.start()
+    while side.is_alive():
+        forward()()
+    side.join()
+    measured = torch.tensor([-hidden, statistics.median(times)], dtype=torch.float64)
+    worst = transport.allgather(measured).max(0).values.tolist()
+    return -worst[0], worst[1]
+
+
+def choose_bucket_cap(cfg, name: str, transport, module: torch.nn.Module, t_backward: float,
+                      forward: Callable[[], Callable[[], None]] | None = None) -> float:
     """DDP bucket cap (MB) for compressor `name` with the least predicted exposed exchange time (`exposed_time`)
-    on the measured link, over BUCKET_COUNTS; ties go to fewer buckets. Every rank gets the same answer (the link
-    and the backward time are the slowest rank's)."""
+    on the measured link, over BUCKET_COUNTS; ties go to fewer buckets. With `forward` (a forward of the training
+    batch, returning its backward) the exchange thread's cost beside backward is measured too (`side_thread_costs`); without, its encode
+    is taken as hidden and its latency as the idle link's. Every rank gets the same answer (the link and the
+    backward time are the slowest rank's)."""
     w, plan = transport.world_size, gradient_plan(module, cfg)
     n = plan.n
     registry = _compressors()
@@ -138,15 +206,19 @@ def choose_bucket_cap(cfg, name: str, transport, module: torch.nn.Module, t_back
     alpha, beta = measure_link(transport)
     measured = torch.tensor([t_backward, cls.encode_seconds(cfg, n)], dtype=torch.float64)
     t_backward, encode = transport.allgather(measured).max(0).values.tolist()
+    hidden, busy = side_thread_costs(transport, forward) if forward is not None else (1.0, None)
     ops = cls.collectives(cfg, plan, w)
     comm = sum(_collective_time(k, b, w, 0.0, beta) for k, b in ops)
     latency = sum(_collective_time(k, 0, w, alpha, 0.0) for k, _ in ops)
-    rows = [(exposed_time(t_backward, k, comm, encode, latency), k) for k in BUCKET_COUNTS]
+    # busy: one allreduce of a float timed whole; each collective of the bucket pays it (all_to_all, allgather alike)
+    latency_busy = None if busy is None else len(ops) * max(busy, latency / len(ops))
+    rows = [(exposed_time(t_backward, k, comm, encode, latency, latency_busy, hidden), k) for k in BUCKET_COUNTS]
     best = min(rows)[1]
     cap = 4 * n / best / 2**20 * 1.05    # parameters are not split: a little room so k buckets stay k
     log.info("bucket cap: %s over alpha %.1f us, %.3f Gbit/s, backward %.1f ms, exchange %.1f ms + encode %.1f ms "
-             "per step; exposed by bucket count: %s -> %d bucket(s), cap %.2f MB", name, alpha * 1e6,
+             "per step%s; exposed by bucket count: %s -> %d bucket(s), cap %.2f MB", name, alpha * 1e6,
              8 / beta / 1e9, t_backward * 1e3, comm * 1e3, encode * 1e3,
+             "" if busy is None else f", beside compute: {hidden:.0%} of its CPU hidden, collective {busy * 1e3:.2f} ms",
              ", ".join(f"{k}: {t * 1e3:.1f} ms" for t, k in rows), best, cap)
     return cap
 

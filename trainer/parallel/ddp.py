@@ -44,9 +44,12 @@ class DDPEngine(Engine):
             exchange = None
             if not comm.compressor.startswith("torch_"):
                 exchange = GradientExchange(comm, model, cfg.run.seed, cap or DEFAULT_BUCKET_CAP_MB)
-            if not cap:   # 0: chosen for overlap with backward, from the model and the measured link
+            if not cap:   # 0: chosen for overlap with backward, from the model, the measured link and cores
                 cap = DEFAULT_BUCKET_CAP_MB if exchange is None else choose_bucket_cap(
-                    comm, exchange.compressor.name, exchange.transport, model, backward_seconds(model, example_loss, cfg.data.batch_size))
+                    comm, exchange.compressor.name, exchange.transport, model,
+                    backward_seconds(model, example_loss, cfg.data.batch_size),
+                    forward=lambda: example_loss(model, rows=cfg.data.batch_size).backward)
+                model.zero_grad(set_to_none=True)
             self.bucket_cap_mb = cap
             self.model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=cap)
             if exchange is None:
