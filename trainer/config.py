@@ -292,7 +292,8 @@ class ParallelConfig:
                                    # format is comm.compressor's ("bf16"/"fp16" for 16-bit reduction)
     reshard_after_forward: bool = True    # fsdp2: free gathered parameters after forward (ZeRO-3-like) or keep them
     bucket_cap_mb: float = 25.0    # ddp gradient buckets (0: chosen so the exchange overlaps backward, from the
-                                   # model and the measured link); deepspeed reduce bucket size
+                                   # model, the measured link and the exchange thread's cost beside backward);
+                                   # deepspeed reduce bucket size
 
     def __post_init__(self):
         from trainer.parallel import ENGINES

@@ -195,31 +195,43 @@ def side_thread_costs(transport, forward: Callable[[], Callable[[], None]], repe
 def choose_bucket_cap(cfg, name: str, transport, module: torch.nn.Module, t_backward: float,
                       forward: Callable[[], Callable[[], None]] | None = None) -> float:
     """DDP bucket cap (MB) for compressor `name` with the least predicted exposed exchange time (`exposed_time`)
-    on the measured link, over BUCKET_COUNTS; ties go to fewer buckets. With `forward` (a forward of the training
-    batch, returning its backward) the exchange thread's cost beside backward is measured too (`side_thread_costs`); without, its encode
-    is taken as hidden and its latency as the idle link's. Every rank gets the same answer (the link and the
-    backward time are the slowest rank's)."""
+    on the measured link, over BUCKET_COUNTS (as the model's parameters fall into buckets at each cap); ties go to
+    fewer buckets. The exchange's CPU at each bucket layout is measured: the real compressor on a world of one
+    (`measure_exchange` over a local transport: encode, decode, per-bucket overhead, no wire). With `forward` (a
+    forward of the training batch, returning its backward) the exchange thread's cost beside backward is measured
+    too (`side_thread_costs`); without, its CPU is taken as hidden and its latency as the idle link's. Every rank
+    gets the same answer (each measurement is the slowest rank's)."""
+    from trainer.compress.transport import LocalTransport
     w, plan = transport.world_size, gradient_plan(module, cfg)
     n = plan.n
     registry = _compressors()
     cls = registry[name] if registry[name].cost_model else registry["none"]
     alpha, beta = measure_link(transport)
-    measured = torch.tensor([t_backward, cls.encode_seconds(cfg, n)], dtype=torch.float64)
-    t_backward, encode = transport.allgather(measured).max(0).values.tolist()
     hidden, busy = side_thread_costs(transport, forward) if forward is not None else (1.0, None)
+    caps, counts = [], []
+    for k in BUCKET_COUNTS:
+        cap = 4 * n / k / 2**20 * 1.05      # a little room, as parameters are not split
+        count = len(_buckets(module, cap))
+        if count not in counts:
+            caps.append(cap)
+            counts.append(count)
+    local = LocalTransport()
+    cpu = [measure_exchange(cfg, local, module, cls.name, cap, trials=3) for cap in caps]
+    measured = transport.allgather(torch.tensor([t_backward, *cpu], dtype=torch.float64)).max(0).values.tolist()
+    t_backward, cpu = measured[0], measured[1:]
     ops = cls.collectives(cfg, plan, w)
     comm = sum(_collective_time(k, b, w, 0.0, beta) for k, b in ops)
     latency = sum(_collective_time(k, 0, w, alpha, 0.0) for k, _ in ops)
     # busy: one allreduce of a float timed whole; each collective of the bucket pays it (all_to_all, allgather alike)
     latency_busy = None if busy is None else len(ops) * max(busy, latency / len(ops))
-    rows = [(exposed_time(t_backward, k, comm, encode, latency, latency_busy, hidden), k) for k in BUCKET_COUNTS]
-    best = min(rows)[1]
-    cap = 4 * n / best / 2**20 * 1.05    # parameters are not split: a little room so k buckets stay k
-    log.info("bucket cap: %s over alpha %.1f us, %.3f Gbit/s, backward %.1f ms, exchange %.1f ms + encode %.1f ms "
-             "per step%s; exposed by bucket count: %s -> %d bucket(s), cap %.2f MB", name, alpha * 1e6,
-             8 / beta / 1e9, t_backward * 1e3, comm * 1e3, encode * 1e3,
-             "" if busy is None else f", beside compute: {hidden:.0%} of its CPU hidden, collective {busy * 1e3:.2f} ms",
-             ", ".join(f"{k}: {t * 1e3:.1f} ms" for t, k in rows), best, cap)
+    rows = [(exposed_time(t_backward, count, comm, c, latency, latency_busy, hidden), count, cap)
+            for count, c, cap in zip(counts, cpu, caps)]
+    _, best, cap = min(rows)
+    log.info("bucket cap: %s over alpha %.1f us, %.3f Gbit/s, backward %.1f ms, wire %.1f ms per step%s; "
+             "by bucket count, the exchange's CPU and the exposed time: %s -> %d bucket(s), cap %.2f MB", name,
+             alpha * 1e6, 8 / beta / 1e9, t_backward * 1e3, comm * 1e3,
+             "" if busy is None else f", beside backward: {hidden:.0%} of its CPU hidden, collective {busy * 1e3:.2f} ms",
+             ", ".join(f"{k}: {c * 1e3:.1f} / {t * 1e3:.1f} ms" for (t, k, _), c in zip(rows, cpu)), best, cap)
     return cap
 
 
