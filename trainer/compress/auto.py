@@ -193,9 +193,9 @@ def side_thread_costs(transport, forward: Callable[[], Callable[[], None]], repe
 
 
 def choose_bucket_cap(cfg, name: str, transport, module: torch.nn.Module, t_backward: float,
-                      forward: Callable[[], Callable[[], None]] | None = None) -> float:
-    """DDP bucket cap (MB) for compressor `name` with the least predicted exposed exchange time (`exposed_time`)
-    on the measured link, over BUCKET_COUNTS (as the model's parameters fall into buckets at each cap); ties go to
+                      forward: Callable[[], Callable[[], None]] | None = None) -> list[float]:
+    """DDP bucket caps (MB) for compressor `name`, least predicted exposed exchange time (`exposed_time`) first, on
+    the measured link, over BUCKET_COUNTS (one cap per bucket count the model's parameters fall into); ties go to
     fewer buckets. The exchange's CPU at each bucket layout is measured: the real compressor on a world of one
     (`measure_exchange` over a local transport: encode, decode, per-bucket overhead, no wire). With `forward` (a
     forward of the training batch, returning its backward) the exchange thread's cost beside backward is measured
@@ -226,13 +226,13 @@ def choose_bucket_cap(cfg, name: str, transport, module: torch.nn.Module, t_back
     latency_busy = None if busy is None else len(ops) * max(busy, latency / len(ops))
     rows = [(exposed_time(t_backward, count, comm, c, latency, latency_busy, hidden), count, cap)
             for count, c, cap in zip(counts, cpu, caps)]
-    _, best, cap = min(rows)
+    ranked = sorted(rows)
     log.info("bucket cap: %s over alpha %.1f us, %.3f Gbit/s, backward %.1f ms, wire %.1f ms per step%s; "
              "by bucket count, the exchange's CPU and the exposed time: %s -> %d bucket(s), cap %.2f MB", name,
              alpha * 1e6, 8 / beta / 1e9, t_backward * 1e3, comm * 1e3,
              "" if busy is None else f", beside backward: {hidden:.0%} of its CPU hidden, collective {busy * 1e3:.2f} ms",
-             ", ".join(f"{k}: {c * 1e3:.1f} / {t * 1e3:.1f} ms" for (t, k, _), c in zip(rows, cpu)), best, cap)
-    return cap
+             ", ".join(f"{k}: {c * 1e3:.1f} / {t * 1e3:.1f} ms" for (t, k, _), c in zip(rows, cpu)), *ranked[0][1:])
+    return [cap for _, _, cap in ranked]
 
 
 SHORTLIST = 2.0     # candidates predicted within this factor of the best are measured

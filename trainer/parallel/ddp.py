@@ -3,17 +3,22 @@ communication hook that runs our compressor (trainer/comm.py), or by torch's own
 
 from __future__ import annotations
 
+import functools
+import gc
+import logging
 import statistics
 import time
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from trainer.comm import GradientExchange, register_gradient_exchange, register_torch_hook
+from trainer.comm import GradientExchange, _ddp_hook, register_gradient_exchange, register_torch_hook
 from trainer.compress import COMPRESSORS
 from trainer.compress.auto import choose_bucket_cap
 from trainer.parallel.engine import Engine, ExampleLoss, MakeOptimizer
 
+
+log = logging.getLogger("fieldtrain")
 
 DEFAULT_BUCKET_CAP_MB = 25.0   # DDP's own default
 
@@ -44,14 +49,17 @@ class DDPEngine(Engine):
             exchange = None
             if not comm.compressor.startswith("torch_"):
                 exchange = GradientExchange(comm, model, cfg.run.seed, cap or DEFAULT_BUCKET_CAP_MB)
+            wrap = functools.partial(DDP, model, device_ids=[device.index] if device.type == "cuda" else None)
             if not cap:   # 0: chosen for overlap with backward, from the model, the measured link and cores
-                cap = DEFAULT_BUCKET_CAP_MB if exchange is None else choose_bucket_cap(
-                    comm, exchange.compressor.name, exchange.transport, model,
-                    backward_seconds(model, example_loss, cfg.data.batch_size),
-                    forward=lambda: example_loss(model, rows=cfg.data.batch_size).backward)
-                model.zero_grad(set_to_none=True)
+                cap = DEFAULT_BUCKET_CAP_MB
+                if exchange is not None:
+                    ranked = choose_bucket_cap(comm, exchange.compressor.name, exchange.transport, model,
+                                               backward_seconds(model, example_loss, cfg.data.batch_size),
+                                               forward=lambda: example_loss(model, rows=cfg.data.batch_size).backward)
+                    model.zero_grad(set_to_none=True)
+                    cap = timed_bucket_caps(wrap, exchange, example_loss, cfg.data.batch_size, ranked)
             self.bucket_cap_mb = cap
-            self.model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=cap)
+            self.model = wrap(bucket_cap_mb=cap)
             if exchange is None:
                 self.exchange = register_torch_hook(self.model, comm.compressor, comm)
             else:
@@ -78,6 +86,48 @@ def backward_seconds(model: torch.nn.Module, example_loss: ExampleLoss, batch_si
         times.append(time.perf_counter() - t0)
     model.zero_grad(set_to_none=True)
     return statistics.median(times[1:])
+
+
+BUCKET_TRIALS = 2     # bucket layouts timed in backward with the exchange: the model's best and one bucket
+BUCKET_TRIAL_STEPS = 4
+
+
+def timed_bucket_caps(wrap, exchange: GradientExchange, example_loss: ExampleLoss, batch_size: int,
+                      ranked: list[float], steps: int = BUCKET_TRIAL_STEPS) -> float:
+    """The cap, of the model's best BUCKET_TRIALS and its one-bucket cap (`choose_bucket_cap`'s ranking), whose
+    backward with the exchange running is fastest: the median of `steps` backwards of the training batch after one
+    warm-up, the slowest rank's. A start-up model misses costs that only show inside backward (on ranks without a
+    spare core each bucket's exchange costs more there than any measurement apart from it); this is the real thing:
+    the model's DDP at that cap, our hook, the compressor (its state rolled back after every backward, gradients and
+    counters discarded). Every rank tries the same caps in the same order (DDP construction is a collective)."""
+    caps = list(dict.fromkeys(ranked[:BUCKET_TRIALS] + [max(ranked)]))
+    if len(caps) == 1:
+        return caps[0]
+    step = exchange.step
+    exchange.step = exchange.cfg.start_step          # the compressor itself, not the fp32 warm-up steps'
+    medians = []
+    for cap in caps:
+        ddp = wrap(bucket_cap_mb=cap)
+        ddp.register_comm_hook(exchange, _ddp_hook)
+        _settle_buckets(ddp, exchange, example_loss)
+        times = []
+        for _ in range(steps + 1):
+            loss = example_loss(ddp, rows=batch_size)
+            t0 = time.perf_counter()
+            loss.backward()                           # DDP waits for every bucket's exchange before it returns
+            times.append(time.perf_counter() - t0)
+            exchange.compressor.rollback()
+            ddp.module.zero_grad(set_to_none=True)
+        medians.append(statistics.median(times[1:]))
+        del ddp, loss
+        gc.collect()           # the reducer's autograd hooks go with it, before the next DDP adds its own
+    exchange.step, exchange.local_nonfinite = step, False
+    exchange.stats.reset()
+    slowest = exchange.world.allgather(torch.tensor(medians, dtype=torch.float64)).max(0).values.tolist()
+    best = caps[slowest.index(min(slowest))]
+    log.info("bucket cap: backward with the exchange at each cap (median of %d, slowest rank): %s -> %.2f MB", steps,
+             ", ".join(f"{c:.2f} MB {t * 1e3:.1f} ms" for c, t in zip(caps, slowest)), best)
+    return best
 
 
 def _settle_buckets(ddp: DDP, exchange: GradientExchange, example_loss: ExampleLoss) -> None:
