@@ -100,8 +100,8 @@ def codec_benchmark(threads: int = 1) -> list[dict]:
         v, i = kernels.randk_select(x, k, gen)
         return kernels.scatter_dense(n, i, v), 8 * k
 
-    def powersgd(rank: int) -> Callable[[], tuple[torch.Tensor, int]]:
-        cfg = CommConfig(compressor="powersgd", error_feedback=False, powersgd=PowerSGDOptions(rank))
+    def powersgd(rank: int, compute: str = "float32") -> Callable[[], tuple[torch.Tensor, int]]:
+        cfg = CommConfig(compressor="powersgd", error_feedback=False, powersgd=PowerSGDOptions(rank, compute=compute))
         comp = PowerSGDCompressor(cfg, LocalTransport())
         work = x.clone()
         wire = 0
@@ -121,7 +121,8 @@ def codec_benchmark(threads: int = 1) -> list[dict]:
     for name, fn in [("int8", int_codec(8)), ("int4", int_codec(4)), ("sign", sign)]:
         codecs += [(name, selected, fn), (f"{name} (reference)", "reference", fn)]
     codecs += [("topk(1%)", selected, topk), ("randk(1%)", selected, randk),
-               ("powersgd(r=1)", selected, powersgd(1)), ("powersgd(r=4)", selected, powersgd(4))]
+               ("powersgd(r=1)", selected, powersgd(1)), ("powersgd(r=4)", selected, powersgd(4)),
+               ("powersgd(r=4, bf16 products)", selected, powersgd(4, "bfloat16"))]
 
     def whole_exchange(name: str) -> Callable[[], tuple[torch.Tensor, int]]:
         """The compressor's whole exchange on a world of one, error feedback on (as in training): every pass it
