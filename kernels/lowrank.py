@@ -115,7 +115,8 @@ def project(Mr: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
 
 def coproject(P: torch.Tensor, Mr: torch.Tensor) -> torch.Tensor:
     """Q^H = P^H M for P (n, r) and M given as `real_form(M)`: (r, m) float32 or complex64.
-    Complex: R = [Re P^T; Im P^T] Mr (2r, 2m); Re Q^H = Re P^T Re M + Im P^T Im M, Im Q^H = Re P^T Im M - Im P^T Re M."""
+    Complex: R = [Re P^T; Im P^T] Mr (2r, 2m); Re Q^H = Re P^T Re M + Im P^T Im M,
+    Im Q^H = Re P^T Im M - Im P^T Re M."""
     if not P.is_complex():
         return (P.mT.to(Mr.dtype) @ Mr).float()
     r = P.shape[1]

@@ -391,6 +391,18 @@ def test_powersgd_cost_model_predicts_the_bytes_it_sends(variant):
         assert (16, 16) not in [(p // 4, q // 4) for p, q in matrices] and n_small >= 16 * 16 + 24
 
 
+def _rank2_mean_case():
+    """One complex (16, 8, 6, 4) weight whose gradient on rank j is A B_j (A shared, 16 x 2): the mean has complex
+    rank 2. Returns (views, n, grad)."""
+    views, n = make_views([("spec.weight", (16, 8, 6, 4), True)])
+    A = torch.randn(16, 2, dtype=torch.complex64, generator=torch.Generator().manual_seed(7))
+
+    def grad(rank, n, step):
+        g = torch.Generator().manual_seed(rank)
+        return torch.view_as_real(A @ torch.randn(2, 8 * 6 * 4, dtype=torch.complex64, generator=g)).reshape(-1)
+    return views, n, grad
+
+
 @pytest.mark.parametrize("mode", ["complex", "real_view"])
 def test_powersgd_bf16_p_within_its_rounding_bound(mode):
     """P sent as bfloat16 on a mean of rank <= r (exact with fp32 P): every rank orthonormalises the same rounded sum
@@ -398,14 +410,7 @@ def test_powersgd_bf16_p_within_its_rounding_bound(mode):
     |D|_F / sigma_k(P_sum) (k the mean's rank) with |D| <= 2^-8 (|P_0| + |P_1| + |P_sum|) entrywise (each rank's product and the sum
     rounded to 8 significant bits). And above 2^-14: something was rounded. Q stays float32 here."""
     from trainer.compress.transport import LocalTransport
-    spec = [("spec.weight", (16, 8, 6, 4), True)]
-    views, n = make_views(spec)
-    g = torch.Generator().manual_seed(7)
-    A = torch.randn(16, 2, dtype=torch.complex64, generator=g)
-
-    def grad(rank, n, step):
-        g = torch.Generator().manual_seed(rank)
-        return torch.view_as_real(A @ torch.randn(2, 8 * 6 * 4, dtype=torch.complex64, generator=g)).reshape(-1)
+    views, n, grad = _rank2_mean_case()
 
     out = run_steps(2, "powersgd", 1, grad=grad, views=(views, n), powersgd_complex=mode, rank=4,
                     p_wire="bfloat16")[0][0][0]
@@ -448,14 +453,7 @@ def test_powersgd_bf16_products_within_their_rounding_bound(mode):
     the ranks' product errors, and approx = U Q^H its own (U orthonormal keeps both norms): relative error <=
     |D|_F / sigma_k + (|dQ|_F + |dA|_F) (1 + |D|_F / sigma_k) / |M|_F. Above u^2: the products were rounded."""
     from trainer.compress.transport import LocalTransport
-    spec = [("spec.weight", (16, 8, 6, 4), True)]
-    views, n = make_views(spec)
-    g = torch.Generator().manual_seed(7)
-    A = torch.randn(16, 2, dtype=torch.complex64, generator=g)
-
-    def grad(rank, n, step):
-        g = torch.Generator().manual_seed(rank)
-        return torch.view_as_real(A @ torch.randn(2, 8 * 6 * 4, dtype=torch.complex64, generator=g)).reshape(-1)
+    views, n, grad = _rank2_mean_case()
 
     # the cold-start Q is random: with r = k (real_view's real rank 4 at r = 4) P_sum = M Q is a square Gaussian
     # sketch, conditioned 50x here; r = 2k keeps sigma_k(P_sum) away from 0 (complex: k = 2, r = 4)

@@ -301,9 +301,14 @@ def register_torch_hook(ddp_model, name: str, cfg: CommConfig) -> TorchHookExcha
     return exchange
 
 
+def attach(ddp_model: torch.nn.parallel.DistributedDataParallel, exchange: GradientExchange) -> None:
+    """`exchange` averages `ddp_model`'s buckets (its communication hook), quietly."""
+    ddp_model.register_comm_hook(exchange, _ddp_hook)
+
+
 def register_gradient_exchange(ddp_model: torch.nn.parallel.DistributedDataParallel,
                                exchange: GradientExchange) -> GradientExchange:
-    ddp_model.register_comm_hook(exchange, _ddp_hook)
+    attach(ddp_model, exchange)
     cfg = exchange.cfg
     nodes = exchange.nodes
     log.info("gradient exchange: %s over %s (%d ranks%s)", exchange.compressor.name, cfg.transport,

@@ -230,7 +230,8 @@ def choose_bucket_cap(cfg, name: str, transport, module: torch.nn.Module, t_back
     log.info("bucket cap: %s over alpha %.1f us, %.3f Gbit/s, backward %.1f ms, wire %.1f ms per step%s; "
              "by bucket count, the exchange's CPU and the exposed time: %s -> %d bucket(s), cap %.2f MB", name,
              alpha * 1e6, 8 / beta / 1e9, t_backward * 1e3, comm * 1e3,
-             "" if busy is None else f", beside backward: {hidden:.0%} of its CPU hidden, collective {busy * 1e3:.2f} ms",
+             "" if busy is None else
+             f", beside backward: {hidden:.0%} of its CPU hidden, collective {busy * 1e3:.2f} ms",
              ", ".join(f"{k}: {c * 1e3:.1f} / {t * 1e3:.1f} ms" for (t, k, _), c in zip(rows, cpu)), *ranked[0][1:])
     return [cap for _, _, cap in ranked]
 

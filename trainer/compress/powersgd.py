@@ -36,9 +36,9 @@ pass each way, fused with error feedback, whose residual stays in the matrix lay
 pass; approx permuted back out; e = M - approx in M's own storage.
 `compute = "bfloat16"` runs the three products with bfloat16 inputs, float32 accumulation and bfloat16 results
 (`kernels.lowrank.project/coproject/expand`, complex products as real matmuls of the interleaved real form): on a CPU
-with AVX512-BF16 (and on GPUs) 4x the float32 rate. Each product's error is at most 2^-8 |A| |B| + 2^-9 |AB|
-(elementwise); P is orthonormalised in float32; the decode is the same rounded product on every rank, and error
-feedback keeps what the rounding lost (e = M - approx, M in float32).
+with AVX512-BF16 (and on GPUs) 4x the float32 rate. Each product's error is at most (2u + u^2) |A| |B| + u |AB|
+(elementwise, u = 2^-8: both inputs and the result rounded); P is orthonormalised in float32; the decode is the same
+rounded product on every rank, and error feedback keeps what the rounding lost (e = M - approx, M in float32).
 Complex parameters (FNO spectral weights (in, out, m1, m2)) by
 `cfg.powersgd.complex`: "real_view" compresses the interleaved float32 (in, out*m1*m2*2) matrix (a
 complex rank-r matrix is a real rank-2r one there); "complex" keeps M complex (in, out*m1*m2) with
@@ -159,8 +159,9 @@ class PowerSGDCompressor(Compressor):
 
     def _write_permuted(self, approx: torch.Tensor, M: torch.Tensor | None, out: torch.Tensor, v: ParamView,
                         perm: tuple[int, ...]) -> torch.Tensor | None:
-        """out (the bucket's slice) = approx, an (n, m) matrix of `_permuted_matrix`'s view (or its real form), permuted back; with M,
-        returns the residual e = M - approx, computed in M's own storage (the matrix layout, contiguous)."""
+        """out (the bucket's slice) = approx, an (n, m) matrix of `_permuted_matrix`'s view (or its real form),
+        permuted back; with M, returns the residual e = M - approx, computed in M's own storage (the matrix layout,
+        contiguous)."""
         target = self._permuted(out, v, perm)
         flat = (torch.view_as_real(approx) if approx.is_complex() else approx).reshape(target.shape)
         target.copy_(flat)

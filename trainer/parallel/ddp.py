@@ -12,7 +12,7 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from trainer.comm import GradientExchange, _ddp_hook, register_gradient_exchange, register_torch_hook
+from trainer.comm import GradientExchange, attach, register_gradient_exchange, register_torch_hook
 from trainer.compress import COMPRESSORS
 from trainer.compress.auto import choose_bucket_cap
 from trainer.parallel.engine import Engine, ExampleLoss, MakeOptimizer
@@ -108,7 +108,7 @@ def timed_bucket_caps(wrap, exchange: GradientExchange, example_loss: ExampleLos
     medians = []
     for cap in caps:
         ddp = wrap(bucket_cap_mb=cap)
-        ddp.register_comm_hook(exchange, _ddp_hook)
+        attach(ddp, exchange)
         _settle_buckets(ddp, exchange, example_loss)
         times = []
         for _ in range(steps + 1):
