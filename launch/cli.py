@@ -1,6 +1,7 @@
 """The `fieldtrain` command: a thin entry point that parses arguments, builds, runs and tears down.
 
     fieldtrain train CONFIG [--set section.key=value ...] [--nproc N] [--resume | --overwrite]
+    fieldtrain study STUDY.toml [--backend local] [--resume] [--force] [--out DIR]
     fieldtrain demo [diffusion] [--out runs/demo] [--nproc 2]
     fieldtrain sampler train CONFIG [--nproc N] [--set ...];  fieldtrain sampler eval RUN
     fieldtrain sample RUN_OR_CHECKPOINT --n N --out URL [--cond URL] [--sampler S] [--steps K] [--workers W] [...]
@@ -343,6 +344,17 @@ def cmd_launch_ray(args: argparse.Namespace) -> int:
                       gpus_per_worker=args.gpus_per_worker, resize_interval_s=args.resize_interval)
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from launch.study import run_study
+    records = run_study(args.study, args.backend, resume=args.resume, force=args.force, out=args.out)
+    failed = [r for r in records if r["status"] != "ok"]
+    for r in records:
+        print(f"{r['cell']:60s} r{r['repeat']}  {r['status']:6s}  "
+              + (f"{r['step_s_median']:.4f} s/step  {r['samples_per_s']:.1f} samples/s  test L2 {r['test_rel_l2']}"
+                 if r["status"] == "ok" else r["error"][:120]))
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fieldtrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -360,6 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train from a TOML config")
     train_arguments(t)
     t.set_defaults(func=cmd_train)
+
+    st = sub.add_parser("study", help="a scaling study: one run per cell of a grid of config values (launch/study.py)")
+    st.add_argument("study", help="the study file (TOML: [study] config, steps, repeats; [axes] key = [values])")
+    st.add_argument("--backend", default="local", help="where cells run: local (this machine, loopback)")
+    st.add_argument("--resume", action="store_true", help="run only the cells not recorded in the study directory")
+    st.add_argument("--force", action="store_true", help="start the study directory over (even another study's)")
+    st.add_argument("--out", default=None, help="study directory (default: study.out_dir, else runs/studies/NAME)")
+    st.set_defaults(func=cmd_study)
 
     sampler = sub.add_parser("sampler", help="diffusion samplers of unnormalised densities (PIS, DDS, TB, VarGrad)"
                              ).add_subparsers(dest="sampler_command", required=True)

@@ -1,0 +1,92 @@
+"""`fieldtrain study`: a grid of runs on the local backend (loopback), its records, --resume and bad input."""
+
+import json
+
+import pytest
+
+from conftest import REPO, SMALL_MODEL, fieldtrain
+
+
+def write_study(path, small_darcy, axes: str, steps: int = 4, extra: str = "") -> str:
+    sets = ", ".join(json.dumps(s) for s in [*SMALL_MODEL, f"data.path={small_darcy}", "train.ckpt_every=0"])
+    path.write_text(f'[study]\nconfig = "{REPO / "configs" / "darcy_fno.toml"}"\nsteps = {steps}\nrepeats = 1\n'
+                    f"warmup_steps = 1\nset = [{sets}]\n{extra}\n[axes]\n{axes}\n")
+    return str(path)
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_study_runs_every_cell_records_them_and_resume_runs_nothing(small_darcy, tmp_path):
+    study = write_study(tmp_path / "s.toml", small_darcy,
+                        'world_size = [1, 2]\n"comm.compressor" = ["none", "int8"]')
+    out = tmp_path / "study"
+    r = fieldtrain("study", study, "--out", str(out), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = records(out)
+    assert sorted(x["cell"] for x in recs) == sorted(
+        f'world_size={w},comm.compressor="{c}"' for w in (1, 2) for c in ("none", "int8"))
+    for x in recs:
+        assert x["status"] == "ok" and x["steps"] == 4, x
+        assert 0 < x["step_s_p10"] <= x["step_s_median"] <= x["step_s_p90"], x
+        assert x["samples_per_s"] == pytest.approx(8 * x["world_size"] / x["step_s_median"])
+        assert x["test_rel_l2"] > 0 and x["peak_memory_mb_per_rank"] > 0
+        assert x["link"] == "loopback" and x["cores_per_rank"] > 0
+    two = {x["axes"]["comm.compressor"]: x for x in recs if x["world_size"] == 2}
+    assert two["none"]["replicas_consistent"] and two["int8"]["replicas_consistent"]
+    assert two["int8"]["bytes_per_step"] < two["none"]["bytes_per_step"]
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == 5 and csv_lines[0].startswith("cell,repeat,status")
+
+    again = fieldtrain("study", study, "--out", str(out), "--resume")
+    assert again.returncode == 0 and "4 cells x 1 repeats, 0 to run" in again.stderr, again.stderr[-2000:]
+    assert len(records(out)) == 4
+    refused = fieldtrain("study", study, "--out", str(out))       # neither --resume nor --force
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+
+
+@pytest.mark.slow
+def test_a_failing_cell_is_recorded_and_the_study_goes_on(small_darcy, tmp_path):
+    study = write_study(tmp_path / "s.toml", small_darcy,
+                        f'"data.path" = ["{tmp_path / "missing.zarr"}", "{small_darcy}"]', steps=2)
+    out = tmp_path / "study"
+    r = fieldtrain("study", study, "--out", str(out), timeout=300)
+    assert r.returncode == 1
+    failed, ok = sorted(records(out), key=lambda x: x["status"])
+    assert failed["status"] == "failed" and "missing.zarr" in failed["error"], failed
+    assert ok["status"] == "ok"
+
+
+def test_bad_cells_are_refused_before_anything_runs(small_darcy, tmp_path):
+    from launch.study import run_study
+    out = tmp_path / "study"
+    study = write_study(tmp_path / "a.toml", small_darcy, '"comm.compressor" = ["none", "gzip"]')
+    with pytest.raises(ValueError, match=r'study cell comm.compressor="gzip": .*comm.compressor'):
+        run_study(study, out=out)
+    study = write_study(tmp_path / "b.toml", small_darcy, '"model.fno.widht" = [8]')
+    with pytest.raises(ValueError, match=r"study cell model.fno.widht=8: unknown config key 'model.fno.widht'"):
+        run_study(study, out=out)
+    study = write_study(tmp_path / "c.toml", small_darcy, "world_size = [1, 4096]")
+    with pytest.raises(ValueError, match=r"study cell world_size=4096: 4096 ranks; the local backend places at most"):
+        run_study(study, out=out)
+    assert not out.exists()
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['study.stepz'\]"):
+        run_study(write_study(tmp_path / "d.toml", small_darcy, "world_size = [1]", extra="stepz = 3"), out=out)
+    with pytest.raises(ValueError, match="study backend 'slurm'"):
+        run_study(write_study(tmp_path / "e.toml", small_darcy, "world_size = [1]"), backend="slurm", out=out)
+
+
+def test_a_directory_of_another_study_is_refused_unless_forced(small_darcy, tmp_path):
+    from launch.study import _claim, load_study
+    out = tmp_path / "study"
+    first = load_study(write_study(tmp_path / "a.toml", small_darcy, "world_size = [1]"), out)
+    _claim(first, resume=False, force=False)
+    (out / "results.jsonl").write_text('{"cell": "world_size=1", "repeat": 0, "status": "ok"}\n')
+    other = load_study(write_study(tmp_path / "b.toml", small_darcy, "world_size = [2]"), out)
+    with pytest.raises(ValueError, match="holds another study"):
+        _claim(other, resume=True, force=False)
+    _claim(other, resume=False, force=True)                # starts over: the old records are gone
+    assert not (out / "results.jsonl").exists()
+    assert json.loads((out / "study.json").read_text())["fingerprint"] == other.fingerprint
