@@ -23,27 +23,16 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from launch.study_model import parse_rate  # noqa: F401  (the rates comm.py and the CLI read)
+
 SUBNET = "198.18.0"
 NODE_IFACE = "eth0"
 MAX_NODES = 8
-_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
 _STALE = re.compile(r"^ftb(\d+)-")
 
 
 class NetnsUnavailable(RuntimeError):
     """Namespaces cannot be built here (not root, or `ip`/`tc` missing)."""
-
-
-def parse_rate(text: str) -> int | None:
-    """'10gbit' / '100mbit' / '1.5gbit' -> bits per second; 'unshaped' -> None (no qdisc)."""
-    t = text.strip().lower()
-    if t == "unshaped":
-        return None
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit|tbit)", t)
-    if not m or float(m.group(1)) <= 0:
-        raise ValueError(f"bandwidth {text!r}: expected a positive tc rate like 10gbit, 100mbit, 500kbit, "
-                         f"or 'unshaped'")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
 def tbf_args(rate_bps: int) -> list[str]:

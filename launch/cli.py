@@ -345,6 +345,8 @@ def cmd_launch_ray(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
+    if args.study == "predict":
+        return cmd_study_predict(args)
     from launch.study import run_study
     records = run_study(args.study, args.backend, resume=args.resume, force=args.force, out=args.out)
     failed = [r for r in records if r["status"] != "ok"]
@@ -353,6 +355,30 @@ def cmd_study(args: argparse.Namespace) -> int:
               + (f"{r['step_s_median']:.4f} s/step  {r['samples_per_s']:.1f} samples/s  test L2 {r['test_rel_l2']}"
                  if r["status"] == "ok" else r["error"][:120]))
     return 1 if failed else 0
+
+
+def cmd_study_predict(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from launch.study_model import fit, predict_table
+    if not args.dir:
+        raise ValueError("fieldtrain study predict STUDY_DIR: the study directory is missing")
+    results = Path(args.dir) / "results.jsonl"
+    if not results.is_file():
+        raise ValueError(f"study directory {args.dir!r} has no results.jsonl (run the study first)")
+    model = fit([json.loads(line) for line in results.read_text().splitlines() if line.strip()])
+    err = model.held_out_error
+    print(f"fit: alpha {model.alpha * 1e6:.1f} us per message, beta {model.beta * 1e9:.3f} ns per byte "
+          f"({8 / model.beta / 1e9 if model.beta else float('inf'):.2f} Gbit/s); held-out error "
+          + ("n/a (fewer than 3 cells)" if err is None else f"{err:.1%} (median over {len(model.held_out)} cells)"))
+    nodes = [int(n) for n in args.nodes.split(",") if n.strip()]
+    rows = predict_table(model, nodes, [b.strip() for b in args.bandwidth.split(",") if b.strip()], args.compute_s)
+    print(f"{'series':50s} {'ranks':>6s} {'link':>9s} {'step s':>9s} {'exchange s':>10s} {'efficiency':>10s}")
+    for r in rows:
+        print(f"{r['series'][:50]:50s} {r['world_size']:6d} {r['bandwidth']:>9s} {r['step_s']:9.4f} "
+              f"{r['exchange_s']:10.4f} {r['efficiency']:10.3f}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -373,8 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
     train_arguments(t)
     t.set_defaults(func=cmd_train)
 
-    st = sub.add_parser("study", help="a scaling study: one run per cell of a grid of config values (launch/study.py)")
-    st.add_argument("study", help="the study file (TOML: [study] config, steps, repeats; [axes] key = [values])")
+    st = sub.add_parser("study", help="a scaling study: one run per cell of a grid of config values (launch/study.py); "
+                                      "`study predict DIR`: the fitted cost model's step times past the cluster")
+    st.add_argument("study", help="the study file (TOML: [study] config, steps, repeats; [axes] key = [values]), "
+                                  "or `predict`")
+    st.add_argument("dir", nargs="?", help="with `predict`: the study directory")
+    st.add_argument("--nodes", default="8,64,512,1024", help="predict: world sizes, comma-separated")
+    st.add_argument("--bandwidth", default="measured,10gbit,100gbit,400gbit",
+                    help="predict: links (tc rates, or `measured`: the study's own)")
+    st.add_argument("--compute-s", type=float, default=None,
+                    help="predict: a step's compute seconds on the target machine (e.g. a GPU's), instead of measured")
     st.add_argument("--backend", default="local", help="where cells run: local (this machine, loopback)")
     st.add_argument("--resume", action="store_true", help="run only the cells not recorded in the study directory")
     st.add_argument("--force", action="store_true", help="start the study directory over (even another study's)")

@@ -19,7 +19,8 @@ Every cell's config is built and checked before anything runs (an unknown key, a
 the backend cannot place: an error naming the cell). The study directory keeps `study.json` (the study file's
 content and its fingerprint: a directory of another study is refused unless `--force`), one run directory per cell
 and repeat under `cells/`, and `results.jsonl` (one line per finished cell and repeat, appended as each ends: `--resume`
-skips what is there) and `results.csv`. A failed cell is recorded with its error, and the study goes on.
+skips what is there), `results.csv`, the figures and report.md (launch/study_report.py). A failed cell is recorded
+with its error, and the study goes on.
 
 Backends: "local" runs each cell's ranks on this machine over loopback (`fieldtrain train --nproc W`).
 """
@@ -290,4 +291,6 @@ def run_study(path: str | Path, backend: str = "local", resume: bool = False, fo
                  f", {rec['step_s_median']:.3f} s/step" if rec.get("step_s_median") else f" ({rec['error'][:200]})")
     records = _read_records(results)
     write_csv(study.out, records)
+    from launch.study_report import write_report
+    write_report(study.out, records, study.name)
     return records

@@ -39,6 +39,11 @@ def test_study_runs_every_cell_records_them_and_resume_runs_nothing(small_darcy,
     assert two["int8"]["bytes_per_step"] < two["none"]["bytes_per_step"]
     csv_lines = (out / "results.csv").read_text().splitlines()
     assert len(csv_lines) == 5 and csv_lines[0].startswith("cell,repeat,status")
+    for png in ("scaling.png", "error_vs_bytes.png", "memory.png", "prediction.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    report = (out / "report.md").read_text()
+    assert "![scaling](scaling.png)" in report and report.count("| 1 of 1 |") == 4 and "identical" in report
+    assert "## Cost model" in report and "held-out error n/a" in report        # 2 cells with W > 1: none held out
 
     again = fieldtrain("study", study, "--out", str(out), "--resume")
     assert again.returncode == 0 and "4 cells x 1 repeats, 0 to run" in again.stderr, again.stderr[-2000:]
@@ -90,3 +95,42 @@ def test_a_directory_of_another_study_is_refused_unless_forced(small_darcy, tmp_
     _claim(other, resume=False, force=True)                # starts over: the old records are gone
     assert not (out / "results.jsonl").exists()
     assert json.loads((out / "study.json").read_text())["fingerprint"] == other.fingerprint
+
+
+def _synthetic(alpha, beta, compute, payload, worlds):
+    from launch.study_model import ring
+    recs = []
+    for series, c in compute.items():
+        for w in worlds:
+            b = payload[series] * ring(w) if w > 1 else 0
+            recs.append({"status": "ok", "world_size": w, "axes": {"world_size": w, "comm.compressor": series},
+                         "step_s_median": c + (alpha * 2 * (w - 1) + beta * b if w > 1 else 0), "bytes_per_step": b})
+    return recs
+
+
+def test_cost_model_recovers_alpha_and_beta_from_synthetic_timings():
+    from launch.study_model import fit
+    alpha, beta = 3e-5, 8 / 1e9          # 30 us, 1 Gbit/s
+    compute = {"none": 0.2, "int8": 0.21, "powersgd": 0.23}
+    payload = {"none": 9.47e6, "int8": 2.4e6, "powersgd": 0.33e6}
+    model = fit(_synthetic(alpha, beta, compute, payload, [1, 2, 4, 8]))
+    assert model.alpha == pytest.approx(alpha, rel=1e-9) and model.beta == pytest.approx(beta, rel=1e-9)
+    assert model.held_out_error == pytest.approx(0, abs=1e-9)
+    key = "comm.compressor=powersgd"
+    assert model.predict(key, 512, bandwidth_bps=100e9) == pytest.approx(
+        0.23 + alpha * 2 * 511 + 8 / 100e9 * payload["powersgd"] * 2 * 511 / 512)
+    assert model.predict(key, 64, compute_s=0.01) == pytest.approx(0.01 + alpha * 126 + beta * 0.33e6 * 2 * 63 / 64)
+
+
+def test_cost_model_needs_a_world_of_one_and_predict_prints_a_table(tmp_path):
+    from launch.study_model import fit
+    recs = _synthetic(1e-4, 8 / 1e8, {"none": 0.3}, {"none": 9.47e6}, [2, 4])
+    with pytest.raises(ValueError, match="world_size = 1"):
+        fit(recs)
+    recs = _synthetic(1e-4, 8 / 1e8, {"none": 0.3, "int8": 0.31}, {"none": 9.47e6, "int8": 2.4e6}, [1, 2, 4])
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    r = fieldtrain("study", "predict", str(tmp_path), "--nodes", "2,1024", "--bandwidth", "measured,100gbit")
+    assert r.returncode == 0, r.stderr
+    assert "beta 80.000 ns per byte (0.10 Gbit/s)" in r.stdout and "held-out error 0.0%" in r.stdout
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("comm.compressor=none")]
+    assert len(lines) == 4 and float(lines[0].split()[3]) == pytest.approx(0.3 + 1e-4 * 2 + 8e-8 * 9.47e6, rel=1e-3)

@@ -1,0 +1,170 @@
+"""Figures and report.md of a study directory (launch/study.py): what a reader looks at before the table.
+
+- scaling.png: step time (median over repeats, p10-p90 bars) and samples/s against the world size, one line per
+  combination of the other axes; below them the weak-scaling efficiency t(W_min) / t(W) (data.batch_size is per rank,
+  so a world of W does W times the work of one rank per step: 1.0 is perfect).
+- error_vs_bytes.png: final test error against gradient bytes per step (per rank), one point per cell.
+- memory.png: peak memory per rank against the world size.
+- prediction.png: the fitted cost model (launch/study_model.py) dashed beside the measured step times, to 1024 ranks.
+- report.md: the figures, one table row per cell (medians over its repeats) and the cost model's fit.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+WORLD = "world_size"
+
+
+def _series(records: list[dict]) -> dict[str, dict[int, list[dict]]]:
+    """label (the axes other than the world size) -> world size -> that cell's ok records."""
+    out: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        if r.get("status") != "ok":
+            continue
+        label = ", ".join(f"{k}={v}" for k, v in r["axes"].items() if k != WORLD) or "all"
+        out[label][int(r[WORLD])].append(r)
+    return out
+
+
+def _median(rs: list[dict], key: str) -> float | None:
+    xs = [r[key] for r in rs if r.get(key) is not None]
+    return statistics.median(xs) if xs else None
+
+
+def scaling_figure(records: list[dict], path: Path) -> None:
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(13, 4))
+    ax_t, ax_s, ax_e = fig.subplots(1, 3)
+    for label, by_world in sorted(_series(records).items()):
+        worlds = sorted(by_world)
+        med = [_median(by_world[w], "step_s_median") for w in worlds]
+        lo = [m - (_median(by_world[w], "step_s_p10") or m) for w, m in zip(worlds, med)]
+        hi = [(_median(by_world[w], "step_s_p90") or m) - m for w, m in zip(worlds, med)]
+        ax_t.errorbar(worlds, med, yerr=[lo, hi], marker="o", capsize=3, label=label)
+        ax_s.plot(worlds, [_median(by_world[w], "samples_per_s") for w in worlds], marker="o", label=label)
+        ax_e.plot(worlds, [med[0] / m for m in med], marker="o", label=label)
+    for ax, title in ((ax_t, "step time (s), median and p10-p90"), (ax_s, "samples / s"),
+                      (ax_e, "weak-scaling efficiency t(W min) / t(W)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("world size (ranks)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    ax_e.axhline(1.0, color="k", lw=0.5)
+    ax_t.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def error_bytes_figure(records: list[dict], path: Path) -> None:
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for label, by_world in sorted(_series(records).items()):
+        for w, rs in sorted(by_world.items()):
+            b, e = _median(rs, "bytes_per_step"), _median(rs, "test_rel_l2")
+            if b is not None and e is not None:
+                ax.scatter([max(b, 1)], [e], label=f"{label}, W={w}")
+    ax.set_xscale("log")
+    ax.set_xlabel("gradient bytes sent per step per rank (W = 1: none)")
+    ax.set_ylabel("final test relative L2")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def memory_figure(records: list[dict], path: Path) -> None:
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for label, by_world in sorted(_series(records).items()):
+        worlds = sorted(by_world)
+        ax.plot(worlds, [_median(by_world[w], "peak_memory_mb_per_rank") for w in worlds], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("world size (ranks)")
+    ax.set_ylabel("peak memory per rank (MiB: params, grads, optimizer)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def prediction_figure(records: list[dict], model, path: Path, bandwidths: tuple[str, ...] = ("100gbit",)) -> None:
+    """Measured step times (points) and the fitted cost model (dashed: the study's link; dotted: `bandwidths`) from
+    one rank to 1024, per series."""
+    from matplotlib.figure import Figure
+
+    from launch.study_model import parse_rate
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    worlds = [2**i for i in range(11)]
+    for i, (label, by_world) in enumerate(sorted(_series(records).items())):
+        if label not in model.payload:
+            continue
+        color = f"C{i % 10}"
+        measured = sorted(by_world)
+        ax.plot(measured, [_median(by_world[w], "step_s_median") for w in measured], "o", color=color, label=label)
+        ax.plot(worlds, [model.predict(label, w) for w in worlds], "--", color=color)
+        for bw in bandwidths:
+            ax.plot(worlds, [model.predict(label, w, parse_rate(bw)) for w in worlds], ":", color=color)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("world size (ranks)")
+    ax.set_ylabel("step time (s)")
+    ax.set_title(f"measured (points), fitted on this link (dashed), at {', '.join(bandwidths)} (dotted)", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def _fmt(x, spec: str) -> str:
+    return "" if x is None else format(x, spec)
+
+
+def write_report(out: Path, records: list[dict], title: str) -> None:
+    """The three figures and report.md in the study directory `out`."""
+    scaling_figure(records, out / "scaling.png")
+    error_bytes_figure(records, out / "error_vs_bytes.png")
+    memory_figure(records, out / "memory.png")
+    cells: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        cells[r["cell"]].append(r)
+    lines = [f"# Study {title}", "", "![scaling](scaling.png)", "", "![error against bytes](error_vs_bytes.png)",
+             "![memory per rank](memory.png)", "",
+             "| cell | repeats ok | step s (median) | p10-p90 | samples/s | exchange s | MB/step | peak MiB/rank | "
+             "test L2 | replicas |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, rs in cells.items():
+        ok = [r for r in rs if r["status"] == "ok"]
+        if not ok:
+            lines.append(f"| {key} | 0 of {len(rs)} | failed: {rs[-1]['error'][:80]} | | | | | | | |")
+            continue
+        consistent = {r.get("replicas_consistent") for r in ok}
+        b = _median(ok, "bytes_per_step")
+        lines.append(
+            f"| {key} | {len(ok)} of {len(rs)} | {_fmt(_median(ok, 'step_s_median'), '.4f')} | "
+            f"{_fmt(_median(ok, 'step_s_p10'), '.4f')}-{_fmt(_median(ok, 'step_s_p90'), '.4f')} | "
+            f"{_fmt(_median(ok, 'samples_per_s'), '.1f')} | {_fmt(_median(ok, 'exchange_s'), '.4f')} | "
+            f"{_fmt(None if b is None else b / 1e6, '.3f')} | {_fmt(_median(ok, 'peak_memory_mb_per_rank'), '.1f')} | "
+            f"{_fmt(_median(ok, 'test_rel_l2'), '.4f')} | "
+            f"{'identical' if consistent == {True} else 'n/a' if consistent == {None} else 'DIFFER'} |")
+    from launch.study_model import fit
+    try:
+        model = fit(records)
+    except ValueError as e:
+        lines += ["", f"No cost model: {e}."]
+    else:
+        prediction_figure(records, model, out / "prediction.png")
+        err = model.held_out_error
+        lines += ["", "## Cost model", "", f"t = compute + alpha 2 (W - 1) + beta bytes: alpha {model.alpha * 1e6:.1f} us "
+                  f"per message, beta {model.beta * 1e9:.3f} ns per byte; held-out error "
+                  + ("n/a (fewer than 3 cells)" if err is None else f"{err:.1%} (median, each cell left out in turn)")
+                  + ". `fieldtrain study predict DIR --nodes 512 --bandwidth 100gbit` prints its predictions.", "",
+                  "![prediction](prediction.png)"]
+    env = records[0] if records else {}
+    lines += ["", f"{env.get('cores', '?')} cores on this machine; link: {env.get('link', '?')}; every cell's ranks "
+              "shared them (cores per rank in results.csv)."]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
