@@ -372,6 +372,8 @@ def cmd_study_predict(args: argparse.Namespace) -> int:
     print(f"fit: alpha {model.alpha * 1e6:.1f} us per message, beta {model.beta * 1e9:.3f} ns per byte "
           f"({8 / model.beta / 1e9 if model.beta else float('inf'):.2f} Gbit/s); held-out error "
           + ("n/a (fewer than 3 cells)" if err is None else f"{err:.1%} (median over {len(model.held_out)} cells)"))
+    for caveat in model.caveats:
+        print(f"caveat: {caveat}")
     nodes = [int(n) for n in args.nodes.split(",") if n.strip()]
     rows = predict_table(model, nodes, [b.strip() for b in args.bandwidth.split(",") if b.strip()], args.compute_s)
     print(f"{'series':50s} {'ranks':>6s} {'link':>9s} {'step s':>9s} {'exchange s':>10s} {'efficiency':>10s}")

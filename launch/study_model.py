@@ -61,6 +61,20 @@ class CostModel:
             return c
         return c + self.alpha * 2 * (w - 1) + beta * self.payload[series] * ring(w)
 
+    worlds: tuple[int, ...] = ()          # the world sizes > 1 it was fitted on
+
+    @property
+    def caveats(self) -> list[str]:
+        """Why its predictions may not be worth much (printed beside them)."""
+        out = []
+        if len(self.worlds) < 2:
+            out.append(f"fitted on one world size above 1 ({', '.join(map(str, self.worlds))}): alpha (per message) "
+                       "and beta (per byte) are not told apart by how they grow with W; measure two or more")
+        if self.beta == 0 or self.alpha == 0:
+            out.append("a term fitted negative was dropped (alpha or beta = 0): the measured exchange does not "
+                       "grow with bytes or messages as the model assumes (CPU-bound codecs, ranks sharing cores)")
+        return out
+
     @property
     def held_out_error(self) -> float | None:
         """Median |predicted / measured - 1| over the held-out cells."""
@@ -103,7 +117,7 @@ def fit(records: list[dict]) -> CostModel:
         raise ValueError("cost model: no series has a world-size-1 cell (its compute) and a larger one (its exchange); "
                          "add world_size = 1 to the study's axes")
     alpha, beta = _solve(points, compute)
-    model = CostModel(alpha, beta, compute, payload)
+    model = CostModel(alpha, beta, compute, payload, worlds=tuple(sorted({w for _, w, _, _ in points})))
     if len(points) > 2:                   # each cell predicted by the fit of all the others
         for i, (s, w, t, b) in enumerate(points):
             a_i, b_i = _solve(points[:i] + points[i + 1:], compute)

@@ -163,7 +163,7 @@ def write_report(out: Path, records: list[dict], title: str) -> None:
                   f"per message, beta {model.beta * 1e9:.3f} ns per byte; held-out error "
                   + ("n/a (fewer than 3 cells)" if err is None else f"{err:.1%} (median, each cell left out in turn)")
                   + ". `fieldtrain study predict DIR --nodes 512 --bandwidth 100gbit` prints its predictions.", "",
-                  "![prediction](prediction.png)"]
+                  *(f"Caveat: {c}." for c in model.caveats), "", "![prediction](prediction.png)"]
     env = records[0] if records else {}
     lines += ["", f"{env.get('cores', '?')} cores on this machine; link: {env.get('link', '?')}; every cell's ranks "
               "shared them (cores per rank in results.csv)."]

@@ -115,7 +115,7 @@ def test_cost_model_recovers_alpha_and_beta_from_synthetic_timings():
     payload = {"none": 9.47e6, "int8": 2.4e6, "powersgd": 0.33e6}
     model = fit(_synthetic(alpha, beta, compute, payload, [1, 2, 4, 8]))
     assert model.alpha == pytest.approx(alpha, rel=1e-9) and model.beta == pytest.approx(beta, rel=1e-9)
-    assert model.held_out_error == pytest.approx(0, abs=1e-9)
+    assert model.held_out_error == pytest.approx(0, abs=1e-9) and model.caveats == []
     key = "comm.compressor=powersgd"
     assert model.predict(key, 512, bandwidth_bps=100e9) == pytest.approx(
         0.23 + alpha * 2 * 511 + 8 / 100e9 * payload["powersgd"] * 2 * 511 / 512)
@@ -132,5 +132,8 @@ def test_cost_model_needs_a_world_of_one_and_predict_prints_a_table(tmp_path):
     r = fieldtrain("study", "predict", str(tmp_path), "--nodes", "2,1024", "--bandwidth", "measured,100gbit")
     assert r.returncode == 0, r.stderr
     assert "beta 80.000 ns per byte (0.10 Gbit/s)" in r.stdout and "held-out error 0.0%" in r.stdout
+    assert "caveat:" not in r.stdout
+    one_world = [x for x in recs if x["world_size"] < 4]
+    assert any("one world size above 1" in c for c in fit(one_world).caveats)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("comm.compressor=none")]
     assert len(lines) == 4 and float(lines[0].split()[3]) == pytest.approx(0.3 + 1e-4 * 2 + 8e-8 * 9.47e6, rel=1e-3)
