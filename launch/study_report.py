@@ -58,38 +58,39 @@ def scaling_figure(records: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def error_bytes_figure(records: list[dict], path: Path) -> None:
+def _one_axes():
     from matplotlib.figure import Figure
     fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
+    return fig, fig.subplots()
+
+
+def _save(fig, ax, path: Path, xlabel: str, ylabel: str, legend_size: int) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def error_bytes_figure(records: list[dict], path: Path) -> None:
+    fig, ax = _one_axes()
     for label, by_world in sorted(_series(records).items()):
         for w, rs in sorted(by_world.items()):
             b, e = _median(rs, "bytes_per_step"), _median(rs, "test_rel_l2")
             if b is not None and e is not None:
                 ax.scatter([max(b, 1)], [e], label=f"{label}, W={w}")
     ax.set_xscale("log")
-    ax.set_xlabel("gradient bytes sent per step per rank (W = 1: none)")
-    ax.set_ylabel("final test relative L2")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, ax, path, "gradient bytes sent per step per rank (W = 1: none)", "final test relative L2", 6)
 
 
 def memory_figure(records: list[dict], path: Path) -> None:
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
+    fig, ax = _one_axes()
     for label, by_world in sorted(_series(records).items()):
         worlds = sorted(by_world)
         ax.plot(worlds, [_median(by_world[w], "peak_memory_mb_per_rank") for w in worlds], marker="o", label=label)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("world size (ranks)")
-    ax.set_ylabel("peak memory per rank (MiB: params, grads, optimizer)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, ax, path, "world size (ranks)", "peak memory per rank (MiB: params, grads, optimizer)", 7)
 
 
 def prediction_figure(records: list[dict], model, path: Path, bandwidths: tuple[str, ...] = ("100gbit",)) -> None:
