@@ -411,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="predict: links (tc rates, or `measured`: the study's own)")
     st.add_argument("--compute-s", type=float, default=None,
                     help="predict: a step's compute seconds on the target machine (e.g. a GPU's), instead of measured")
-    st.add_argument("--backend", default="local", help="where cells run: local (this machine, loopback)")
+    st.add_argument("--backend", default="local", choices=("local", "slurm"),
+                    help="where cells run: local (this machine, loopback) or slurm (one job per cell)")
     st.add_argument("--resume", action="store_true", help="run only the cells not recorded in the study directory")
     st.add_argument("--force", action="store_true", help="start the study directory over (even another study's)")
     st.add_argument("--out", default=None, help="study directory (default: study.out_dir, else runs/studies/NAME)")

@@ -22,7 +22,9 @@ and repeat under `cells/`, and `results.jsonl` (one line per finished cell and r
 skips what is there), `results.csv`, the figures and report.md (launch/study_report.py). A failed cell is recorded
 with its error, and the study goes on.
 
-Backends: "local" runs each cell's ranks on this machine over loopback (`fieldtrain train --nproc W`).
+Backends: "local" runs each cell's ranks on this machine over loopback (`fieldtrain train --nproc W`); "slurm" submits
+each cell as a job through the project's Slurm launcher (launch/slurm.py: slurm/cpu.sbatch, one node, W tasks) and
+waits for it, one at a time (cells compared side by side should not share the nodes).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,7 +49,10 @@ log = logging.getLogger("fieldtrain")
 
 WORLD = "world_size"
 STUDY_KEYS = {"config", "steps", "repeats", "warmup_steps", "set", "name", "out_dir", "eval_every"}
-BACKENDS = ("local",)
+BACKENDS = ("local", "slurm")
+SLURM_TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                  "DEADLINE", "PREEMPTED")
+SLURM_TIMEOUT_S = 24 * 3600.0   # a cell's job is given up (cancelled, recorded failed) after this long
 RANKS_PER_CORE = 4            # the local backend oversubscribes at most this far (1 thread per rank)
 COLUMNS = ["cell", "repeat", "status", "error", WORLD, "axes", "steps", "step_s_median", "step_s_p10", "step_s_p90",
            "samples_per_s", "exchange_s", "bytes_per_step", "compression_ratio", "peak_memory_mb_per_rank",
@@ -166,10 +172,10 @@ def check_cells(study: Study, backend: str) -> list[Cell]:
     from trainer.config import load_config
     if backend not in BACKENDS:
         raise ValueError(f"study backend {backend!r}: built are {', '.join(BACKENDS)}")
-    capacity = RANKS_PER_CORE * len(os.sched_getaffinity(0))
+    capacity = RANKS_PER_CORE * len(os.sched_getaffinity(0)) if backend == "local" else None
     cells = study.cells()
     for cell in cells:
-        if cell.world > capacity:
+        if capacity is not None and cell.world > capacity:
             raise ValueError(f"study cell {cell.key}: {cell.world} ranks; the {backend} backend places at most "
                              f"{capacity} ({RANKS_PER_CORE} per core on this machine's {capacity // RANKS_PER_CORE})")
         try:
@@ -235,6 +241,39 @@ def run_cell(study: Study, cell: Cell, repeat: int) -> dict:
     return cell_record(study, cell, repeat, run_dir, "failed", f"exit {rc}: " + " | ".join(tail)[-600:], wall)
 
 
+def run_cell_slurm(study: Study, cell: Cell, repeat: int, poll_s: float = 2.0) -> dict:
+    """Train one cell as a Slurm job (`launch.slurm`: slurm/cpu.sbatch, one node, W tasks), wait for it to end; its
+    record. Where the cluster keeps no accounting, a job gone from `scontrol` has ended: its summary.json decides."""
+    from launch.slurm import SlurmJob, launch_slurm
+    run_dir = (study.out / "cells" / f"{cell.dirname}__r{repeat}").resolve()
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir.parent / f"{run_dir.name}.log"
+    if run_dir.exists():          # an unrecorded cell's leftovers (a study started over): the job must not resume them
+        shutil.rmtree(run_dir)
+    job = SlurmJob(config=str(study.config), nodes=1, tasks_per_node=cell.world, job_name=f"study-{study.name}",
+                   output=str(log_path), overrides=["run.threads_per_rank=1", *study.overrides(cell, run_dir)])
+    t0 = time.perf_counter()
+    job_id = launch_slurm(job)
+    state = "PENDING"
+    while time.perf_counter() - t0 < SLURM_TIMEOUT_S:
+        out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True).stdout
+        info = dict(tok.split("=", 1) for tok in out.split() if "=" in tok)
+        state = info.get("JobState", "GONE")
+        if state in SLURM_TERMINAL or state == "GONE":
+            break
+        time.sleep(poll_s)
+    else:
+        subprocess.run(["scancel", job_id], check=False)
+        state = "TIMEOUT (study)"
+    wall = time.perf_counter() - t0
+    if state in ("COMPLETED", "GONE") and (run_dir / "summary.json").is_file():
+        return cell_record(study, cell, repeat, run_dir, "ok", "", wall) | {"link": "slurm", "slurm_job": job_id}
+    tail = log_path.read_text().strip().splitlines()[-5:] if log_path.is_file() else []
+    rec = cell_record(study, cell, repeat, run_dir, "failed", f"slurm job {job_id} {state}: " + " | ".join(tail)[-600:],
+                      wall)
+    return rec | {"link": "slurm", "slurm_job": job_id}
+
+
 def _read_records(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -284,7 +323,7 @@ def run_study(path: str | Path, backend: str = "local", resume: bool = False, fo
     log.info("study %s: %d cells x %d repeats, %d to run (%s backend) -> %s", study.name, len(cells), study.repeats,
              len(todo), backend, study.out)
     for i, (cell, repeat) in enumerate(todo, 1):
-        rec = run_cell(study, cell, repeat)
+        rec = (run_cell_slurm if backend == "slurm" else run_cell)(study, cell, repeat)
         with results.open("a") as f:
             f.write(json.dumps(rec) + "\n")
         log.info("[%d/%d] %s repeat %d: %s%s", i, len(todo), cell.key, repeat, rec["status"],

@@ -343,3 +343,20 @@ def test_templates_share_one_preemption_block():
         text = p.read_text()
         assert "#SBATCH --signal=B:USR1@120" in text and "#SBATCH --requeue" in text, p.name
         assert sh("bash", "-n", str(p)).returncode == 0, p.name
+
+
+@pytest.mark.slow
+def test_study_on_the_slurm_backend_runs_each_cell_as_a_job(slurm, small_darcy, tmp_path):
+    """`fieldtrain study --backend slurm`: a 2-cell study, each cell one job on the test cluster."""
+    sets = ", ".join(json.dumps(s) for s in [*SMALL_MODEL, f"data.path={small_darcy}", "train.ckpt_every=0"])
+    study = tmp_path / "s.toml"
+    study.write_text(f'[study]\nconfig = "{CONFIG}"\nsteps = 3\nwarmup_steps = 1\nset = [{sets}]\n'
+                     '[axes]\nworld_size = [1, 2]\n')
+    out = tmp_path / "study"
+    r = fieldtrain("study", str(study), "--backend", "slurm", "--out", str(out), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(x["world_size"] for x in recs) == [1, 2]
+    for x in recs:
+        assert x["status"] == "ok" and x["link"] == "slurm" and x["slurm_job"].isdigit() and x["steps"] == 3, x
+    assert next(x for x in recs if x["world_size"] == 2)["replicas_consistent"]

@@ -79,8 +79,8 @@ def test_bad_cells_are_refused_before_anything_runs(small_darcy, tmp_path):
     assert not out.exists()
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['study.stepz'\]"):
         run_study(write_study(tmp_path / "d.toml", small_darcy, "world_size = [1]", extra="stepz = 3"), out=out)
-    with pytest.raises(ValueError, match="study backend 'slurm'"):
-        run_study(write_study(tmp_path / "e.toml", small_darcy, "world_size = [1]"), backend="slurm", out=out)
+    with pytest.raises(ValueError, match="study backend 'ray'"):
+        run_study(write_study(tmp_path / "e.toml", small_darcy, "world_size = [1]"), backend="ray", out=out)
 
 
 def test_a_directory_of_another_study_is_refused_unless_forced(small_darcy, tmp_path):
