@@ -137,3 +137,11 @@ def test_cost_model_needs_a_world_of_one_and_predict_prints_a_table(tmp_path):
     assert any("one world size above 1" in c for c in fit(one_world).caveats)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("comm.compressor=none")]
     assert len(lines) == 4 and float(lines[0].split()[3]) == pytest.approx(0.3 + 1e-4 * 2 + 8e-8 * 9.47e6, rel=1e-3)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "studies").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_study_file_checks(path):
+    """Every cell of each shipped study builds a valid config (the README points at them)."""
+    from launch.study import check_cells, load_study
+    study = load_study(path)
+    assert len(check_cells(study, "local")) == len(study.cells()) > 1
