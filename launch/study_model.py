@@ -7,7 +7,8 @@ Per step, a cell of series s (its axes other than the world size) at W ranks tak
 Hockney's alpha-beta model of a ring exchange: c_s the compute time (the series' W = 1 cell, which sends nothing),
 2 (W - 1) messages per ring pass (reduce-scatter then all-gather: allreduce, or a sharded engine's reduce-scatter and
 all-gather) and b(s, W) the bytes one rank sends per step, as the transport counted them (results' `bytes_per_step`).
-The payload p_s = b / (2 (W - 1) / W) is the series' own: at another world size a rank sends p_s 2 (W - 1) / W.
+The payload p_s = b / (2 (W - 1) / W) is the series' own: at another world size a rank sends p_s 2 (W - 1) / W
+(exact for fp32; block codecs pad each rank's shard to whole blocks, a few hundred bytes per rank more).
 alpha and beta are one least-squares fit over every cell with W > 1 (non-negative); its error on held-out cells is
 each cell predicted by the fit of all the others. A prediction at another link swaps beta for 8 / bits-per-second;
 one for another machine (a GPU) swaps c_s for its measured step compute time.
