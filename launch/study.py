@@ -167,17 +167,31 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
                  eval_every=int(head.get("eval_every", steps)), text=text)
 
 
+def _capacity(backend: str) -> tuple[int | None, str]:
+    """The most ranks one cell can have on `backend`, and why. local: RANKS_PER_CORE per core of this machine;
+    slurm: the CPUs of the cluster's largest node (a cell is one node, one rank per CPU), None when sinfo cannot say."""
+    if backend == "local":
+        cores = len(os.sched_getaffinity(0))
+        return RANKS_PER_CORE * cores, f"{RANKS_PER_CORE} per core on this machine's {cores}"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%c"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None, ""
+    cpus = [int(c) for c in out.stdout.split() if c.isdigit()] if out.returncode == 0 else []
+    return (max(cpus), "one node per cell, one rank per CPU of the largest node") if cpus else (None, "")
+
+
 def check_cells(study: Study, backend: str) -> list[Cell]:
     """Every cell's config, built as its run will build it; ValueError naming the first cell that fails."""
     from trainer.config import load_config
     if backend not in BACKENDS:
         raise ValueError(f"study backend {backend!r}: built are {', '.join(BACKENDS)}")
-    capacity = RANKS_PER_CORE * len(os.sched_getaffinity(0)) if backend == "local" else None
+    capacity, where = _capacity(backend)
     cells = study.cells()
     for cell in cells:
         if capacity is not None and cell.world > capacity:
             raise ValueError(f"study cell {cell.key}: {cell.world} ranks; the {backend} backend places at most "
-                             f"{capacity} ({RANKS_PER_CORE} per core on this machine's {capacity // RANKS_PER_CORE})")
+                             f"{capacity} ({where})")
         try:
             load_config(study.config, study.overrides(cell, study.out / "cells" / "x"))
         except ValueError as e:

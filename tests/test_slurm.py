@@ -353,6 +353,10 @@ def test_study_on_the_slurm_backend_runs_each_cell_as_a_job(slurm, small_darcy, 
     study.write_text(f'[study]\nconfig = "{CONFIG}"\nsteps = 3\nwarmup_steps = 1\nset = [{sets}]\n'
                      '[axes]\nworld_size = [1, 2]\n')
     out = tmp_path / "study"
+    big = tmp_path / "big.toml"                # the test cluster's nodes have 4 CPUs: 8 ranks do not fit one
+    big.write_text(study.read_text().replace("world_size = [1, 2]", "world_size = [8]"))
+    r = fieldtrain("study", str(big), "--backend", "slurm", "--out", str(out))
+    assert r.returncode == 2 and "study cell world_size=8: 8 ranks; the slurm backend places at most 4" in r.stderr
     r = fieldtrain("study", str(study), "--backend", "slurm", "--out", str(out), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     recs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
