@@ -358,16 +358,16 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_study_predict(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
+    from launch.study import read_records
     from launch.study_model import fit, predict_table
     if not args.dir:
         raise ValueError("fieldtrain study predict STUDY_DIR: the study directory is missing")
-    results = Path(args.dir) / "results.jsonl"
-    if not results.is_file():
-        raise ValueError(f"study directory {args.dir!r} has no results.jsonl (run the study first)")
-    model = fit([json.loads(line) for line in results.read_text().splitlines() if line.strip()])
+    records = read_records(Path(args.dir) / "results.jsonl")
+    if not records:
+        raise ValueError(f"study directory {args.dir!r} has no results.jsonl records (run the study first)")
+    model = fit(records)
     err = model.held_out_error
     print(f"fit: alpha {model.alpha * 1e6:.1f} us per message, beta {model.beta * 1e9:.3f} ns per byte "
           f"({8 / model.beta / 1e9 if model.beta else float('inf'):.2f} Gbit/s); held-out error "

@@ -237,33 +237,42 @@ def cell_record(study: Study, cell: Cell, repeat: int, run_dir: Path, status: st
     return rec
 
 
-def run_cell(study: Study, cell: Cell, repeat: int) -> dict:
-    """Train one cell on this machine (`fieldtrain train --nproc W` over loopback); its record."""
-    run_dir = study.out / "cells" / f"{cell.dirname}__r{repeat}"
+def _cell_paths(study: Study, cell: Cell, repeat: int) -> tuple[Path, Path]:
+    """(run directory, log) of a cell and repeat; a leftover run directory (a cell not recorded: its run failed or
+    the study started over) is removed, so nothing of it is resumed or read."""
+    run_dir = (study.out / "cells" / f"{cell.dirname}__r{repeat}").resolve()
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "launch.cli", "train", str(study.config), "--overwrite", "--nproc", str(cell.world)]
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    return run_dir, run_dir.parent / f"{run_dir.name}.log"
+
+
+def _outcome(study: Study, cell: Cell, repeat: int, run_dir: Path, log_path: Path, ended: bool, why: str,
+             wall: float) -> dict:
+    """The record of a run that `ended` well (and wrote its summary), or a failed one with `why` and its log's tail."""
+    if ended and (run_dir / "summary.json").is_file():
+        return cell_record(study, cell, repeat, run_dir, "ok", "", wall)
+    tail = log_path.read_text().strip().splitlines()[-5:] if log_path.is_file() else []
+    return cell_record(study, cell, repeat, run_dir, "failed", f"{why}: " + " | ".join(tail)[-600:], wall)
+
+
+def run_cell(study: Study, cell: Cell, repeat: int) -> dict:
+    """Train one cell on this machine (`fieldtrain train --nproc W` over loopback, its ranks' threads by the local
+    launcher's rule); its record."""
+    run_dir, log_path = _cell_paths(study, cell, repeat)
+    argv = [sys.executable, "-m", "launch.cli", "train", str(study.config), "--nproc", str(cell.world)]
     argv += [a for s in study.overrides(cell, run_dir) for a in ("--set", s)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // cell.world))}
-    log_path = study.out / "cells" / f"{cell.dirname}__r{repeat}.log"
     t0 = time.perf_counter()
     with log_path.open("w") as out:
-        rc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
-    wall = time.perf_counter() - t0
-    if rc == 0 and (run_dir / "summary.json").is_file():
-        return cell_record(study, cell, repeat, run_dir, "ok", "", wall)
-    tail = log_path.read_text().strip().splitlines()[-5:]
-    return cell_record(study, cell, repeat, run_dir, "failed", f"exit {rc}: " + " | ".join(tail)[-600:], wall)
+        rc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT).returncode
+    return _outcome(study, cell, repeat, run_dir, log_path, rc == 0, f"exit {rc}", time.perf_counter() - t0)
 
 
 def run_cell_slurm(study: Study, cell: Cell, repeat: int, poll_s: float = 2.0) -> dict:
     """Train one cell as a Slurm job (`launch.slurm`: slurm/cpu.sbatch, one node, W tasks), wait for it to end; its
     record. Where the cluster keeps no accounting, a job gone from `scontrol` has ended: its summary.json decides."""
     from launch.slurm import SlurmJob, launch_slurm
-    run_dir = (study.out / "cells" / f"{cell.dirname}__r{repeat}").resolve()
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    log_path = run_dir.parent / f"{run_dir.name}.log"
-    if run_dir.exists():          # an unrecorded cell's leftovers (a study started over): the job must not resume them
-        shutil.rmtree(run_dir)
+    run_dir, log_path = _cell_paths(study, cell, repeat)
     job = SlurmJob(config=str(study.config), nodes=1, tasks_per_node=cell.world, job_name=f"study-{study.name}",
                    output=str(log_path), overrides=["run.threads_per_rank=1", *study.overrides(cell, run_dir)])
     t0 = time.perf_counter()
@@ -279,16 +288,13 @@ def run_cell_slurm(study: Study, cell: Cell, repeat: int, poll_s: float = 2.0) -
     else:
         subprocess.run(["scancel", job_id], check=False)
         state = "TIMEOUT (study)"
-    wall = time.perf_counter() - t0
-    if state in ("COMPLETED", "GONE") and (run_dir / "summary.json").is_file():
-        return cell_record(study, cell, repeat, run_dir, "ok", "", wall) | {"link": "slurm", "slurm_job": job_id}
-    tail = log_path.read_text().strip().splitlines()[-5:] if log_path.is_file() else []
-    rec = cell_record(study, cell, repeat, run_dir, "failed", f"slurm job {job_id} {state}: " + " | ".join(tail)[-600:],
-                      wall)
+    rec = _outcome(study, cell, repeat, run_dir, log_path, state in ("COMPLETED", "GONE"),
+                   f"slurm job {job_id} {state}", time.perf_counter() - t0)
     return rec | {"link": "slurm", "slurm_job": job_id}
 
 
-def _read_records(path: Path) -> list[dict]:
+def read_records(path: Path) -> list[dict]:
+    """A study's results.jsonl (empty when there is none yet)."""
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -332,7 +338,7 @@ def run_study(path: str | Path, backend: str = "local", resume: bool = False, fo
     cells = check_cells(study, backend)
     _claim(study, resume, force)
     results = study.out / "results.jsonl"
-    done = {(r["cell"], r["repeat"]) for r in _read_records(results)}
+    done = {(r["cell"], r["repeat"]) for r in read_records(results)}
     todo = [(c, r) for r in range(study.repeats) for c in cells if (c.key, r) not in done]
     log.info("study %s: %d cells x %d repeats, %d to run (%s backend) -> %s", study.name, len(cells), study.repeats,
              len(todo), backend, study.out)
@@ -342,7 +348,7 @@ def run_study(path: str | Path, backend: str = "local", resume: bool = False, fo
             f.write(json.dumps(rec) + "\n")
         log.info("[%d/%d] %s repeat %d: %s%s", i, len(todo), cell.key, repeat, rec["status"],
                  f", {rec['step_s_median']:.3f} s/step" if rec.get("step_s_median") else f" ({rec['error'][:200]})")
-    records = _read_records(results)
+    records = read_records(results)
     write_csv(study.out, records)
     from launch.study_report import write_report
     write_report(study.out, records, study.name)

@@ -135,9 +135,9 @@ def exposed_time(t_backward: float, buckets: int, comm: float, encode: float, la
 
 
 def side_thread_costs(transport, forward: Callable[[], Callable[[], None]], repeats: int = 3, allreduces: int = 16
-                      ) -> tuple[float, float]:
-    """(hidden, busy) of an exchange thread beside backward on this rank's cores, the slowest rank's (every rank
-    calls it at once: a collective). `forward()` runs a forward pass and returns its backward, the timed part (the
+                      ) -> tuple[float, float, float]:
+    """(backward, hidden, busy): backward's seconds alone, and what an exchange thread costs beside it on this rank's
+    cores; the slowest rank's (every rank calls it at once: a collective). `forward()` runs a forward pass and returns its backward, the timed part (the
     exchange runs beside backward, which holds no GIL; a forward's Python would hold it).
     hidden: the fraction of CPU work on a second thread that runs beside backward without lengthening it, from
     backward timed alone and beside a thread doing small matmuls: 1 - (t_beside - t_alone) / (work done beside it,
@@ -187,27 +187,26 @@ def side_thread_costs(transport, forward: Callable[[], Callable[[], None]], repe
     while side.is_alive():
         forward()()
     side.join()
-    measured = torch.tensor([-hidden, statistics.median(times)], dtype=torch.float64)
+    measured = torch.tensor([alone, -hidden, statistics.median(times)], dtype=torch.float64)
     worst = transport.allgather(measured).max(0).values.tolist()
-    return -worst[0], worst[1]
+    return worst[0], -worst[1], worst[2]
 
 
-def choose_bucket_cap(cfg, name: str, transport, module: torch.nn.Module, t_backward: float,
-                      forward: Callable[[], Callable[[], None]] | None = None) -> list[float]:
+def choose_bucket_cap(cfg, name: str, transport, module: torch.nn.Module,
+                      forward: Callable[[], Callable[[], None]]) -> list[float]:
     """DDP bucket caps (MB) for compressor `name`, least predicted exposed exchange time (`exposed_time`) first, on
     the measured link, over BUCKET_COUNTS (one cap per bucket count the model's parameters fall into); ties go to
     fewer buckets. The exchange's CPU at each bucket layout is measured: the real compressor on a world of one
-    (`measure_exchange` over a local transport: encode, decode, per-bucket overhead, no wire). With `forward` (a
-    forward of the training batch, returning its backward) the exchange thread's cost beside backward is measured
-    too (`side_thread_costs`); without, its CPU is taken as hidden and its latency as the idle link's. Every rank
-    gets the same answer (each measurement is the slowest rank's)."""
+    (`measure_exchange` over a local transport: encode, decode, per-bucket overhead, no wire); backward's time and
+    the exchange thread's cost beside it by `side_thread_costs`, from `forward` (a forward of the training batch,
+    returning its backward). Every rank gets the same answer (each measurement is the slowest rank's)."""
     from trainer.compress.transport import LocalTransport
     w, plan = transport.world_size, gradient_plan(module, cfg)
     n = plan.n
     registry = _compressors()
     cls = registry[name] if registry[name].cost_model else registry["none"]
     alpha, beta = measure_link(transport)
-    hidden, busy = side_thread_costs(transport, forward) if forward is not None else (1.0, None)
+    t_backward, hidden, busy = side_thread_costs(transport, forward)
     caps, counts = [], []
     for k in BUCKET_COUNTS:
         cap = 4 * n / k / 2**20 * 1.05      # a little room, as parameters are not split
@@ -217,21 +216,19 @@ def choose_bucket_cap(cfg, name: str, transport, module: torch.nn.Module, t_back
             counts.append(count)
     local = LocalTransport()
     cpu = [measure_exchange(cfg, local, module, cls.name, cap, trials=3) for cap in caps]
-    measured = transport.allgather(torch.tensor([t_backward, *cpu], dtype=torch.float64)).max(0).values.tolist()
-    t_backward, cpu = measured[0], measured[1:]
+    cpu = transport.allgather(torch.tensor(cpu, dtype=torch.float64)).max(0).values.tolist()
     ops = cls.collectives(cfg, plan, w)
     comm = sum(_collective_time(k, b, w, 0.0, beta) for k, b in ops)
     latency = sum(_collective_time(k, 0, w, alpha, 0.0) for k, _ in ops)
     # busy: one allreduce of a float timed whole; each collective of the bucket pays it (all_to_all, allgather alike)
-    latency_busy = None if busy is None else len(ops) * max(busy, latency / len(ops))
+    latency_busy = len(ops) * max(busy, latency / len(ops))
     rows = [(exposed_time(t_backward, count, comm, c, latency, latency_busy, hidden), count, cap)
             for count, c, cap in zip(counts, cpu, caps)]
     ranked = sorted(rows)
-    log.info("bucket cap: %s over alpha %.1f us, %.3f Gbit/s, backward %.1f ms, wire %.1f ms per step%s; "
-             "by bucket count, the exchange's CPU and the exposed time: %s -> %d bucket(s), cap %.2f MB", name,
-             alpha * 1e6, 8 / beta / 1e9, t_backward * 1e3, comm * 1e3,
-             "" if busy is None else
-             f", beside backward: {hidden:.0%} of its CPU hidden, collective {busy * 1e3:.2f} ms",
+    log.info("bucket cap: %s over alpha %.1f us, %.3f Gbit/s, backward %.1f ms, wire %.1f ms per step, beside "
+             "backward: %.0f%% of its CPU hidden, collective %.2f ms; by bucket count, the exchange's CPU and the "
+             "exposed time: %s -> %d bucket(s), cap %.2f MB", name, alpha * 1e6, 8 / beta / 1e9, t_backward * 1e3,
+             comm * 1e3, 100 * hidden, busy * 1e3,
              ", ".join(f"{k}: {c * 1e3:.1f} / {t * 1e3:.1f} ms" for (t, k, _), c in zip(rows, cpu)), *ranked[0][1:])
     return [cap for _, _, cap in ranked]
 

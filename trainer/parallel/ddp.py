@@ -54,8 +54,7 @@ class DDPEngine(Engine):
                 cap = DEFAULT_BUCKET_CAP_MB
                 if exchange is not None:
                     ranked = choose_bucket_cap(comm, exchange.compressor.name, exchange.transport, model,
-                                               backward_seconds(model, example_loss, cfg.data.batch_size),
-                                               forward=lambda: example_loss(model, rows=cfg.data.batch_size).backward)
+                                               lambda: example_loss(model, rows=cfg.data.batch_size).backward)
                     model.zero_grad(set_to_none=True)
                     cap = timed_bucket_caps(wrap, exchange, example_loss, cfg.data.batch_size, ranked)
             self.bucket_cap_mb = cap
@@ -73,17 +72,20 @@ class DDPEngine(Engine):
         return super().local_nonfinite()
 
 
-def backward_seconds(model: torch.nn.Module, example_loss: ExampleLoss, batch_size: int, repeats: int = 3) -> float:
+def backward_seconds(model: torch.nn.Module, example_loss: ExampleLoss, batch_size: int, repeats: int = 3,
+                     after=None) -> float:
     """Seconds of one backward at the training batch size: the median of `repeats` backwards of the example batch
-    built at `batch_size` samples (ModelSpec.example_batch), after one warm-up. (Scaling a one-sample backward by the batch size instead
-    multiplies its fixed per-op cost too: several times the real backward for small models.) Gradients are
-    discarded."""
+    built at `batch_size` samples (ModelSpec.example_batch), after one warm-up. (Scaling a one-sample backward by the
+    batch size instead multiplies its fixed per-op cost too: several times the real backward for small models.)
+    `after()` runs after each backward, untimed. Gradients are discarded."""
     times = []
     for _ in range(repeats + 1):
         loss = example_loss(model, rows=batch_size)
         t0 = time.perf_counter()
         loss.backward()
         times.append(time.perf_counter() - t0)
+        if after is not None:
+            after()
     model.zero_grad(set_to_none=True)
     return statistics.median(times[1:])
 
@@ -110,16 +112,9 @@ def timed_bucket_caps(wrap, exchange: GradientExchange, example_loss: ExampleLos
         ddp = wrap(bucket_cap_mb=cap)
         attach(ddp, exchange)
         _settle_buckets(ddp, exchange, example_loss)
-        times = []
-        for _ in range(steps + 1):
-            loss = example_loss(ddp, rows=batch_size)
-            t0 = time.perf_counter()
-            loss.backward()                           # DDP waits for every bucket's exchange before it returns
-            times.append(time.perf_counter() - t0)
-            exchange.compressor.rollback()
-            ddp.module.zero_grad(set_to_none=True)
-        medians.append(statistics.median(times[1:]))
-        del ddp, loss
+        # DDP's backward returns once every bucket's exchange is done; the compressor's state is rolled back each time
+        medians.append(backward_seconds(ddp, example_loss, batch_size, steps, after=exchange.compressor.rollback))
+        del ddp
         gc.collect()           # the reducer's autograd hooks go with it, before the next DDP adds its own
     exchange.step, exchange.local_nonfinite = step, False
     exchange.stats.reset()
