@@ -157,7 +157,8 @@ def worker(args: argparse.Namespace) -> None:
     if args.kind != "raw":
         loader.close()
     if world > 1:
-        dist.destroy_process_group()
+        from launch.rendezvous import destroy_distributed
+        destroy_distributed()
     print("RESULT " + json.dumps(records), flush=True)
 
 

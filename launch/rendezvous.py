@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 import re
@@ -228,5 +229,10 @@ def init_distributed(backend: str = "auto", timeout_s: int = 300) -> tuple[DistE
 
 
 def destroy_distributed() -> None:
+    """Destroy the process group while Python is alive. DDP wrappers and exchanges (reference cycles) hold it; left to
+    interpreter exit, gloo's worker thread can drop a tensor's Python object after finalization has begun and the rank
+    aborts (signal 6, "terminate called without an active exception") after finished work. Callers drop their own
+    references first; the collection frees the cycles."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()

@@ -9,7 +9,6 @@ run-directory lock (Trainer.close), then the process group.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -48,10 +47,6 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False, unt
         return summary
     finally:
         if owned:
-            # The trainer's DDP wrapper and exchange (reference cycles) hold the process group; left to interpreter
-            # exit, gloo's worker thread can drop a tensor's Python object after finalization has begun, and the
-            # rank aborts (signal 6) after a finished run. Collect them, then destroy the group while Python lives.
-            gc.collect()
             destroy_distributed()
 
 

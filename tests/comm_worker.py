@@ -8,7 +8,6 @@ Each rank saves its final flat parameters to OUT_DIR/<name>.rank<r>.pt; rank 0 w
 (the run summary plus the compressor's state, checked finite).
 """
 
-import gc
 import json
 import logging
 import math
@@ -87,8 +86,7 @@ def main(spec_path: str, out: str) -> None:
         if env.rank == 0:
             (out_dir / f"{run['name']}.json").write_text(json.dumps(summary))
         del trainer, comp, state
-    gc.collect()           # the trainers' DDP wrappers hold the process group: free them (and join gloo's threads)
-    destroy_distributed()  # while Python is alive, not at interpreter exit (launch/run.py)
+    destroy_distributed()
 
 
 if __name__ == "__main__":

@@ -242,7 +242,8 @@ def _two_rank_worker(rank: int, port: int, fs: str, out: str) -> None:
     results["latest"] = manager.latest().name
     results["tmp"] = sorted(p.name for p in manager.directory.glob("*.tmp"))
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
-    dist.destroy_process_group()
+    from launch.rendezvous import destroy_distributed
+    destroy_distributed()
 
 
 @pytest.mark.slow

@@ -211,7 +211,8 @@ def _auto_measure_worker(rank: int, port: int, root: str) -> None:
     with open(os.path.join(root, f"rank{rank}.json"), "w") as f:
         json.dump({"real": real, "chosen": chosen, "shortlist": shortlist,
                    "buckets": [[n for n, _ in b] for b in auto._buckets(model, 0.005)]}, f)
-    dist.destroy_process_group()
+    from launch.rendezvous import destroy_distributed
+    destroy_distributed()
 
 
 def test_auto_times_its_shortlist_and_every_rank_takes_the_slowest_ranks_numbers(tmp_path):
@@ -339,7 +340,8 @@ def _auto_worker(rank: int, port: int, root: str) -> None:
     resumed.load_state_dict(state)
     with open(os.path.join(root, f"rank{rank}.json"), "w") as f:
         json.dump({"names": names, "switches": ex.switches, "outs": outs, "resumed": resumed.compressor.name}, f)
-    dist.destroy_process_group()
+    from launch.rendezvous import destroy_distributed
+    destroy_distributed()
 
 
 def test_auto_switches_at_agreed_step_boundaries_and_resumes_its_choice(tmp_path):
@@ -429,7 +431,8 @@ def _auto_trials_worker(rank: int, port: int, root: str) -> None:
     train(second, 7, resumed_names)
     with open(os.path.join(root, f"rank{rank}.json"), "w") as f:
         json.dump({"names": names, "switches": ex.switches, "resumed": resumed_names}, f)
-    dist.destroy_process_group()
+    from launch.rendezvous import destroy_distributed
+    destroy_distributed()
 
 
 def test_auto_trials_in_training_keep_the_fastest_by_the_slowest_rank_and_resume_mid_trial(tmp_path):

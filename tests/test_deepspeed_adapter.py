@@ -120,7 +120,8 @@ def main(spec_path, out):
             undo()
         dist.barrier()
     (Path(out) / f"adapter.rank{env.rank}.json").write_text(json.dumps(seen))
-    dist.destroy_process_group()
+    from launch.rendezvous import destroy_distributed
+    destroy_distributed()
 
 main(sys.argv[1], sys.argv[2])
 '''

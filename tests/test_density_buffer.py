@@ -211,7 +211,8 @@ def _two_rank_worker(rank: int, port: int, root: str) -> None:
     same = same and all(torch.equal(s, t) for s, t in zip(b.sample(8, gen(1)), fresh.sample(8, gen(1))))
     with open(os.path.join(root, f"rank{rank}.json"), "w") as f:
         json.dump({"same": same, "added": fresh.added, "keys": keys}, f)
-    dist.destroy_process_group()
+    from launch.rendezvous import destroy_distributed
+    destroy_distributed()
 
 
 def test_dcp_checkpoint_keeps_every_ranks_shard(tmp_path):

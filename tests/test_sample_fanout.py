@@ -170,7 +170,8 @@ def _rank_main(rank, world, port, url, log_dir):
         with open(os.path.join(log_dir, f"rank{rank}.json"), "w") as f:
             json.dump(out, f)
     finally:
-        dist.destroy_process_group()
+        from launch.rendezvous import destroy_distributed
+        destroy_distributed()
 
 
 @pytest.mark.slow

@@ -492,7 +492,9 @@ def _gloo_worker(rank: int, port: int, out_dir: str) -> None:
             result[variant] = (outs, ex.stats.bytes_sent)
     result["warnings"] = [str(w.message) for w in caught]
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    del ex, outs, result
+    from launch.rendezvous import destroy_distributed
+    destroy_distributed()
 
 
 def test_two_gloo_processes_match_the_threads(tmp_path):
