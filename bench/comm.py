@@ -1,6 +1,6 @@
 """Benchmark compressed gradient exchange on emulated slow links (needs root; see bench/README.md).
 
-For each bandwidth: build W network namespaces (bench/netns.py), then run every row (a compressor plus
+For each bandwidth: build W network namespaces (launch/netns.py), then run every row (a compressor plus
 options) as W `fieldtrain train` ranks at once, one per namespace, after a `skip` row (no exchange: the
 compute-only floor). Rows are compared with the floor and with fp32 (`none`) at the same bandwidth.
 `--codec-only` times the compressors' local encode+decode against memcpy, no namespaces needed.
@@ -19,7 +19,6 @@ import csv
 import json
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))   # `python bench/comm.py` from anywhere
 
-from bench import netns
+from launch import netns
+from launch.netns import Outcome
 from bench.codec import run_codec
 from bench.table import _fmt, print_table
 
@@ -146,31 +146,14 @@ def rank_command(topo: netns.Topology, i: int, row: Row, run_root: Path, port: i
                  eval_every: int, per_node: int = 1) -> list[str]:
     """Rank i runs in namespace i // per_node: ranks of one namespace reach each other inside it (unshaped, the
     fast link of a node), other namespaces through the shaped veth (the slow link between nodes)."""
-    env = {"RANK": i, "WORLD_SIZE": topo.nodes * per_node, "LOCAL_RANK": i % per_node, "LOCAL_WORLD_SIZE": per_node,
-           "MASTER_ADDR": topo.address(0), "MASTER_PORT": port, "GLOO_SOCKET_IFNAME": netns.NODE_IFACE,
-           "OMP_NUM_THREADS": 1}
+    env = netns.rank_env(topo, i, per_node, port) | {"OMP_NUM_THREADS": "1"}
     sets = [*MODEL, f"data.path={DATA}", f"run.out_dir={run_root}", f"run.name={row.name}",
             f"train.max_steps={steps}", "train.log_every=1", f"train.eval_every={eval_every}",
             "train.progress=false", "run.threads_per_rank=1", *ENGINE, *row.overrides]
     argv = [sys.executable, "-m", "launch.cli", "train", str(CONFIG), "--overwrite"]   # a rerun replaces the row
     for s in sets:
         argv += ["--set", s]
-    return topo.exec_command(i // per_node, argv, {k: str(v) for k, v in env.items()})
-
-
-@dataclass
-class Outcome:
-    status: str            # ok | failed | timeout
-    error: str = ""
-    wall_s: float = 0.0
-
-
-def _tail(path: Path, lines: int = 12) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
-    return "\n".join([line for line in text if HARMLESS not in line][-lines:])
+    return topo.exec_command(i // per_node, argv, env)
 
 
 def run_row(topo: netns.Topology, row: Row, run_root: Path, port: int, steps: int, eval_every: int,
@@ -178,58 +161,14 @@ def run_row(topo: netns.Topology, row: Row, run_root: Path, port: int, steps: in
     """Start all ranks of `row`, wait for them (at most `timeout_s`), and kill whatever is left."""
     run_dir = run_root / row.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    logs = [run_dir / f"rank{i}.log" for i in range(topo.nodes * per_node)]
-    procs: list[subprocess.Popen] = []
-    t0 = time.perf_counter()
-    try:
-        for i, log in enumerate(logs):
-            cmd = rank_command(topo, i, row, run_root, port, steps, eval_every, per_node)
-            with log.open("w") as f:
-                f.write("$ " + " ".join(cmd) + "\n")
-                f.flush()
-                # Own session: a Ctrl-C on the terminal reaches us, not the ranks; we stop them below.
-                procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                              stdin=subprocess.DEVNULL, start_new_session=True))
-        first_failure = None
-        while any(p.poll() is None for p in procs):
-            now = time.perf_counter()
-            if now - t0 > timeout_s:
-                return Outcome("timeout", f"{_tail(logs[0])}\nkilled after {timeout_s:.0f} s", now - t0)
-            if first_failure is None and any(p.poll() not in (None, 0) for p in procs):
-                first_failure = now
-            if first_failure is not None and now - first_failure > 15:   # the others wait on it
-                break
-            time.sleep(0.2)
-        wall = time.perf_counter() - t0
-        bad = [i for i, p in enumerate(procs) if p.poll() != 0]
-        if bad:
-            i = next((i for i in bad if procs[i].returncode not in (None, 0)), bad[0])
-            return Outcome("failed", f"rank {i} exit {procs[i].returncode}:\n{_tail(logs[i])}", wall)
-        if not (run_dir / "summary.json").exists():
-            return Outcome("failed", f"no summary.json:\n{_tail(logs[0])}", wall)
-        return Outcome("ok", "", wall)
-    finally:
-        _stop(procs)
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    live = [p for p in procs if p.poll() is None]
-    for p in live:
-        _signal_group(p, signal.SIGTERM)
-    deadline = time.monotonic() + 5
-    for p in live:
-        try:
-            p.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            _signal_group(p, signal.SIGKILL)
-            p.wait()
-
-
-def _signal_group(p: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(p.pid, sig)
-    except ProcessLookupError:
-        pass
+    world = topo.nodes * per_node
+    cmds = [rank_command(topo, i, row, run_root, port, steps, eval_every, per_node) for i in range(world)]
+    outcome = netns.run_ranks(topo, cmds, [run_dir / f"rank{i}.log" for i in range(world)], timeout_s, cwd=ROOT,
+                              per_node=per_node, skip=HARMLESS)
+    if outcome.status == "ok" and not (run_dir / "summary.json").exists():
+        return Outcome("failed", f"no summary.json:\n{netns._tail(run_dir / 'rank0.log', skip=HARMLESS)}",
+                       outcome.wall_s)
+    return outcome
 
 
 # ---- results ----------------------------------------------------------------------------------------------

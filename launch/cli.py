@@ -348,7 +348,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     if args.study == "predict":
         return cmd_study_predict(args)
     from launch.study import run_study
-    records = run_study(args.study, args.backend, resume=args.resume, force=args.force, out=args.out)
+    records = run_study(args.study, args.backend, resume=args.resume, force=args.force, out=args.out,
+                        ray_address=args.ray_address)
     failed = [r for r in records if r["status"] != "ok"]
     for r in records:
         print(f"{r['cell']:60s} r{r['repeat']}  {r['status']:6s}  "
@@ -368,14 +369,12 @@ def cmd_study_predict(args: argparse.Namespace) -> int:
     if not records:
         raise ValueError(f"study directory {args.dir!r} has no results.jsonl records (run the study first)")
     model = fit(records)
-    err = model.held_out_error
-    print(f"fit: alpha {model.alpha * 1e6:.1f} us per message, beta {model.beta * 1e9:.3f} ns per byte "
-          f"({8 / model.beta / 1e9 if model.beta else float('inf'):.2f} Gbit/s); held-out error "
-          + ("n/a (fewer than 3 cells)" if err is None else f"{err:.1%} (median over {len(model.held_out)} cells)"))
+    print(f"fit: {model.describe()}")
     for caveat in model.caveats:
         print(f"caveat: {caveat}")
     nodes = [int(n) for n in args.nodes.split(",") if n.strip()]
-    rows = predict_table(model, nodes, [b.strip() for b in args.bandwidth.split(",") if b.strip()], args.compute_s)
+    rows = predict_table(model, nodes, [b.strip() for b in args.bandwidth.split(",") if b.strip()], args.compute_s,
+                         args.ranks_per_node)
     print(f"{'series':50s} {'ranks':>6s} {'link':>9s} {'step s':>9s} {'exchange s':>10s} {'efficiency':>10s}")
     for r in rows:
         print(f"{r['series'][:50]:50s} {r['world_size']:6d} {r['bandwidth']:>9s} {r['step_s']:9.4f} "
@@ -406,13 +405,17 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("study", help="the study file (TOML: [study] config, steps, repeats; [axes] key = [values]), "
                                   "or `predict`")
     st.add_argument("dir", nargs="?", help="with `predict`: the study directory")
-    st.add_argument("--nodes", default="8,64,512,1024", help="predict: world sizes, comma-separated")
+    st.add_argument("--nodes", default="8,64,512,1024", help="predict: node counts, comma-separated")
+    st.add_argument("--ranks-per-node", type=int, default=1, help="predict: ranks on each node")
     st.add_argument("--bandwidth", default="measured,10gbit,100gbit,400gbit",
                     help="predict: links (tc rates, or `measured`: the study's own)")
     st.add_argument("--compute-s", type=float, default=None,
                     help="predict: a step's compute seconds on the target machine (e.g. a GPU's), instead of measured")
-    st.add_argument("--backend", default="local", choices=("local", "slurm"),
-                    help="where cells run: local (this machine, loopback) or slurm (one job per cell)")
+    st.add_argument("--backend", default="local", choices=("local", "slurm", "ray"),
+                    help="where cells run: local (this machine: loopback, or emulated nodes with a nodes axis), "
+                         "slurm (one job per cell) or ray (one Ray Train job per cell on --ray-address)")
+    st.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                    help="with --backend ray: the cluster's head (HOST:PORT, ray://HOST:PORT or auto)")
     st.add_argument("--resume", action="store_true", help="run only the cells not recorded in the study directory")
     st.add_argument("--force", action="store_true", help="start the study directory over (even another study's)")
     st.add_argument("--out", default=None, help="study directory (default: study.out_dir, else runs/studies/NAME)")

@@ -11,9 +11,11 @@ times for `steps` steps each:
     set = ["model.fno.width=32", "data.batch_size=16"]   # common to every cell
 
     [axes]
-    world_size = [1, 2, 4]                    # ranks (the one axis that is not a config key)
+    world_size = [1, 2, 4]                    # ranks in all (not a config key)
     "parallel.engine" = ["ddp", "fsdp2"]
     "comm.compressor" = ["none", "powersgd"]
+    # nodes = [1, 2, 4]                       # emulated nodes, world_size / nodes ranks each (not a config key)
+    # bandwidth = ["100mbit", "1gbit"]        # the link between nodes (local backend: tc tbf; not a config key)
 
 Every cell's config is built and checked before anything runs (an unknown key, a value the config rejects, a world
 the backend cannot place: an error naming the cell). The study directory keeps `study.json` (the study file's
@@ -22,9 +24,14 @@ and repeat under `cells/`, and `results.jsonl` (one line per finished cell and r
 skips what is there), `results.csv`, the figures and report.md (launch/study_report.py). A failed cell is recorded
 with its error, and the study goes on.
 
-Backends: "local" runs each cell's ranks on this machine over loopback (`fieldtrain train --nproc W`); "slurm" submits
-each cell as a job through the project's Slurm launcher (launch/slurm.py: slurm/cpu.sbatch, one node, W tasks) and
-waits for it, one at a time (cells compared side by side should not share the nodes).
+Backends: "local" runs each cell's ranks on this machine: a one-node cell over loopback (`fieldtrain train --nproc W`),
+a cell of N > 1 nodes on N emulated nodes (launch/netns.py: one network namespace per node, joined through a bridge
+whose ports tc's tbf shapes to the cell's `bandwidth`; ranks of one node talk inside its namespace, unshaped; root
+needed, checked before anything runs). A one-node cell has no link: it runs once and its record stands for every
+bandwidth ("shared_from" names the cell that ran). "slurm" submits each cell as a job through the project's Slurm
+launcher (launch/slurm.py: slurm/cpu.sbatch, `nodes` nodes of W / nodes tasks) and waits for it, one at a time (cells
+compared side by side should not share the nodes). "ray" runs each cell as a Ray Train job (`fieldtrain launch ray`,
+W workers) on the cluster at --ray-address, one at a time (launch/study_ray.py).
 """
 
 from __future__ import annotations
@@ -48,16 +55,19 @@ from pathlib import Path
 log = logging.getLogger("fieldtrain")
 
 WORLD = "world_size"
+NODES = "nodes"
+BANDWIDTH = "bandwidth"
+PLACEMENT = (WORLD, NODES, BANDWIDTH)       # axes that place the ranks; every other axis is a config key
 STUDY_KEYS = {"config", "steps", "repeats", "warmup_steps", "set", "name", "out_dir", "eval_every"}
-BACKENDS = ("local", "slurm")
+BACKENDS = ("local", "slurm", "ray")
 SLURM_TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                   "DEADLINE", "PREEMPTED")
 SLURM_TIMEOUT_S = 24 * 3600.0   # a cell's job is given up (cancelled, recorded failed) after this long
 RANKS_PER_CORE = 4            # the local backend oversubscribes at most this far (1 thread per rank)
-COLUMNS = ["cell", "repeat", "status", "error", WORLD, "axes", "steps", "step_s_median", "step_s_p10", "step_s_p90",
-           "samples_per_s", "exchange_s", "bytes_per_step", "compression_ratio", "peak_memory_mb_per_rank",
+COLUMNS = ["cell", "repeat", "status", "error", WORLD, NODES, "ranks_per_node", BANDWIDTH, "axes", "steps",
+           "step_s_median", "step_s_p10", "step_s_p90", "samples_per_s", "exchange_s", "exposed_s", "bytes_per_step", "compression_ratio", "peak_memory_mb_per_rank",
            "train_loss", "test_rel_l2", "replicas_consistent", "replica_max_abs_diff", "cores", "cores_per_rank",
-           "link", "wall_s", "run_dir"]
+           "link", "wall_s", "run_dir", "shared_from"]
 
 
 @dataclass(frozen=True)
@@ -67,11 +77,25 @@ class Cell:
 
     @property
     def world(self) -> int:
-        return int(dict(self.values).get(WORLD, 1))
+        v = dict(self.values)
+        return int(v.get(WORLD, v.get(NODES, 1)))
+
+    @property
+    def nodes(self) -> int:
+        return int(dict(self.values).get(NODES, 1))
+
+    @property
+    def bandwidth(self) -> str | None:
+        return dict(self.values).get(BANDWIDTH)
+
+    @property
+    def runs_as(self) -> str:
+        """The key of the run this cell's record comes from: one node has no link, so its bandwidth is not part."""
+        return ",".join(f"{k}={_toml_value(v)}" for k, v in self.values if not (k == BANDWIDTH and self.nodes == 1))
 
     @property
     def overrides(self) -> list[str]:
-        return [f"{k}={_toml_value(v)}" for k, v in self.values if k != WORLD]
+        return [f"{k}={_toml_value(v)}" for k, v in self.values if k not in PLACEMENT]
 
     @property
     def key(self) -> str:
@@ -149,8 +173,15 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
     for key in ("steps", "repeats"):
         if not isinstance(head.get(key, 1), int) or head.get(key, 1) < 1:
             raise ValueError(f"study file {str(path)!r}: study.{key} = {head[key]!r}; must be an integer >= 1")
-    if not all(isinstance(w, int) and w >= 1 for w in axes.get(WORLD, [1])):
-        raise ValueError(f"study file {str(path)!r}: axes.{WORLD} = {axes[WORLD]!r}; must be integers >= 1")
+    for key in (WORLD, NODES):
+        if not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in axes.get(key, [1])):
+            raise ValueError(f"study file {str(path)!r}: axes.{key} = {axes[key]!r}; must be integers >= 1")
+    from launch.study_model import parse_rate
+    for bw in axes.get(BANDWIDTH, []):
+        try:
+            parse_rate(str(bw))
+        except ValueError as e:
+            raise ValueError(f"study file {str(path)!r}: axes.{BANDWIDTH}: {e}") from None
     config = Path(head["config"])
     config = config if config.is_absolute() else (path.parent / config)
     if not config.is_file():
@@ -167,9 +198,13 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
                  eval_every=int(head.get("eval_every", steps)), text=text)
 
 
-def _capacity(backend: str) -> tuple[int | None, str]:
-    """The most ranks one cell can have on `backend`, and why. local: RANKS_PER_CORE per core of this machine;
-    slurm: the CPUs of the cluster's largest node (a cell is one node, one rank per CPU), None when sinfo cannot say."""
+def _capacity(backend: str, ray_address: str | None = None) -> tuple[int | None, str]:
+    """The most ranks one cell (local, ray) or one node of a cell (slurm) can have on `backend`, and why. local:
+    RANKS_PER_CORE per core of this machine; slurm: the CPUs of the cluster's largest node (one rank per CPU), None
+    when sinfo cannot say; ray: the cluster's CPUs over the per-worker share (launch/study_ray.py)."""
+    if backend == "ray":
+        from launch.study_ray import ray_capacity
+        return ray_capacity(ray_address)
     if backend == "local":
         cores = len(os.sched_getaffinity(0))
         return RANKS_PER_CORE * cores, f"{RANKS_PER_CORE} per core on this machine's {cores}"
@@ -181,17 +216,40 @@ def _capacity(backend: str) -> tuple[int | None, str]:
     return (max(cpus), "one node per cell, one rank per CPU of the largest node") if cpus else (None, "")
 
 
-def check_cells(study: Study, backend: str) -> list[Cell]:
+def check_cells(study: Study, backend: str, ray_address: str | None = None) -> list[Cell]:
     """Every cell's config, built as its run will build it; ValueError naming the first cell that fails."""
     from trainer.config import load_config
     if backend not in BACKENDS:
         raise ValueError(f"study backend {backend!r}: built are {', '.join(BACKENDS)}")
-    capacity, where = _capacity(backend)
+    if backend == "ray" and not ray_address:
+        raise ValueError("study backend ray: --ray-address HOST:PORT (the cluster's head) is required")
+    capacity, where = _capacity(backend, ray_address)
+    if backend == "ray" and capacity is None:
+        raise ValueError(f"study backend ray: {where}")
     cells = study.cells()
+    from launch import netns
     for cell in cells:
-        if capacity is not None and cell.world > capacity:
-            raise ValueError(f"study cell {cell.key}: {cell.world} ranks; the {backend} backend places at most "
-                             f"{capacity} ({where})")
+        per_node = cell.world // cell.nodes
+        if cell.world % cell.nodes:
+            raise ValueError(f"study cell {cell.key}: {cell.world} ranks do not split evenly over {cell.nodes} nodes")
+        if backend == "ray" and cell.nodes > 1:
+            raise ValueError(f"study cell {cell.key}: axes.{NODES}: Ray Train places a job's workers itself (drop the "
+                             f"axis; world_size sets the workers)")
+        if capacity is not None and (per_node if backend == "slurm" else cell.world) > capacity:
+            raise ValueError(f"study cell {cell.key}: {cell.world} ranks"
+                             + (f" ({per_node} per node)" if cell.nodes > 1 else "")
+                             + f"; the {backend} backend places at most {capacity} ({where})")
+        if backend != "local" and BANDWIDTH in study.axes:
+            raise ValueError(f"study cell {cell.key}: axes.{BANDWIDTH} is the local backend's emulated link; on "
+                             f"{backend} the cluster's own links are measured (drop the axis)")
+        if backend == "local" and cell.nodes > 1:
+            if cell.nodes > netns.MAX_NODES:
+                raise ValueError(f"study cell {cell.key}: {cell.nodes} emulated nodes; at most {netns.MAX_NODES}")
+            try:
+                netns.check_available()
+            except netns.NetnsUnavailable as e:
+                raise ValueError(f"study cell {cell.key}: {cell.nodes} emulated nodes need network namespaces: "
+                                 f"{e}") from None
         try:
             load_config(study.config, study.overrides(cell, study.out / "cells" / "x"))
         except ValueError as e:
@@ -215,16 +273,28 @@ def _quantile(xs: list[float], q: float) -> float | None:
 def cell_record(study: Study, cell: Cell, repeat: int, run_dir: Path, status: str, error: str, wall: float) -> dict:
     """One results row: what the issue's scaling studies compare, from the run's summary.json and metrics.csv."""
     cores = len(os.sched_getaffinity(0))
+    link = (f"{cell.bandwidth or 'unshaped'} between {cell.nodes} emulated nodes (tbf)" if cell.nodes > 1
+            else "loopback (one node)")
     rec = {"cell": cell.key, "repeat": repeat, "status": status, "error": error, WORLD: cell.world,
+           NODES: cell.nodes, "ranks_per_node": cell.world // cell.nodes, BANDWIDTH: cell.bandwidth,
            "axes": {k: v for k, v in cell.values}, "cores": cores, "cores_per_rank": round(cores / cell.world, 3),
-           "link": "loopback", "wall_s": round(wall, 2), "run_dir": str(run_dir)}
+           "link": link, "wall_s": round(wall, 2), "run_dir": str(run_dir)}
     if status != "ok":
         return rec
     summary = json.loads((run_dir / "summary.json").read_text())
     times = _steps(run_dir / "metrics.csv", "step_time_s", study.warmup_steps)
     exchange = _steps(run_dir / "metrics.csv", "exchange_s", study.warmup_steps)
     from trainer.config import load_config
-    batch = load_config(study.config, study.overrides(cell, run_dir)).data.batch_size
+    cfg = load_config(study.config, study.overrides(cell, run_dir))
+    batch = cfg.data.batch_size
+    hierarchical = cfg.comm.hierarchy == "node" and cell.nodes > 1
+    try:
+        from launch.study_model import step_collectives
+        shapes = [(tuple(s), c) for s, c in summary.get("param_shapes", [])]
+        grads, params = step_collectives(cfg, shapes, cell.nodes if hierarchical else cell.world)
+        rec.update(collectives=[list(op) for op in grads + params], hierarchical=hierarchical)
+    except ValueError as e:              # a compressor without a cost model (auto): the cell is not in the fit
+        log.info("study cell %s: no collectives for the cost model (%s)", cell.key, e)
     median = statistics.median(times) if times else None
     diff = summary.get("replica_max_abs_diff")
     rec.update(steps=summary.get("steps"), step_s_median=median, step_s_p10=_quantile(times, 0.1),
@@ -258,7 +328,9 @@ def _outcome(study: Study, cell: Cell, repeat: int, run_dir: Path, log_path: Pat
 
 def run_cell(study: Study, cell: Cell, repeat: int) -> dict:
     """Train one cell on this machine (`fieldtrain train --nproc W` over loopback, its ranks' threads by the local
-    launcher's rule); its record."""
+    launcher's rule; on emulated nodes when it has more than one); its record."""
+    if cell.nodes > 1:
+        return run_cell_netns(study, cell, repeat)
     run_dir, log_path = _cell_paths(study, cell, repeat)
     argv = [sys.executable, "-m", "launch.cli", "train", str(study.config), "--nproc", str(cell.world)]
     argv += [a for s in study.overrides(cell, run_dir) for a in ("--set", s)]
@@ -268,12 +340,38 @@ def run_cell(study: Study, cell: Cell, repeat: int) -> dict:
     return _outcome(study, cell, repeat, run_dir, log_path, rc == 0, f"exit {rc}", time.perf_counter() - t0)
 
 
+def run_cell_netns(study: Study, cell: Cell, repeat: int, port: int = 29500) -> dict:
+    """Train one cell on `cell.nodes` emulated nodes (fresh namespaces, shaped to its bandwidth, deleted after): rank i
+    in node i // (W / nodes), every rank a `fieldtrain train` process with torchrun's variables; its record."""
+    from launch import netns
+    from launch.run import default_threads
+    from launch.study_model import parse_rate
+    run_dir, log_path = _cell_paths(study, cell, repeat)
+    run_dir.mkdir(parents=True)
+    per_node = cell.world // cell.nodes
+    rate = parse_rate(cell.bandwidth) if cell.bandwidth else None
+    threads = default_threads(cell.world, {})    # every rank shares this machine's cores
+    argv = [sys.executable, "-m", "launch.cli", "train", str(study.config)]
+    argv += [a for s in study.overrides(cell, run_dir) for a in ("--set", s)]
+    logs = [run_dir / f"rank{i}.log" for i in range(cell.world)]
+    t0 = time.perf_counter()
+    with netns.Network(netns.Topology(cell.nodes, rate)) as topo:
+        cmds = [topo.exec_command(i // per_node, argv, netns.rank_env(topo, i, per_node, port)
+                                  | {"OMP_NUM_THREADS": str(threads)}) for i in range(cell.world)]
+        outcome = netns.run_ranks(topo, cmds, logs, timeout_s=600 + 30 * study.steps, cwd=Path.cwd(),
+                                  per_node=per_node)
+    log_path.write_text("\n".join(log.read_text(errors="replace") for log in logs if log.is_file()))
+    return _outcome(study, cell, repeat, run_dir, log_path, outcome.status == "ok", outcome.status,
+                    time.perf_counter() - t0)
+
+
 def run_cell_slurm(study: Study, cell: Cell, repeat: int, poll_s: float = 2.0) -> dict:
     """Train one cell as a Slurm job (`launch.slurm`: slurm/cpu.sbatch, one node, W tasks), wait for it to end; its
     record. Where the cluster keeps no accounting, a job gone from `scontrol` has ended: its summary.json decides."""
     from launch.slurm import SlurmJob, launch_slurm
     run_dir, log_path = _cell_paths(study, cell, repeat)
-    job = SlurmJob(config=str(study.config), nodes=1, tasks_per_node=cell.world, job_name=f"study-{study.name}",
+    job = SlurmJob(config=str(study.config), nodes=cell.nodes, tasks_per_node=cell.world // cell.nodes,
+                   job_name=f"study-{study.name}",
                    output=str(log_path), overrides=["run.threads_per_rank=1", *study.overrides(cell, run_dir)])
     t0 = time.perf_counter()
     job_id = launch_slurm(job)
@@ -291,6 +389,20 @@ def run_cell_slurm(study: Study, cell: Cell, repeat: int, poll_s: float = 2.0) -
     rec = _outcome(study, cell, repeat, run_dir, log_path, state in ("COMPLETED", "GONE"),
                    f"slurm job {job_id} {state}", time.perf_counter() - t0)
     return rec | {"link": "slurm", "slurm_job": job_id}
+
+
+def with_exposed(records: list[dict]) -> list[dict]:
+    """Each ok record with `exposed_s`: its median step time less that of the same cell with comm.compressor = "skip"
+    (no exchange: the compute floor at the same placement), where the study has one; else None."""
+    def floor_key(r):
+        return (r["repeat"], tuple(sorted((k, json.dumps(v)) for k, v in r["axes"].items() if k != "comm.compressor")))
+    floors = {floor_key(r): r["step_s_median"] for r in records
+              if r.get("status") == "ok" and r["axes"].get("comm.compressor") == "skip" and r.get("step_s_median")}
+    out = []
+    for r in records:
+        floor = floors.get(floor_key(r)) if r.get("status") == "ok" and r.get("step_s_median") else None
+        out.append({**r, "exposed_s": None if floor is None else r["step_s_median"] - floor})
+    return out
 
 
 def read_records(path: Path) -> list[dict]:
@@ -332,23 +444,34 @@ def _claim(study: Study, resume: bool, force: bool) -> None:
 
 
 def run_study(path: str | Path, backend: str = "local", resume: bool = False, force: bool = False,
-              out: str | Path | None = None) -> list[dict]:
+              out: str | Path | None = None, ray_address: str | None = None) -> list[dict]:
     """Run every cell x repeat not recorded yet; returns all records (results.jsonl, results.csv written)."""
     study = load_study(path, out)
-    cells = check_cells(study, backend)
+    cells = check_cells(study, backend, ray_address)
     _claim(study, resume, force)
     results = study.out / "results.jsonl"
-    done = {(r["cell"], r["repeat"]) for r in read_records(results)}
-    todo = [(c, r) for r in range(study.repeats) for c in cells if (c.key, r) not in done]
+    ran = {(r["cell"], r["repeat"]): r for r in read_records(results)}
+    todo = [(c, r) for r in range(study.repeats) for c in cells if (c.key, r) not in ran]
     log.info("study %s: %d cells x %d repeats, %d to run (%s backend) -> %s", study.name, len(cells), study.repeats,
              len(todo), backend, study.out)
+    by_key = {c.key: c for c in cells}
     for i, (cell, repeat) in enumerate(todo, 1):
-        rec = (run_cell_slurm if backend == "slurm" else run_cell)(study, cell, repeat)
+        source = next((r for (k, rep), r in ran.items() if rep == repeat and r["status"] == "ok"
+                       and k in by_key and by_key[k].runs_as == cell.runs_as), None)
+        if source is not None:            # a one-node cell already run at another bandwidth
+            rec = {**source, "cell": cell.key, "axes": dict(cell.values), BANDWIDTH: cell.bandwidth,
+                   "shared_from": source["cell"]}
+        elif backend == "ray":
+            from launch.study_ray import run_cell_ray
+            rec = run_cell_ray(study, cell, repeat, ray_address)
+        else:
+            rec = (run_cell_slurm if backend == "slurm" else run_cell)(study, cell, repeat)
+        ran[(cell.key, repeat)] = rec
         with results.open("a") as f:
             f.write(json.dumps(rec) + "\n")
         log.info("[%d/%d] %s repeat %d: %s%s", i, len(todo), cell.key, repeat, rec["status"],
                  f", {rec['step_s_median']:.3f} s/step" if rec.get("step_s_median") else f" ({rec['error'][:200]})")
-    records = read_records(results)
+    records = with_exposed(read_records(results))
     write_csv(study.out, records)
     from launch.study_report import write_report
     write_report(study.out, records, study.name)

@@ -1,21 +1,37 @@
 """A cost model fitted to a study's cells, and its predictions past the cluster (`fieldtrain study predict`).
 
-Per step, a cell of series s (its axes other than the world size) at W ranks takes
+Per step, a cell of series s (its axes other than world size, nodes and bandwidth) at W ranks takes
 
-    t(s, W) = c_s + alpha * 2 (W - 1) + beta * b(s, W)
+    t = c(cell) + sum over the step's collectives k of [ alpha m_k(W') + beta(link) b_k(W') ]
 
-Hockney's alpha-beta model of a ring exchange: c_s the compute time (the series' W = 1 cell, which sends nothing),
-2 (W - 1) messages per ring pass (reduce-scatter then all-gather: allreduce, or a sharded engine's reduce-scatter and
-all-gather) and b(s, W) the bytes one rank sends per step, as the transport counted them (results' `bytes_per_step`).
-The payload p_s = b / (2 (W - 1) / W) is the series' own: at another world size a rank sends p_s 2 (W - 1) / W
-(exact for fp32; block codecs pad each rank's shard to whole blocks, a few hundred bytes per rank more).
-alpha and beta are one least-squares fit over every cell with W > 1 (non-negative); its error on held-out cells is
-each cell predicted by the fit of all the others. A prediction at another link swaps beta for 8 / bits-per-second;
-one for another machine (a GPU) swaps c_s for its measured step compute time.
+Hockney's alpha-beta model with each engine's and compressor's own collectives (trainer/compress: a compressor's
+`collectives`, a sharded form's `scatter_ops`, the sharded engines' parameter all-gathers), each with its payload p_k:
+
+    collective            messages m_k   bytes one rank sends b_k
+    allreduce (ring)      2 (W - 1)      2 (W - 1) / W p      (reduce-scatter then all-gather)
+    reduce_scatter        W - 1          (W - 1) / W p
+    all_to_all            W - 1          (W - 1) / W p
+    allgather             W - 1          (W - 1) p            (p: this rank's part; sparse payloads grow with W)
+
+W' is the world the collectives span: W, or the number of nodes when `comm.hierarchy = "node"` (one leader per node
+crosses the slow link; the full-precision exchange inside a node is left out). The bytes b_k are what
+CountingTransport counts (the record's `bytes_per_step` is checked against them: `bytes_check`), except the sharded
+engines' parameter all-gathers, which are torch's or DeepSpeed's own.
+
+c(cell) is the compute: the same cell with comm.compressor = "skip" (no exchange, same placement) where the study ran
+one; else the series' one-rank step time scaled by the cores its ranks shared (max(1, 1 / cores per rank): on this
+machine W ranks share its cores, on a cluster each has its own). beta(link) is kappa 8 / bits-per-second on a shaped
+link (kappa >= 1: protocol and queueing overhead on the wire) and beta_local on loopback or an unshaped link. alpha,
+kappa and beta_local are one non-negative least-squares fit over every cell that exchanges; its error on held-out
+cells is each cell predicted by the fit of all the others. A prediction swaps in another link (8 kappa / bps) and,
+for another machine (a GPU), c for its measured step compute time. Overlap of the exchange with backward is not
+modelled: the prediction is the serial (upper) bound, and the fit's kappa absorbs the overlap the cells showed.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -23,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 WORLD = "world_size"
+PLACEMENT = ("world_size", "nodes", "bandwidth")
 _UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
 
 
@@ -42,27 +59,97 @@ def ring(w: int) -> float:
     return 2 * (w - 1) / w
 
 
-def _label(rec: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in rec["axes"].items() if k != WORLD) or "all"
+def messages(kind: str, w: int) -> float:
+    return 2.0 * (w - 1) if kind == "allreduce" else float(w - 1)
+
+
+def wire_bytes(kind: str, payload: float, w: int) -> float:
+    """Bytes one rank sends for one collective of `payload` over w ranks (CountingTransport's rules)."""
+    if kind == "allreduce":
+        return ring(w) * payload
+    if kind == "allgather":
+        return (w - 1) * payload
+    return (w - 1) / w * payload          # reduce_scatter, all_to_all, the parameter all-gather of a sharded engine
+
+
+def step_collectives(cfg, shapes: list[tuple[tuple[int, ...], bool]], w: int
+                     ) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """(gradient collectives, parameter all-gathers) one step of `cfg`'s engine and compressor issues over w ranks for
+    trainable parameters of `shapes` ((shape, is_complex), a run summary's `param_shapes`): (kind, payload bytes) from
+    the compressors' own cost models. Raises ValueError where a compressor has none."""
+    from trainer.compress.auto import _compressors, powersgd_plan
+    from trainer.compress.base import GradientPlan
+    from trainer.compress.scatter import scatter_collectives
+    name, engine = cfg.comm.compressor, cfg.parallel.engine
+    plan = GradientPlan(sum(math.prod(s) * (2 if c else 1) for s, c in shapes), *powersgd_plan(shapes, cfg.comm))
+    if name == "skip" or w == 1:
+        grads: list[tuple[str, float]] = []
+    elif engine == "ddp":
+        cls = _compressors().get(name)
+        if cls is None or not cls.cost_model:
+            raise ValueError(f"no cost model for comm.compressor = {name!r}")
+        grads = [(k, float(b)) for k, b in cls.collectives(cfg.comm, plan, w)]
+    else:
+        per = math.ceil(plan.n / w) * w
+        grads = [(k, float(b)) for k, b in scatter_collectives(name, cfg.comm, per, w)]
+    gathers = 0
+    if engine == "fsdp2":
+        gathers = 2 if cfg.parallel.reshard_after_forward else 1     # forward, and again in backward when resharded
+    elif engine == "deepspeed":
+        gathers = 2 if cfg.parallel.zero_stage == 3 else 1           # ZeRO-1/2: the updated shards after the step
+    params = [("param_allgather", 4.0 * plan.n)] * gathers if w > 1 else []
+    return grads, params
+
+
+def series_label(rec: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in rec["axes"].items() if k not in PLACEMENT) or "all"
+
+
+@dataclass
+class Point:
+    series: str
+    w: int
+    nodes: int
+    bps: int | None                        # the shaped link's rate; None: loopback or unshaped
+    t: float                               # median step time
+    compute: float
+    ops: list[tuple[str, float]]           # every collective, with payload
+    span: int                              # the world the collectives span (W, or nodes when hierarchical)
+    measured_bytes: float | None = None
+
+    def features(self) -> tuple[float, float, float]:
+        """(messages, shaped-link seconds at kappa = 1, bytes on an unshaped link)."""
+        msgs = sum(messages(k, self.span) for k, _ in self.ops)
+        b = sum(wire_bytes(k, p, self.span) for k, p in self.ops)
+        return msgs, (8.0 * b / self.bps if self.bps else 0.0), (0.0 if self.bps else b)
 
 
 @dataclass
 class CostModel:
     alpha: float                           # seconds per message
-    beta: float                            # seconds per byte sent
-    compute: dict[str, float]              # series -> compute seconds per step (W = 1)
-    payload: dict[str, float]              # series -> bytes per step before the ring factor
+    kappa: float                           # shaped link: seconds per byte = kappa 8 / bps
+    beta_local: float                      # seconds per byte on loopback / an unshaped link
+    compute: dict[str, float]              # series -> one-rank compute seconds per step
+    ops: dict[str, list[tuple[str, float]]]   # series -> its collectives (payloads)
+    hierarchical: dict[str, bool] = field(default_factory=dict)
     held_out: list[tuple[str, int, float, float]] = field(default_factory=list)   # (series, W, measured, predicted)
+    worlds: tuple[int, ...] = ()           # the world sizes > 1 it was fitted on
+    links: tuple[int | None, ...] = ()     # the links it was fitted on (bps; None: unshaped)
+    bytes_check: list[tuple[str, int, float, float]] = field(default_factory=list)   # (series, W, counted, model)
 
-    def predict(self, series: str, w: int, bandwidth_bps: float | None = None, compute_s: float | None = None
-                ) -> float:
-        beta = self.beta if bandwidth_bps is None else 8.0 / bandwidth_bps
+    def predict(self, series: str, w: int, bandwidth_bps: float | None = None, compute_s: float | None = None,
+                ranks_per_node: int = 1) -> float:
+        """Step seconds of `series` at w ranks (ranks_per_node each) on a link of bandwidth_bps (None: the study's
+        unshaped/loopback link), compute from the study or `compute_s`."""
         c = self.compute[series] if compute_s is None else compute_s
-        if w == 1:
+        span = max(1, w // ranks_per_node) if self.hierarchical.get(series) else w
+        if span == 1:
             return c
-        return c + self.alpha * 2 * (w - 1) + beta * self.payload[series] * ring(w)
-
-    worlds: tuple[int, ...] = ()          # the world sizes > 1 it was fitted on
+        kind_params = self.ops[series]
+        msgs = sum(messages(k, span) for k, _ in kind_params)
+        b = sum(wire_bytes(k, p, span) for k, p in kind_params)
+        beta = self.kappa * 8.0 / bandwidth_bps if bandwidth_bps else self.beta_local
+        return c + self.alpha * msgs + beta * b
 
     @property
     def caveats(self) -> list[str]:
@@ -70,10 +157,16 @@ class CostModel:
         out = []
         if len(self.worlds) < 2:
             out.append(f"fitted on one world size above 1 ({', '.join(map(str, self.worlds))}): alpha (per message) "
-                       "and beta (per byte) are not told apart by how they grow with W; measure two or more")
-        if self.beta == 0 or self.alpha == 0:
-            out.append("a term fitted negative was dropped (alpha or beta = 0): the measured exchange does not "
-                       "grow with bytes or messages as the model assumes (CPU-bound codecs, ranks sharing cores)")
+                       "and the per-byte terms are not told apart by how they grow with W; measure two or more")
+        if not any(self.links):
+            out.append("no cell ran on a shaped link: predictions at other bandwidths take kappa = 1 (the wire's "
+                       "nominal rate), not a measured one")
+        if self.alpha == 0:
+            out.append("alpha fitted negative and dropped: the exchange did not grow with messages as the model "
+                       "assumes (CPU-bound codecs, ranks sharing cores)")
+        bad = [(s, w) for s, w, counted, model in self.bytes_check if model and abs(counted / model - 1) > 0.05]
+        if bad:
+            out.append(f"the transport counted bytes > 5% off the model's for {len(bad)} cell(s), e.g. {bad[0]}")
         return out
 
     @property
@@ -82,59 +175,109 @@ class CostModel:
         errs = [abs(p / m - 1) for _, _, m, p in self.held_out if m > 0]
         return statistics.median(errs) if errs else None
 
+    def describe(self) -> str:
+        err = self.held_out_error
+        shaped = f"kappa {self.kappa:.2f} x the shaped link's 8/bps" if any(self.links) else "no shaped link"
+        return (f"alpha {self.alpha * 1e6:.1f} us per message, {shaped}, loopback/unshaped "
+                f"{self.beta_local * 1e9:.3f} ns per byte; held-out error "
+                + ("n/a (fewer than 3 cells)" if err is None else f"{err:.1%} (median over {len(self.held_out)} "
+                   "cells, each predicted by the fit of the others)"))
 
-def _points(records: list[dict]) -> tuple[dict[str, float], dict[str, float], list[tuple[str, int, float, float]]]:
-    """Per series its compute (median W = 1 step) and payload; the (series, W, step, bytes) of each W > 1 cell."""
-    cells: dict[tuple[str, int], list[dict]] = {}
+
+def _median(rs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rs)
+
+
+def _points(records: list[dict]) -> tuple[dict[str, float], list[Point], dict, dict]:
+    cells: dict[tuple, list[dict]] = {}
     for r in records:
         if r.get("status") == "ok" and r.get("step_s_median") is not None:
-            cells.setdefault((_label(r), int(r[WORLD])), []).append(r)
-    compute = {s: statistics.median(x["step_s_median"] for x in rs) for (s, w), rs in cells.items() if w == 1}
-    points, payload = [], {}
-    for (s, w), rs in cells.items():
-        if w > 1 and s in compute:
-            b = statistics.median(x.get("bytes_per_step") or 0 for x in rs)
-            points.append((s, w, statistics.median(x["step_s_median"] for x in rs), b))
-            payload.setdefault(s, b / ring(w))
-    return compute, payload, points
+            key = (series_label(r), int(r[WORLD]), int(r.get("nodes") or 1), r.get("bandwidth") if
+                   (r.get("nodes") or 1) > 1 else None)
+            cells.setdefault(key, []).append(r)
+    compute = {s: _median(rs, "step_s_median") for (s, w, n, _), rs in cells.items() if w == 1}
+    floors = {(tuple((k, str(v)) for k, v in rs[0]["axes"].items() if k != "comm.compressor"), w):
+              _median(rs, "step_s_median") for (s, w, n, bw), rs in cells.items()
+              if rs[0]["axes"].get("comm.compressor") == "skip"}
+    points, ops, hier = [], {}, {}
+    for (s, w, n, bw), rs in cells.items():
+        r0 = rs[0]
+        if w == 1 or "collectives" not in r0 or s not in compute:
+            continue
+        ops[s] = [tuple(o) for o in r0["collectives"]]     # payloads: the same at every W (but block padding)
+        hier[s] = hier.get(s, False) or bool(r0.get("hierarchical"))
+        if r0["axes"].get("comm.compressor") == "skip":
+            continue
+        floor = floors.get((tuple((k, str(v)) for k, v in r0["axes"].items() if k != "comm.compressor"), w))
+        c = floor if floor is not None else compute[s] * max(1.0, 1.0 / (r0.get("cores_per_rank") or 1.0))
+        span = n if hier[s] else w
+        counted = statistics.median(x.get("bytes_per_step") or 0 for x in rs)
+        points.append(Point(s, w, n, parse_rate(bw) if bw else None, _median(rs, "step_s_median"), c, ops[s], span,
+                            counted))
+    return compute, points, ops, hier
 
 
-def _solve(points, compute) -> tuple[float, float]:
-    A = np.array([[2.0 * (w - 1), b] for _, w, _, b in points])
-    y = np.array([t - compute[s] for s, _, t, _ in points])
-    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
-    if (coef < 0).any():                  # non-negative: refit the other term alone
-        keep = int(np.argmax(coef))
-        coef = np.zeros(2)
-        col = A[:, keep]
-        coef[keep] = max(0.0, float(col @ y / (col @ col))) if col @ col > 0 else 0.0
-    return float(coef[0]), float(coef[1])
+def _solve(points: list[Point]) -> tuple[float, float, float]:
+    """Non-negative least squares for (alpha, kappa, beta_local): the best of the fits on each subset of columns."""
+    A = np.array([p.features() for p in points])
+    y = np.array([p.t - p.compute for p in points])
+    live = [j for j in range(3) if np.any(A[:, j] > 0)]
+    best, best_res = np.zeros(3), float(y @ y)
+    for k in range(1, len(live) + 1):
+        for cols in itertools.combinations(live, k):
+            coef, *_ = np.linalg.lstsq(A[:, cols], y, rcond=None)
+            if (coef < 0).any():
+                continue
+            full = np.zeros(3)
+            full[list(cols)] = coef
+            res = float(np.sum((A @ full - y) ** 2))
+            if res < best_res - 1e-18:
+                best, best_res = full, res
+    return float(best[0]), float(best[1]), float(best[2])
 
 
 def fit(records: list[dict]) -> CostModel:
-    """The model from a study's records; ValueError when no series has both a W = 1 cell and a W > 1 cell."""
-    compute, payload, points = _points(records)
+    """The model from a study's records; ValueError when no series has both a one-rank cell and an exchanging one."""
+    compute, points, ops, hier = _points(records)
     if not points:
-        raise ValueError("cost model: no series has a world-size-1 cell (its compute) and a larger one (its exchange); "
-                         "add world_size = 1 to the study's axes")
-    alpha, beta = _solve(points, compute)
-    model = CostModel(alpha, beta, compute, payload, worlds=tuple(sorted({w for _, w, _, _ in points})))
-    if len(points) > 2:                   # each cell predicted by the fit of all the others
-        for i, (s, w, t, b) in enumerate(points):
-            a_i, b_i = _solve(points[:i] + points[i + 1:], compute)
-            model.held_out.append((s, w, t, compute[s] + a_i * 2 * (w - 1) + b_i * b))
+        raise ValueError("cost model: no series has a world-size-1 cell (its compute) and a larger one that exchanges "
+                         "(with its collectives recorded); add world_size = 1 to the study's axes")
+    alpha, kappa, beta_local = _solve(points)
+    model = CostModel(alpha, kappa if kappa > 0 else 1.0, beta_local, compute, ops, hier,
+                      worlds=tuple(sorted({p.w for p in points})), links=tuple(sorted({p.bps or 0 for p in points})))
+    model.links = tuple(b or None for b in model.links)
+    for p in points:
+        grad = [(k, b) for k, b in p.ops if k != "param_allgather"]
+        if p.measured_bytes:
+            model.bytes_check.append((p.series, p.w, p.measured_bytes, sum(wire_bytes(k, b, p.span) for k, b in grad)))
+    if len(points) > 3:                   # each cell predicted by the fit of all the others
+        for i, p in enumerate(points):
+            a, k, bl = _solve(points[:i] + points[i + 1:])
+            f = p.features()
+            model.held_out.append((p.series, p.w, p.t, p.compute + a * f[0] + (k or 1.0) * f[1] + bl * f[2]))
     return model
 
 
-def predict_table(model: CostModel, nodes: list[int], bandwidths: list[str], compute_s: float | None = None
-                  ) -> list[dict]:
-    """One row per series x world size x bandwidth ("measured": the study's own link)."""
+def crossover_bps(model: CostModel, series: str, baseline: str, w: int, ranks_per_node: int = 1) -> float | None:
+    """The highest bandwidth (bps, searched 1 Mbit/s-1 Tbit/s) below which `series` is predicted faster than
+    `baseline` at w ranks: where its compression starts to pay. None where it never does."""
+    grid = np.logspace(6, 12, 241)
+    faster = [model.predict(series, w, b, ranks_per_node=ranks_per_node)
+              < model.predict(baseline, w, b, ranks_per_node=ranks_per_node) for b in grid]
+    below = [b for b, f in zip(grid, faster) if f]
+    return float(max(below)) if below else None
+
+
+def predict_table(model: CostModel, nodes: list[int], bandwidths: list[str], compute_s: float | None = None,
+                  ranks_per_node: int = 1) -> list[dict]:
+    """One row per series x world size x bandwidth ("measured": the study's loopback/unshaped link)."""
     rows = []
-    for series in sorted(model.payload):
+    for series in sorted(model.ops):
         for bw in bandwidths:
             bps = None if bw == "measured" else parse_rate(bw)
-            for w in nodes:
-                t = model.predict(series, w, bps, compute_s)
+            for n in nodes:
+                w = n * ranks_per_node
+                t = model.predict(series, w, bps, compute_s, ranks_per_node)
                 c = model.compute[series] if compute_s is None else compute_s
                 rows.append({"series": series, "world_size": w, "bandwidth": bw, "step_s": t,
                              "efficiency": c / t, "exchange_s": t - c})

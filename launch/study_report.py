@@ -6,25 +6,30 @@
 - error_vs_bytes.png: final test error against gradient bytes per step (per rank), one point per cell.
 - memory.png: peak memory per rank against the world size.
 - prediction.png: the fitted cost model (launch/study_model.py) dashed beside the measured step times, to 1024 ranks.
+- bandwidth.png (studies with a bandwidth axis): step time against the link's bandwidth at the largest world, measured
+  (points) and predicted (lines), and where each compressor starts to pay: the bandwidth below which it beats fp32.
 - report.md: the figures, one table row per cell (medians over its repeats) and the cost model's fit.
 """
 
 from __future__ import annotations
 
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from launch.study_model import parse_rate, series_label
+
 WORLD = "world_size"
 
 
-def _series(records: list[dict]) -> dict[str, dict[int, list[dict]]]:
-    """label (the axes other than the world size) -> world size -> that cell's ok records."""
+def _series(records: list[dict], drop: tuple[str, ...] = (WORLD, "nodes")) -> dict[str, dict[int, list[dict]]]:
+    """label (the axes other than `drop`) -> world size -> that cell's ok records."""
     out: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         if r.get("status") != "ok":
             continue
-        label = ", ".join(f"{k}={v}" for k, v in r["axes"].items() if k != WORLD) or "all"
+        label = ", ".join(f"{k}={v}" for k, v in r["axes"].items() if k not in drop) or "all"
         out[label][int(r[WORLD])].append(r)
     return out
 
@@ -93,33 +98,81 @@ def memory_figure(records: list[dict], path: Path) -> None:
     _save(fig, ax, path, "world size (ranks)", "peak memory per rank (MiB: params, grads, optimizer)", 7)
 
 
-def prediction_figure(records: list[dict], model, path: Path, bandwidths: tuple[str, ...] = ("100gbit",)) -> None:
-    """Measured step times (points) and the fitted cost model (dashed: the study's link; dotted: `bandwidths`) from
-    one rank to 1024, per series."""
-    from matplotlib.figure import Figure
+def _links(records: list[dict]) -> list[str | None]:
+    return sorted({r.get("bandwidth") for r in records if r.get("status") == "ok" and (r.get("nodes") or 1) > 1},
+                  key=lambda b: (b is not None, 0 if b is None else parse_rate(b)))
 
-    from launch.study_model import parse_rate
-    fig = Figure(figsize=(7, 4.5))
+
+def prediction_figure(records: list[dict], model, path: Path, bandwidths: tuple[str, ...] = ("100gbit",)) -> None:
+    """Measured step times (points, per link) and the fitted cost model (dashed: the study's links; dotted:
+    `bandwidths`) from one rank to 1024, per series."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(7.5, 4.8))
     ax = fig.subplots()
     worlds = [2**i for i in range(11)]
-    for i, (label, by_world) in enumerate(sorted(_series(records).items())):
-        if label not in model.payload:
-            continue
+    links = _links(records) or [None]
+    rpn = {series_label(r): r.get("ranks_per_node") or 1 for r in records if r.get("status") == "ok"}
+    for i, label in enumerate(sorted(model.ops)):
         color = f"C{i % 10}"
-        measured = sorted(by_world)
-        ax.plot(measured, [_median(by_world[w], "step_s_median") for w in measured], "o", color=color, label=label)
-        ax.plot(worlds, [model.predict(label, w) for w in worlds], "--", color=color)
+        for j, bw in enumerate(links):
+            pts = [(int(r[WORLD]), r["step_s_median"]) for r in records if r.get("status") == "ok"
+                   and series_label(r) == label and (r.get("bandwidth") == bw or (r.get("nodes") or 1) == 1)]
+            if pts:
+                ax.plot(*zip(*sorted(pts)), "os^vD"[j % 5], color=color, label=f"{label}" + (f" @ {bw}" if bw else ""))
+            bps = parse_rate(bw) if bw else None
+            ax.plot(worlds, [model.predict(label, w, bps, ranks_per_node=rpn.get(label, 1)) for w in worlds], "--",
+                    color=color, lw=1)
         for bw in bandwidths:
-            ax.plot(worlds, [model.predict(label, w, parse_rate(bw)) for w in worlds], ":", color=color)
+            ax.plot(worlds, [model.predict(label, w, parse_rate(bw), ranks_per_node=rpn.get(label, 1))
+                             for w in worlds], ":", color=color)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("world size (ranks)")
     ax.set_ylabel("step time (s)")
-    ax.set_title(f"measured (points), fitted on this link (dashed), at {', '.join(bandwidths)} (dotted)", fontsize=9)
+    ax.set_title(f"measured (points), fitted at the study's links (dashed), at {', '.join(bandwidths)} (dotted)",
+                 fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def bandwidth_figure(records: list[dict], model, path: Path) -> list[tuple[str, float | None]]:
+    """Step time against bandwidth at the largest world with shaped links: measured (points), predicted (lines);
+    returns (series, bandwidth in bps below which it beats its fp32 twin, or None) for every compressed series."""
+    from matplotlib.figure import Figure
+
+    from launch.study_model import crossover_bps
+    shaped = [r for r in records if r.get("status") == "ok" and r.get("bandwidth") and (r.get("nodes") or 1) > 1]
+    if not shaped:
+        return []
+    w = max(int(r[WORLD]) for r in shaped)
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    grid = [10 ** (6 + k / 8) for k in range(49)]
+    pays = []
+    for i, label in enumerate(sorted(model.ops)):
+        color = f"C{i % 10}"
+        rs = [r for r in shaped if series_label(r) == label and int(r[WORLD]) == w]
+        rpn = rs[0].get("ranks_per_node", 1) if rs else 1
+        if rs:
+            ax.plot([parse_rate(r["bandwidth"]) for r in rs], [r["step_s_median"] for r in rs], "o", color=color)
+        ax.plot(grid, [model.predict(label, w, b, ranks_per_node=rpn) for b in grid], "-", color=color, lw=1,
+                label=label)
+        twin = re.sub(r"comm\.compressor=[^,]+", "comm.compressor=none", label)
+        if twin != label and twin in model.ops:
+            pays.append((label, crossover_bps(model, label, twin, w, rpn)))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("link bandwidth between nodes (bit/s)")
+    ax.set_ylabel(f"step time at {w} ranks (s)")
+    ax.set_title("measured (points) and predicted (lines): a compressor pays where its line is below fp32's",
+                 fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return pays
 
 
 def _fmt(x, spec: str) -> str:
@@ -136,12 +189,12 @@ def write_report(out: Path, records: list[dict], title: str) -> None:
         cells[r["cell"]].append(r)
     lines = [f"# Study {title}", "", "![scaling](scaling.png)", "", "![error against bytes](error_vs_bytes.png)",
              "![memory per rank](memory.png)", "",
-             "| cell | repeats ok | step s (median) | p10-p90 | samples/s | exchange s | MB/step | peak MiB/rank | "
-             "test L2 | replicas |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| cell | repeats ok | step s (median) | p10-p90 | samples/s | exchange s | exposed s | MB/step | "
+             "peak MiB/rank | test L2 | replicas |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, rs in cells.items():
         ok = [r for r in rs if r["status"] == "ok"]
         if not ok:
-            lines.append(f"| {key} | 0 of {len(rs)} | failed: {rs[-1]['error'][:80]} | | | | | | | |")
+            lines.append(f"| {key} | 0 of {len(rs)} | failed: {rs[-1]['error'][:80]} | | | | | | | | |")
             continue
         consistent = {r.get("replicas_consistent") for r in ok}
         b = _median(ok, "bytes_per_step")
@@ -149,6 +202,7 @@ def write_report(out: Path, records: list[dict], title: str) -> None:
             f"| {key} | {len(ok)} of {len(rs)} | {_fmt(_median(ok, 'step_s_median'), '.4f')} | "
             f"{_fmt(_median(ok, 'step_s_p10'), '.4f')}-{_fmt(_median(ok, 'step_s_p90'), '.4f')} | "
             f"{_fmt(_median(ok, 'samples_per_s'), '.1f')} | {_fmt(_median(ok, 'exchange_s'), '.4f')} | "
+            f"{_fmt(_median(ok, 'exposed_s'), '.4f')} | "
             f"{_fmt(None if b is None else b / 1e6, '.3f')} | {_fmt(_median(ok, 'peak_memory_mb_per_rank'), '.1f')} | "
             f"{_fmt(_median(ok, 'test_rel_l2'), '.4f')} | "
             f"{'identical' if consistent == {True} else 'n/a' if consistent == {None} else 'DIFFER'} |")
@@ -159,13 +213,18 @@ def write_report(out: Path, records: list[dict], title: str) -> None:
         lines += ["", f"No cost model: {e}."]
     else:
         prediction_figure(records, model, out / "prediction.png")
-        err = model.held_out_error
-        lines += ["", "## Cost model", "", f"t = compute + alpha 2 (W - 1) + beta bytes: alpha {model.alpha * 1e6:.1f} us "
-                  f"per message, beta {model.beta * 1e9:.3f} ns per byte; held-out error "
-                  + ("n/a (fewer than 3 cells)" if err is None else f"{err:.1%} (median, each cell left out in turn)")
-                  + ". `fieldtrain study predict DIR --nodes 512 --bandwidth 100gbit` prints its predictions.", "",
+        lines += ["", "## Cost model", "", "t = compute + sum over each engine's and compressor's collectives of "
+                  f"(alpha messages + beta(link) bytes) (launch/study_model.py): {model.describe()}. "
+                  "`fieldtrain study predict DIR --nodes 512 --bandwidth 100gbit` prints its predictions.", "",
                   *(f"Caveat: {c}." for c in model.caveats), "", "![prediction](prediction.png)"]
+        pays = bandwidth_figure(records, model, out / "bandwidth.png")
+        if pays:
+            lines += ["", "## Where compression pays", "", "![bandwidth](bandwidth.png)", "",
+                      "| series | predicted faster than fp32 below |", "|---|---|"]
+            lines += [f"| {s} | {'never' if b is None else f'{b / 1e9:.3g} Gbit/s'} |" for s, b in pays]
     env = records[0] if records else {}
-    lines += ["", f"{env.get('cores', '?')} cores on this machine; link: {env.get('link', '?')}; every cell's ranks "
-              "shared them (cores per rank in results.csv)."]
+    links = sorted({r.get("link", "?") for r in records})
+    lines += ["", f"{env.get('cores', '?')} cores on this machine, shared by every cell's ranks (cores per rank in "
+              f"results.csv); links: {'; '.join(links)}. exposed s: step time less the same cell's with "
+              "comm.compressor = \"skip\" (no exchange), where the study ran one."]
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -2,7 +2,8 @@
 
 import pytest
 
-from bench import comm, netns
+from bench import comm
+from launch import netns
 
 
 def test_parse_rate():

@@ -231,6 +231,7 @@ class Trainer:
         self.data = data_spec(ds, self.device) if self.source is None else self.source.data_spec(self.device)
         torch.manual_seed(cfg.run.seed)
         self.model = self.spec.build(cfg.model.params, self.data)
+        self.param_shapes = [(tuple(p.shape), p.is_complex()) for p in self.model.parameters() if p.requires_grad]
         example = self.spec.example_batch(self.data)
         with torch.no_grad():
             self.spec.loss(self.model, example, self.data)   # shapes are checked here, before any write
@@ -564,7 +565,8 @@ class Trainer:
             "grad_bytes_per_step": bytes_per_step, "compression_ratio": ratio, "exchange_s": exchange_s,
             "skipped_steps": self.state.skipped_steps,
             "compressor": self.engine.compressor_name, "engine": self.engine.name, "ema": self.cfg.ema.kind,
-            "peak_memory_bytes": self._max_over_ranks(self.peak_memory), **self.eval_extra,
+            "peak_memory_bytes": self._max_over_ranks(self.peak_memory),
+            "param_shapes": [[list(shape), c] for shape, c in self.param_shapes], **self.eval_extra,
         }
         if self.rank == 0:
             tmp = cfg.run_dir / "summary.json.tmp"

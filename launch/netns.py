@@ -7,7 +7,8 @@ Every link is created directly inside a namespace this module names, so deleting
 everything; nothing is left in the root namespace even if we are killed half-way through the setup.
 
 Needs root and iproute2 (`ip`, `tc`). The default prefix `ftb<pid>` keeps parallel runs apart, and lets
-`python bench/netns.py --cleanup` find what a killed run left behind.
+`python -m launch.netns --cleanup` find what a killed run left behind. `run_ranks` starts one command per rank, each
+in its node's namespace, and waits for them (bench/comm.py, `fieldtrain study` on emulated links).
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from launch.study_model import parse_rate  # noqa: F401  (the rates comm.py and the CLI read)
 
@@ -170,7 +173,7 @@ class Network:
         clash = set(self.topology.namespaces) & set(existing_namespaces())
         if clash:
             raise RuntimeError(f"namespaces {sorted(clash)} already exist; "
-                               f"run `python bench/netns.py --cleanup` if a run was killed")
+                               f"run `python -m launch.netns --cleanup` if a run was killed")
         try:
             for cmd in self.topology.setup_commands():
                 _run(cmd)
@@ -188,6 +191,83 @@ class Network:
         if failed:
             print(f"warning: could not delete namespaces {failed}; delete them with `ip netns del NAME`",
                   file=sys.stderr)
+
+
+def rank_env(topo: Topology, i: int, per_node: int, port: int) -> dict[str, str]:
+    """torchrun's variables for rank i of `topo.nodes * per_node`, rank 0's node the master; gloo on the node's veth."""
+    env = {"RANK": i, "WORLD_SIZE": topo.nodes * per_node, "LOCAL_RANK": i % per_node, "LOCAL_WORLD_SIZE": per_node,
+           "MASTER_ADDR": topo.address(0), "MASTER_PORT": port, "GLOO_SOCKET_IFNAME": NODE_IFACE}
+    return {k: str(v) for k, v in env.items()}
+
+
+@dataclass
+class Outcome:
+    status: str            # ok | failed | timeout
+    error: str = ""
+    wall_s: float = 0.0
+
+
+def _tail(path: Path, lines: int = 12, skip: str = "") -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join([line for line in text if not skip or skip not in line][-lines:])
+
+
+def run_ranks(topo: Topology, commands: list[list[str]], logs: list[Path], timeout_s: float, cwd: Path | None = None,
+              per_node: int = 1, skip: str = "") -> Outcome:
+    """Run commands[i] as rank i in namespace i // per_node (its env already in the command: `rank_env`,
+    `Topology.exec_command`), each to logs[i]; wait at most `timeout_s`, give the others 15 s after a first failure,
+    and kill whatever is left. The error quotes the failing rank's log (lines containing `skip` left out)."""
+    procs: list[subprocess.Popen] = []
+    t0 = time.perf_counter()
+    try:
+        for cmd, log in zip(commands, logs):
+            with log.open("w") as f:
+                f.write("$ " + " ".join(cmd) + "\n")
+                f.flush()
+                # Own session: a Ctrl-C on the terminal reaches us, not the ranks; we stop them below.
+                procs.append(subprocess.Popen(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT,
+                                              stdin=subprocess.DEVNULL, start_new_session=True))
+        first_failure = None
+        while any(p.poll() is None for p in procs):
+            now = time.perf_counter()
+            if now - t0 > timeout_s:
+                return Outcome("timeout", f"{_tail(logs[0], skip=skip)}\nkilled after {timeout_s:.0f} s", now - t0)
+            if first_failure is None and any(p.poll() not in (None, 0) for p in procs):
+                first_failure = now
+            if first_failure is not None and now - first_failure > 15:   # the others wait on it
+                break
+            time.sleep(0.2)
+        wall = time.perf_counter() - t0
+        bad = [i for i, p in enumerate(procs) if p.poll() != 0]
+        if bad:
+            i = next((i for i in bad if procs[i].returncode not in (None, 0)), bad[0])
+            return Outcome("failed", f"rank {i} exit {procs[i].returncode}:\n{_tail(logs[i], skip=skip)}", wall)
+        return Outcome("ok", "", wall)
+    finally:
+        _stop(procs)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    live = [p for p in procs if p.poll() is None]
+    for p in live:
+        _signal_group(p, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    for p in live:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal_group(p, signal.SIGKILL)
+            p.wait()
+
+
+def _signal_group(p: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(p.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def cleanup_stale() -> list[str]:
