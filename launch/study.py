@@ -16,6 +16,9 @@ times for `steps` steps each:
     "comm.compressor" = ["none", "powersgd"]
     # nodes = [1, 2, 4]                       # emulated nodes, world_size / nodes ranks each (not a config key)
     # bandwidth = ["100mbit", "1gbit"]        # the link between nodes (local backend: tc tbf; not a config key)
+    # exchange = [{name = "fp32", "comm.compressor" = "none"},           # a bundle: keys that vary together,
+    #             {name = "int8 ZeRO-2", "parallel.engine" = "deepspeed", "parallel.zero_stage" = 2,
+    #              "comm.compressor" = "int8"}]                            # labelled by its name
 
 Every cell's config is built and checked before anything runs (an unknown key, a value the config rejects, a world
 the backend cannot place: an error naming the cell). The study directory keeps `study.json` (the study file's
@@ -91,16 +94,28 @@ class Cell:
     @property
     def runs_as(self) -> str:
         """The key of the run this cell's record comes from: one node has no link, so its bandwidth is not part."""
-        return ",".join(f"{k}={_toml_value(v)}" for k, v in self.values if not (k == BANDWIDTH and self.nodes == 1))
+        return ",".join(f"{k}={_toml_value(_shown(v))}" for k, v in self.values
+                        if not (k == BANDWIDTH and self.nodes == 1))
+
+    @property
+    def settings(self) -> dict:
+        """The config keys this cell sets (bundles expanded)."""
+        out = {}
+        for k, v in self.values:
+            if isinstance(v, dict):
+                out.update({bk: bv for bk, bv in v.items() if bk != "name"})
+            elif k not in PLACEMENT:
+                out[k] = v
+        return out
 
     @property
     def overrides(self) -> list[str]:
-        return [f"{k}={_toml_value(v)}" for k, v in self.values if k not in PLACEMENT]
+        return [f"{k}={_toml_value(v)}" for k, v in self.settings.items()]
 
     @property
     def key(self) -> str:
         """A readable identity, e.g. `world_size=2,comm.compressor=powersgd`."""
-        return ",".join(f"{k}={_toml_value(v)}" for k, v in self.values)
+        return ",".join(f"{k}={_toml_value(_shown(v))}" for k, v in self.values)
 
     @property
     def dirname(self) -> str:
@@ -132,6 +147,11 @@ class Study:
     def overrides(self, cell: Cell, run_dir: Path) -> list[str]:
         return [*self.sets, *cell.overrides, f"train.max_steps={self.steps}", f"train.eval_every={self.eval_every}",
                 "train.progress=false", f"run.out_dir={run_dir.parent}", f"run.name={run_dir.name}"]
+
+
+def _shown(v):
+    """An axis value as labels show it: a bundle by its name."""
+    return v["name"] if isinstance(v, dict) else v
 
 
 def _toml_value(v) -> str:
@@ -168,8 +188,12 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
         raise ValueError(f"study file {str(path)!r}: study.config (the base run config) is required")
     if not axes or not all(isinstance(v, list) and v for v in axes.values()):
         raise ValueError(f"study file {str(path)!r}: [axes] needs at least one key, each a non-empty list of values")
-    if any(isinstance(v, dict) for vals in axes.values() for v in vals):
-        raise ValueError(f"study file {str(path)!r}: axis values are numbers, strings, booleans or lists")
+    for key, vals in axes.items():
+        for v in vals:
+            if isinstance(v, dict) and (not isinstance(v.get("name"), str) or len(v) < 2
+                                        or any(isinstance(x, dict) for x in v.values()) or set(v) & set(PLACEMENT)):
+                raise ValueError(f"study file {str(path)!r}: axes.{key}: a bundle {v!r} needs a name and config keys "
+                                 f"(not {', '.join(PLACEMENT)}): {{name = \"fp32\", \"comm.compressor\" = \"none\"}}")
     for key in ("steps", "repeats"):
         if not isinstance(head.get(key, 1), int) or head.get(key, 1) < 1:
             raise ValueError(f"study file {str(path)!r}: study.{key} = {head[key]!r}; must be an integer >= 1")
@@ -277,7 +301,7 @@ def cell_record(study: Study, cell: Cell, repeat: int, run_dir: Path, status: st
             else "loopback (one node)")
     rec = {"cell": cell.key, "repeat": repeat, "status": status, "error": error, WORLD: cell.world,
            NODES: cell.nodes, "ranks_per_node": cell.world // cell.nodes, BANDWIDTH: cell.bandwidth,
-           "axes": {k: v for k, v in cell.values}, "cores": cores, "cores_per_rank": round(cores / cell.world, 3),
+           "axes": {k: _shown(v) for k, v in cell.values}, "settings": cell.settings, "cores": cores, "cores_per_rank": round(cores / cell.world, 3),
            "link": link, "wall_s": round(wall, 2), "run_dir": str(run_dir)}
     if status != "ok":
         return rec
@@ -392,15 +416,16 @@ def run_cell_slurm(study: Study, cell: Cell, repeat: int, poll_s: float = 2.0) -
 
 
 def with_exposed(records: list[dict]) -> list[dict]:
-    """Each ok record with `exposed_s`: its median step time less that of the same cell with comm.compressor = "skip"
-    (no exchange: the compute floor at the same placement), where the study has one; else None."""
-    def floor_key(r):
-        return (r["repeat"], tuple(sorted((k, json.dumps(v)) for k, v in r["axes"].items() if k != "comm.compressor")))
-    floors = {floor_key(r): r["step_s_median"] for r in records
-              if r.get("status") == "ok" and r["axes"].get("comm.compressor") == "skip" and r.get("step_s_median")}
+    """Each ok record with `exposed_s`: its median step time less that of the cell with comm.compressor = "skip" (no
+    exchange: the compute floor) at the same placement with the same settings but the exchange's (comm.*), where the
+    study has one; else None."""
+    from launch.study_model import floor_key, is_floor
+    floors = {(r["repeat"], floor_key(r)): r["step_s_median"] for r in records
+              if r.get("status") == "ok" and is_floor(r) and r.get("step_s_median")}
     out = []
     for r in records:
-        floor = floors.get(floor_key(r)) if r.get("status") == "ok" and r.get("step_s_median") else None
+        ok = r.get("status") == "ok" and r.get("step_s_median")
+        floor = floors.get((r["repeat"], floor_key(r))) if ok else None
         out.append({**r, "exposed_s": None if floor is None else r["step_s_median"] - floor})
     return out
 
@@ -449,6 +474,9 @@ def run_study(path: str | Path, backend: str = "local", resume: bool = False, fo
     study = load_study(path, out)
     cells = check_cells(study, backend, ray_address)
     _claim(study, resume, force)
+    if backend == "local" and any(c.nodes > 1 for c in cells):
+        from launch.netns import exit_on_signals
+        exit_on_signals()          # SIGTERM/SIGHUP/Ctrl-C stop the ranks and delete the namespaces on the way out
     results = study.out / "results.jsonl"
     ran = {(r["cell"], r["repeat"]): r for r in read_records(results)}
     todo = [(c, r) for r in range(study.repeats) for c in cells if (c.key, r) not in ran]

@@ -101,6 +101,18 @@ def step_collectives(cfg, shapes: list[tuple[tuple[int, ...], bool]], w: int
     return grads, params
 
 
+def is_floor(rec: dict) -> bool:
+    """A cell without gradient exchange (comm.compressor = "skip"): the compute floor of its placement."""
+    return rec.get("settings", rec["axes"]).get("comm.compressor") == "skip"
+
+
+def floor_key(rec: dict) -> tuple:
+    """What a cell shares with its floor: placement and every setting but the exchange's (comm.*)."""
+    settings = rec.get("settings", {k: v for k, v in rec["axes"].items() if k not in PLACEMENT})
+    return (int(rec[WORLD]), int(rec.get("nodes") or 1), rec.get("bandwidth") if (rec.get("nodes") or 1) > 1 else None,
+            tuple(sorted((k, str(v)) for k, v in settings.items() if not k.startswith("comm."))))
+
+
 def series_label(rec: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in rec["axes"].items() if k not in PLACEMENT) or "all"
 
@@ -196,9 +208,7 @@ def _points(records: list[dict]) -> tuple[dict[str, float], list[Point], dict, d
                    (r.get("nodes") or 1) > 1 else None)
             cells.setdefault(key, []).append(r)
     compute = {s: _median(rs, "step_s_median") for (s, w, n, _), rs in cells.items() if w == 1}
-    floors = {(tuple((k, str(v)) for k, v in rs[0]["axes"].items() if k != "comm.compressor"), w):
-              _median(rs, "step_s_median") for (s, w, n, bw), rs in cells.items()
-              if rs[0]["axes"].get("comm.compressor") == "skip"}
+    floors = {floor_key(rs[0]): _median(rs, "step_s_median") for rs in cells.values() if is_floor(rs[0])}
     points, ops, hier = [], {}, {}
     for (s, w, n, bw), rs in cells.items():
         r0 = rs[0]
@@ -206,13 +216,15 @@ def _points(records: list[dict]) -> tuple[dict[str, float], list[Point], dict, d
             continue
         ops[s] = [tuple(o) for o in r0["collectives"]]     # payloads: the same at every W (but block padding)
         hier[s] = hier.get(s, False) or bool(r0.get("hierarchical"))
-        if r0["axes"].get("comm.compressor") == "skip":
+        if is_floor(r0):
             continue
-        floor = floors.get((tuple((k, str(v)) for k, v in r0["axes"].items() if k != "comm.compressor"), w))
+        floor = floors.get(floor_key(r0))
         c = floor if floor is not None else compute[s] * max(1.0, 1.0 / (r0.get("cores_per_rank") or 1.0))
         span = n if hier[s] else w
         counted = statistics.median(x.get("bytes_per_step") or 0 for x in rs)
-        points.append(Point(s, w, n, parse_rate(bw) if bw else None, _median(rs, "step_s_median"), c, ops[s], span,
+        # a skip floor still gathers a sharded engine's parameters: they are in c, not in the exchange
+        paid = ops[s] if floor is None else [o for o in ops[s] if o[0] != "param_allgather"]
+        points.append(Point(s, w, n, parse_rate(bw) if bw else None, _median(rs, "step_s_median"), c, paid, span,
                             counted))
     return compute, points, ops, hier
 

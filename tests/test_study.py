@@ -213,6 +213,7 @@ def test_study_on_emulated_nodes_shapes_the_link_and_runs_one_node_once(small_da
     from launch import netns
     study = write_study(tmp_path / "s.toml", small_darcy, 'nodes = [1, 2]\nbandwidth = ["10mbit", "1gbit"]')
     out = tmp_path / "study"
+    before = set(netns.existing_namespaces())
     r = fieldtrain("study", study, "--out", str(out), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     recs = {(x["nodes"], x["bandwidth"]): x for x in records(out)}
@@ -224,5 +225,32 @@ def test_study_on_emulated_nodes_shapes_the_link_and_runs_one_node_once(small_da
     assert slow["replicas_consistent"] and slow["bytes_per_step"] == recs[(2, "1gbit")]["bytes_per_step"] > 0
     # tbf passes at most its bucket (64 KiB, launch/netns.py tbf_args) at once, the rest at 10 Mbit/s
     assert slow["step_s_median"] >= (slow["bytes_per_step"] - 64 * 1024) * 8 / 10e6
-    assert not [ns for ns in netns.existing_namespaces() if ns.startswith("ftb")]   # every namespace deleted
+    left = [ns for ns in set(netns.existing_namespaces()) - before if ns.startswith("ftb")]
+    assert not left, left                  # every namespace the study made is deleted
     assert (out / "bandwidth.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bundles_vary_keys_together_and_exposed_time_is_measured_against_the_skip_floor(small_darcy, tmp_path):
+    """A bundle axis sets several keys per value, labelled by its name; a cell's exposed time is its step time less its
+    skip floor's (same placement, same settings but comm.*)."""
+    study = write_study(tmp_path / "s.toml", small_darcy, 'world_size = [2]\nexchange = ['
+                        '{name = "floor", "comm.compressor" = "skip"}, '
+                        '{name = "int8 ZeRO-2", "parallel.engine" = "deepspeed", "comm.compressor" = "int8"}, '
+                        '{name = "int8", "comm.compressor" = "int8", "comm.int8.block_size" = 128}]', steps=3)
+    out = tmp_path / "study"
+    r = fieldtrain("study", study, "--out", str(out), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = {x["axes"]["exchange"]: x for x in records(out)}
+    assert recs["int8 ZeRO-2"]["cell"] == 'world_size=2,exchange="int8 ZeRO-2"'
+    assert recs["int8 ZeRO-2"]["settings"] == {"parallel.engine": "deepspeed", "comm.compressor": "int8"}
+    assert recs["int8"]["settings"]["comm.int8.block_size"] == 128 and recs["floor"]["bytes_per_step"] == 0
+    rows = {row.split(",")[0]: row for row in (out / "results.csv").read_text().splitlines()[1:]}
+    import csv
+    table = {x["cell"]: x for x in csv.DictReader((out / "results.csv").open())}
+    int8 = table['world_size=2,exchange="int8"']
+    assert float(int8["exposed_s"]) == pytest.approx(recs["int8"]["step_s_median"] - recs["floor"]["step_s_median"])
+    assert table['world_size=2,exchange="int8 ZeRO-2"']["exposed_s"] == ""    # its engine's floor was not run
+    assert rows and "exchange=int8 ZeRO-2" in (out / "report.md").read_text().replace('"', "")
+    with pytest.raises(ValueError, match="a bundle .* needs a name"):
+        from launch.study import load_study
+        load_study(write_study(tmp_path / "b.toml", small_darcy, 'exchange = [{"comm.compressor" = "int8"}]'))
