@@ -8,6 +8,8 @@
 - prediction.png: the fitted cost model (launch/study_model.py) dashed beside the measured step times, to 1024 ranks.
 - bandwidth.png (studies with a bandwidth axis): step time against the link's bandwidth at the largest world, measured
   (points) and predicted (lines), and where each compressor starts to pay: the bandwidth below which it beats fp32.
+- lr_transfer.png (studies with optim.lr and model.fno.width axes): loss against learning rate per width, per
+  parametrization (launch/study_proxy.py).
 - report.md: the figures, one table row per cell (medians over its repeats) and the cost model's fit.
 """
 
@@ -50,9 +52,12 @@ def scaling_figure(records: list[dict], path: Path) -> None:
         hi = [(_median(by_world[w], "step_s_p90") or m) - m for w, m in zip(worlds, med)]
         ax_t.errorbar(worlds, med, yerr=[lo, hi], marker="o", capsize=3, label=label)
         ax_s.plot(worlds, [_median(by_world[w], "samples_per_s") for w in worlds], marker="o", label=label)
-        ax_e.plot(worlds, [med[0] / m for m in med], marker="o", label=label)
+        line = ax_e.plot(worlds, [med[0] / m for m in med], marker="o", label=label)
+        floor = _floor_efficiency(by_world)
+        if floor:
+            ax_e.plot(*zip(*floor), "--", marker="x", color=line[0].get_color())
     for ax, title in ((ax_t, "step time (s), median and p10-p90"), (ax_s, "samples / s"),
-                      (ax_e, "weak-scaling efficiency t(W min) / t(W)")):
+                      (ax_e, "weak-scaling efficiency t(W min) / t(W);\ndashed: t_floor(W) / t(W), same placement")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("world size (ranks)")
         ax.set_title(title, fontsize=10)
@@ -61,6 +66,36 @@ def scaling_figure(records: list[dict], path: Path) -> None:
     ax_t.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def _floor_efficiency(by_world: dict[int, list[dict]]) -> list[tuple[int, float]]:
+    """(W, t_floor / t) where the cell's skip floor was measured (exposed_s): efficiency with the cores' sharing out."""
+    out = []
+    for w in sorted(by_world):
+        t, exposed = _median(by_world[w], "step_s_median"), _median(by_world[w], "exposed_s")
+        if t and exposed is not None:
+            out.append((w, (t - exposed) / t))
+    return out
+
+
+def weak_scaling_table(records: list[dict]) -> list[str]:
+    """report.md's weak-scaling rows: per series, t(W min) / t(W) and t_floor(W) / t(W) at each world size."""
+    rows = []
+    for label, by_world in sorted(_series(records).items()):
+        worlds = sorted(by_world)
+        if len(worlds) < 2:
+            continue
+        t0 = _median(by_world[worlds[0]], "step_s_median")
+        floor = dict(_floor_efficiency(by_world))
+        cells = [f"W={w}: {t0 / _median(by_world[w], 'step_s_median'):.2f}"
+                 + (f" ({floor[w]:.2f})" if w in floor else "") for w in worlds[1:]]
+        rows.append(f"| {label} | {'; '.join(cells)} |")
+    if not rows:
+        return []
+    return ["", "## Weak scaling", "", "t(W min) / t(W) per rank's fixed batch; in brackets t_floor(W) / t(W), the "
+            "efficiency against the skip floor at the same placement (the ranks here share this machine's cores, so "
+            "the first falls with W even when nothing waits on the link).", "", "| series | efficiency |", "|---|---|",
+            *rows]
 
 
 def _one_axes():
@@ -206,6 +241,7 @@ def write_report(out: Path, records: list[dict], title: str) -> None:
             f"{_fmt(None if b is None else b / 1e6, '.3f')} | {_fmt(_median(ok, 'peak_memory_mb_per_rank'), '.1f')} | "
             f"{_fmt(_median(ok, 'test_rel_l2'), '.4f')} | "
             f"{'identical' if consistent == {True} else 'n/a' if consistent == {None} else 'DIFFER'} |")
+    lines += weak_scaling_table(records)
     from launch.study_model import fit
     try:
         model = fit(records)
@@ -222,6 +258,10 @@ def write_report(out: Path, records: list[dict], title: str) -> None:
             lines += ["", "## Where compression pays", "", "![bandwidth](bandwidth.png)", "",
                       "| series | predicted faster than fp32 below |", "|---|---|"]
             lines += [f"| {s} | {'never' if b is None else f'{b / 1e9:.3g} Gbit/s'} |" for s, b in pays]
+    from launch.study_proxy import write_lr_transfer
+    lr_transfer = write_lr_transfer(out, records)   # (path, markdown); None without optim.lr and model.fno.width axes
+    if lr_transfer is not None:
+        lines += ["", lr_transfer[1]]
     env = records[0] if records else {}
     links = sorted({r.get("link", "?") for r in records})
     lines += ["", f"{env.get('cores', '?')} cores on this machine, shared by every cell's ranks (cores per rank in "

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import contextlib
 from contextlib import ExitStack
@@ -99,6 +100,30 @@ def batch_lr_scale(optimizer: str, global_batch: int, reference_batch: int) -> f
     """
     ratio = global_batch / reference_batch
     return ratio if optimizer == "sgd" else math.sqrt(ratio)
+
+
+def lr_groups(model: torch.nn.Module, params, optimizer: str, lr: float) -> list:
+    """`params` (what an engine hands the optimizer) as parameter groups at lr x each parameter's factor.
+
+    A module may define `lr_multipliers(optimizer_name) -> {parameter name: factor}` over its own parameters (the FNO
+    does under muP); they are found over `model.named_modules()` and matched by name, so they reach a backbone inside
+    another model, FSDP2's DTensors (registered in place under the same names) and DeepSpeed's real storage of complex
+    weights (torch's `parametrizations.<name>.original`). Without a factor other than 1 the parameters come back as
+    one list, today's optimizer exactly. Otherwise one group per factor, the group at 1 first (metrics.csv logs group
+    0's lr), each keeping its "lr_multiplier" for a resume (`Trainer._apply_config_on_resume`)."""
+    params = list(params)
+    factors: dict[str, float] = {}
+    for prefix, module in model.named_modules():
+        if callable(getattr(module, "lr_multipliers", None)):
+            factors.update({f"{prefix}.{n}" if prefix else n: f for n, f in module.lr_multipliers(optimizer).items()})
+    if all(f == 1.0 for f in factors.values()):
+        return params
+    names = {id(p): re.sub(r"parametrizations\.(\w+)\.original$", r"\1", n) for n, p in model.named_parameters()}
+    assert {names.get(id(p)) for p in params} >= factors.keys(), "the optimizer was given parameters the model lacks"
+    groups: dict[float, list] = {1.0: []}
+    for p in params:
+        groups.setdefault(factors.get(names[id(p)], 1.0), []).append(p)
+    return [{"params": ps, "lr": lr * f, "lr_multiplier": f} for f, ps in groups.items() if ps]
 
 
 def _rank_world() -> tuple[int, int]:
@@ -317,8 +342,10 @@ class Trainer:
 
     # ---- construction --------------------------------------------------------------------------------------
     def _build_optimizer(self, params) -> torch.optim.Optimizer:
-        """The configured optimizer over `params` (the engine calls it on its own, possibly sharded, parameters)."""
+        """The configured optimizer over `params` (the engine calls it on its own, possibly sharded, parameters, while
+        self.model is still the module it wraps), in the model's learning-rate groups (`lr_groups`)."""
         o = self.cfg.optim
+        params = lr_groups(self.model, params, o.name, o.lr)
         if o.name == "sgd":
             return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
         cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
@@ -452,7 +479,7 @@ class Trainer:
         cfg, sched, st = self.cfg, self.scheduler, self.state
         batch = self.world_size * cfg.data.batch_size
         scale = batch_lr_scale(cfg.optim.name, batch, st.lr_global_batch)
-        sched.base_lrs = [cfg.optim.lr * scale for _ in self.optimizer.param_groups]
+        sched.base_lrs = [cfg.optim.lr * scale * g.get("lr_multiplier", 1.0) for g in self.optimizer.param_groups]
         for group, base, lam in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
             group["initial_lr"], group["lr"] = base, base * lam(sched.last_epoch)
             group["weight_decay"] = cfg.optim.weight_decay
@@ -473,7 +500,7 @@ class Trainer:
                     "(%s rule, relative to the global batch %d that optim.lr=%g is for) -> base lr %.6g; %d steps "
                     "in all", st.world_size, self.world_size, st.batch_size, cfg.data.batch_size, saved_batch, batch,
                     scale, "linear" if cfg.optim.name == "sgd" else "square-root", st.lr_global_batch, cfg.optim.lr,
-                    sched.base_lrs[0], self.total_steps)
+                    cfg.optim.lr * scale, self.total_steps)
         st.world_size, st.batch_size = self.world_size, cfg.data.batch_size
 
     # ---- the loop ------------------------------------------------------------------------------------------

@@ -13,6 +13,9 @@ Spectral weights are stored either as complex64 parameters ("complex") or as flo
 trailing (real, imag) dim of 2 ("real"), viewed as complex in forward. The two are bit-identical;
 the real form exists because torch's DDP powerSGD_hook mishandles complex parameters.
 Spectral parameters are named `...spectral.weight` (see `is_spectral_param`).
+
+Parametrization (`model.fno.parametrization`): "standard" is the above; "mup" is the maximal-update parametrization
+(`mup_lr_multipliers` states its rules), under which the best learning rate of a width carries over to the others.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from trainer.models.losses import operator_errors, operator_example_batch, opera
 from trainer.registry import DataSpec, ModelSpec, register_model
 
 SPECTRAL_WEIGHT_FORMS = ("complex", "real")
+PARAMETRIZATIONS = ("standard", "mup")
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
@@ -195,6 +199,8 @@ class FNO(nn.Module):
         dim: int | None = None,
         emb_dim: int = 0,
         fast_padding: bool = True,
+        parametrization: str = "standard",
+        base_width: int | None = None,
     ):
         super().__init__()
         if isinstance(modes, int):
@@ -216,6 +222,10 @@ class FNO(nn.Module):
             raise ValueError(f"padding={padding}; must be >= 0")
         if lifting_channels is not None and lifting_channels < 1:
             raise ValueError(f"lifting_channels={lifting_channels}; must be None or >= 1")
+        if parametrization not in PARAMETRIZATIONS:
+            raise ValueError(f"parametrization={parametrization!r}; allowed: {PARAMETRIZATIONS}")
+        if base_width is not None and base_width < 1:
+            raise ValueError(f"base_width={base_width}; must be None or >= 1")
 
         self.modes, self.dim, self.padding, self.fast_padding = modes, len(modes), padding, fast_padding
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -231,6 +241,16 @@ class FNO(nn.Module):
         self.blocks = nn.ModuleList(FNOBlock(width, modes, spectral_weights, emb_dim) for _ in range(n_layers))
         self.projection = nn.Sequential(conv(width, projection_channels, 1), nn.GELU(),
                                         conv(projection_channels, out_channels, 1))
+        # muP relative to base_width; at m = 1 (and under "standard") nothing changes, bit for bit.
+        self.parametrization, self.width, self.base_width = parametrization, width, base_width or width
+        self.width_mult = width / self.base_width
+        self.param_classes = mup_classes(self)   # by name now: an engine may rename storage later (DeepSpeed's)
+        if parametrization == "mup" and self.width_mult != 1:
+            mup_init_(self)
+
+    def lr_multipliers(self, optimizer: str) -> dict[str, float]:
+        """Learning-rate factor per parameter name (the trainer's optimizer hook, trainer/train.py: lr_groups)."""
+        return mup_lr_multipliers(self, optimizer) if self.parametrization == "mup" else {}
 
     def padded_grid(self, grid: tuple[int, ...]) -> tuple[int, ...]:
         """The grid the Fourier layers see for an input grid."""
@@ -276,6 +296,79 @@ class FNO(nn.Module):
         return self.projection(x)
 
 
+# ---- the maximal-update parametrization (model.fno.parametrization = "mup") --------------------------------------
+# Learning-rate factor m ** exponent, m = width / base_width, per class and optimizer (see mup_lr_multipliers).
+MUP_LR_EXPONENT = {"adam": {"input": 0, "hidden": -1, "output": -1, "finite": 0},
+                   "adamw": {"input": 0, "hidden": -1, "output": -1, "finite": 0},
+                   "sgd": {"input": 1, "hidden": 0, "output": -1, "finite": 0}}
+
+
+def mup_classes(model: FNO) -> dict[str, str]:
+    """Each parameter's muP class, by which of its fans grow with the width (a weight's fan_in is the channels it
+    reads, its fan_out those it writes; a bias reads a constant: fan_in 1, fan_out its length):
+    "input"  fan_out only: the lifting's last conv, FiLM, and every bias of width length (the skip convs');
+    "hidden" both: the spectral weights (in, out, modes...), fan_in = in channels, and the skip convs;
+    "output" fan_in only: the projection's first conv (width -> projection_channels);
+    "finite" neither: the rest of the lifting and projection, whose sizes do not follow `width`."""
+    last_lift = f"lifting.{len(model.lifting) - 1}."
+    classes = {}
+    for name, _ in model.named_parameters():
+        if name.startswith(last_lift) or ".film." in name or name.endswith(".skip.bias"):
+            classes[name] = "input"
+        elif name.endswith((".spectral.weight", ".skip.weight")):
+            classes[name] = "hidden"
+        else:
+            classes[name] = "output" if name == "projection.0.weight" else "finite"
+    return classes
+
+
+def mup_lr_multipliers(model: FNO, optimizer: str) -> dict[str, float]:
+    """muP's learning-rate factor per parameter name, m ** e with m = width / base_width.
+
+    muP (Yang & Hu 2021, "Feature Learning in Infinite-Width Neural Networks"; Yang et al. 2022, "Tensor Programs V:
+    Tuning Large Neural Networks via Zero-Shot Hyperparameter Transfer", Table 3), whose fan sizes are taken here
+    relative to the base width, so that m = 1 is the standard parametrization (mup_classes gives the classes):
+
+        class    Table 3: init var   Adam LR        SGD LR          here: init          Adam LR   SGD LR
+        input    1/fan_in            eta            eta fan_out     unchanged           x 1       x m
+        hidden   1/fan_in            eta / fan_in   eta             ~ 1/fan_in          x 1/m     x 1
+        output   1/fan_in^2          eta / fan_in   eta / fan_in    variance x 1/m      x 1/m     x 1/m
+        finite   -                   eta            eta             unchanged           x 1       x 1
+
+    Table 3 puts all biases with the input weights: their init is Theta(1) in the width (mup_init_) and their LR is
+    the input class's. Table 8 writes the same parametrization with a 1/fan_in multiplier in the output layer's
+    forward and its Adam LR unchanged; here that multiplier is folded into the output weight's init and LR. Not
+    scaled: weight decay (AdamW decays by lr x weight_decay, so a hidden weight's decay per step falls as 1/m; the
+    `mup` package's MuAdamW multiplies weight_decay by m there) and Adam's eps.
+    """
+    if optimizer not in MUP_LR_EXPONENT:
+        raise ValueError(f"model.fno.parametrization = 'mup' has learning-rate rules for optim.name in "
+                         f"{', '.join(map(repr, MUP_LR_EXPONENT))}; got {optimizer!r}")
+    exponent = MUP_LR_EXPONENT[optimizer]
+    return {name: model.width_mult ** exponent[c] for name, c in model.param_classes.items()}
+
+
+@torch.no_grad()
+def mup_init_(model: FNO) -> None:
+    """Turn the standard init, drawn at this width, into muP's (Table 3's init column, anchored at base_width n0, so
+    m = 1 changes nothing). No random numbers are drawn: a model's draws are those of the standard one.
+    - hidden: torch's conv init already has variance 1/(3 fan_in). The spectral weights' reference init U[0,1)/(in out),
+      real and imaginary parts, has mean 1/(2 n^2) and std 1/(sqrt(12) n^2) at width n: its mean is rescaled to
+      vary as 1/fan_in and its fluctuation as 1/sqrt(fan_in), from their values at n0, so each moves the next layer
+      by the same amount at every width (a 1/sqrt(fan_in) mean would grow as sqrt(n)).
+    - output: variance x 1/m (~ 1/fan_in^2).
+    - biases of layers that read the width (torch draws them U(+-1/sqrt(fan_in))): x sqrt(m), Theta(1) as Table 3 says.
+    - input weights, FiLM (zero) and finite layers: unchanged."""
+    m, n, n0 = model.width_mult, model.width, model.base_width
+    for block in model.blocks:
+        w = block.spectral.weight
+        u = (torch.view_as_real(w) if w.is_complex() else w)      # U[0,1) / n^2, viewed in place
+        u.copy_((0.5 / m + (u * (n * n) - 0.5) / math.sqrt(m)) / (n0 * n0))
+        block.skip.bias.mul_(math.sqrt(m))
+    model.projection[0].weight.mul_(1 / math.sqrt(m))
+    model.projection[0].bias.mul_(math.sqrt(m))
+
+
 @torch.no_grad()
 def copy_weights(src: nn.Module, dst: nn.Module) -> None:
     """Copy all parameters and buffers of `src` into `dst` by name, converting spectral weights
@@ -306,8 +399,16 @@ class FNOConfig:
     projection_channels: int = 128
     spectral_weights: str = "complex"   # "real" stores them as (..., 2) float tensors
     fast_padding: bool = True           # padding is a minimum: pad up to an FFT-friendly size (fno.fft_size)
+    parametrization: str = "standard"   # "mup": maximal-update init and per-parameter LRs (mup_lr_multipliers)
+    base_width: int = 0                 # the width at which "mup" is "standard" (0: `width`)
 
     def __post_init__(self):
+        if self.parametrization not in PARAMETRIZATIONS:
+            raise ValueError(f"config key 'model.fno.parametrization' = {self.parametrization!r}; allowed: "
+                             f"{', '.join(map(repr, PARAMETRIZATIONS))}")
+        if self.base_width < 0:
+            raise ValueError(f"config key 'model.fno.base_width' = {self.base_width!r}; must be >= 1 (or 0: the width)")
+        self.base_width = self.base_width or self.width
         if self.spectral_weights not in SPECTRAL_WEIGHT_FORMS:
             raise ValueError(f"config key 'model.fno.spectral_weights' = {self.spectral_weights!r}; allowed: "
                              f"{', '.join(map(repr, SPECTRAL_WEIGHT_FORMS))}")
@@ -334,7 +435,8 @@ def _build(cfg, data: DataSpec) -> FNO:
 def _backbone(cfg, in_channels: int, out_channels: int, emb_dim: int) -> FNO:
     return FNO(in_channels, out_channels, tuple(cfg.modes), width=cfg.width, n_layers=cfg.n_layers,
                padding=cfg.padding, projection_channels=cfg.projection_channels, spectral_weights=cfg.spectral_weights,
-               emb_dim=emb_dim, fast_padding=cfg.fast_padding)
+               emb_dim=emb_dim, fast_padding=cfg.fast_padding, parametrization=cfg.parametrization,
+               base_width=cfg.base_width)
 
 
 register_model(ModelSpec(
