@@ -347,6 +347,12 @@ def cmd_launch_ray(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     if args.study == "predict":
         return cmd_study_predict(args)
+    if args.study == "report":
+        from launch.study import rewrite_report
+        if not args.dir:
+            raise ValueError("fieldtrain study report STUDY_DIR: the study directory is missing")
+        print(rewrite_report(args.dir))
+        return 0
     from launch.study import run_study
     records = run_study(args.study, args.backend, resume=args.resume, force=args.force, out=args.out,
                         ray_address=args.ray_address)
@@ -401,14 +407,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     st = sub.add_parser("study", help="a scaling study: one run per cell of a grid of config values (launch/study.py); "
-                                      "`study predict DIR`: the fitted cost model's step times past the cluster")
+                                      "`study predict DIR`: the fitted cost model's step times past the cluster; "
+                                      "`study report DIR`: its CSV, figures and report.md again from results.jsonl")
     st.add_argument("study", help="the study file (TOML: [study] config, steps, repeats; [axes] key = [values]), "
-                                  "or `predict`")
-    st.add_argument("dir", nargs="?", help="with `predict`: the study directory")
+                                  "or `predict` or `report`")
+    st.add_argument("dir", nargs="?", help="with `predict` or `report`: the study directory")
     st.add_argument("--nodes", default="8,64,512,1024", help="predict: node counts, comma-separated")
     st.add_argument("--ranks-per-node", type=int, default=1, help="predict: ranks on each node")
-    st.add_argument("--bandwidth", default="measured,10gbit,100gbit,400gbit",
-                    help="predict: links (tc rates, or `measured`: the study's own)")
+    st.add_argument("--bandwidth", default="10gbit,100gbit,400gbit",
+                    help="predict: links (tc rates, or `measured`: the study's loopback/unshaped link)")
     st.add_argument("--compute-s", type=float, default=None,
                     help="predict: a step's compute seconds on the target machine (e.g. a GPU's), instead of measured")
     st.add_argument("--backend", default="local", choices=("local", "slurm", "ray"),

@@ -68,7 +68,8 @@ SLURM_TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "O
 SLURM_TIMEOUT_S = 24 * 3600.0   # a cell's job is given up (cancelled, recorded failed) after this long
 RANKS_PER_CORE = 4            # the local backend oversubscribes at most this far (1 thread per rank)
 COLUMNS = ["cell", "repeat", "status", "error", WORLD, NODES, "ranks_per_node", BANDWIDTH, "axes", "steps",
-           "step_s_median", "step_s_p10", "step_s_p90", "samples_per_s", "exchange_s", "exposed_s", "bytes_per_step", "compression_ratio", "peak_memory_mb_per_rank",
+           "step_s_median", "step_s_p10", "step_s_p90", "samples_per_s", "exchange_s", "exposed_s", "bytes_per_step",
+           "compression_ratio", "peak_memory_mb_per_rank",
            "train_loss", "test_rel_l2", "replicas_consistent", "replica_max_abs_diff", "cores", "cores_per_rank",
            "link", "wall_s", "run_dir", "shared_from"]
 
@@ -301,7 +302,8 @@ def cell_record(study: Study, cell: Cell, repeat: int, run_dir: Path, status: st
             else "loopback (one node)")
     rec = {"cell": cell.key, "repeat": repeat, "status": status, "error": error, WORLD: cell.world,
            NODES: cell.nodes, "ranks_per_node": cell.world // cell.nodes, BANDWIDTH: cell.bandwidth,
-           "axes": {k: _shown(v) for k, v in cell.values}, "settings": cell.settings, "cores": cores, "cores_per_rank": round(cores / cell.world, 3),
+           "axes": {k: _shown(v) for k, v in cell.values}, "settings": cell.settings, "cores": cores,
+           "cores_per_rank": round(cores / cell.world, 3),
            "link": link, "wall_s": round(wall, 2), "run_dir": str(run_dir)}
     if status != "ok":
         return rec
@@ -309,16 +311,8 @@ def cell_record(study: Study, cell: Cell, repeat: int, run_dir: Path, status: st
     times = _steps(run_dir / "metrics.csv", "step_time_s", study.warmup_steps)
     exchange = _steps(run_dir / "metrics.csv", "exchange_s", study.warmup_steps)
     from trainer.config import load_config
-    cfg = load_config(study.config, study.overrides(cell, run_dir))
-    batch = cfg.data.batch_size
-    hierarchical = cfg.comm.hierarchy == "node" and cell.nodes > 1
-    try:
-        from launch.study_model import step_collectives
-        shapes = [(tuple(s), c) for s, c in summary.get("param_shapes", [])]
-        grads, params = step_collectives(cfg, shapes, cell.nodes if hierarchical else cell.world)
-        rec.update(collectives=[list(op) for op in grads + params], hierarchical=hierarchical)
-    except ValueError as e:              # a compressor without a cost model (auto): the cell is not in the fit
-        log.info("study cell %s: no collectives for the cost model (%s)", cell.key, e)
+    batch = load_config(study.config, study.overrides(cell, run_dir)).data.batch_size
+    rec.update(_collectives(study, cell, run_dir, summary))
     median = statistics.median(times) if times else None
     diff = summary.get("replica_max_abs_diff")
     rec.update(steps=summary.get("steps"), step_s_median=median, step_s_p10=_quantile(times, 0.1),
@@ -329,6 +323,22 @@ def cell_record(study: Study, cell: Cell, repeat: int, run_dir: Path, status: st
                train_loss=summary.get("train_loss"), test_rel_l2=summary.get("test_rel_l2"),
                replica_max_abs_diff=diff, replicas_consistent=None if diff is None else diff == 0.0)
     return rec
+
+
+def _collectives(study: Study, cell: Cell, run_dir: Path, summary: dict) -> dict:
+    """The cost model's view of a cell (launch/study_model.py): its step's collectives with their payloads, and whether
+    they span the nodes (comm.hierarchy = "node") rather than the ranks; {} where its compressor has no cost model."""
+    from launch.study_model import step_collectives
+    from trainer.config import load_config
+    cfg = load_config(study.config, study.overrides(cell, run_dir))
+    hierarchical = cfg.comm.hierarchy == "node" and cell.nodes > 1
+    try:
+        shapes = [(tuple(s), c) for s, c in summary.get("param_shapes", [])]
+        grads, params = step_collectives(cfg, shapes, cell.nodes if hierarchical else cell.world)
+    except ValueError as e:              # a compressor without a cost model (auto): the cell is not in the fit
+        log.info("study cell %s: no collectives for the cost model (%s)", cell.key, e)
+        return {}
+    return {"collectives": [list(op) for op in grads + params], "hierarchical": hierarchical}
 
 
 def _cell_paths(study: Study, cell: Cell, repeat: int) -> tuple[Path, Path]:
@@ -417,8 +427,8 @@ def run_cell_slurm(study: Study, cell: Cell, repeat: int, poll_s: float = 2.0) -
 
 def with_exposed(records: list[dict]) -> list[dict]:
     """Each ok record with `exposed_s`: its median step time less that of the cell with comm.compressor = "skip" (no
-    exchange: the compute floor) at the same placement with the same settings but the exchange's (comm.*), where the
-    study has one; else None."""
+    exchange: the compute floor) at the same placement with the same settings but the exchange's (comm.*, DDP's bucket
+    cap), where the study has one; else None."""
     from launch.study_model import floor_key, is_floor
     floors = {(r["repeat"], floor_key(r)): r["step_s_median"] for r in records
               if r.get("status") == "ok" and is_floor(r) and r.get("step_s_median")}
@@ -463,7 +473,8 @@ def _claim(study: Study, resume: bool, force: bool) -> None:
                 (study.out / name).unlink(missing_ok=True)
     study.out.mkdir(parents=True, exist_ok=True)
     tmp = study.out / "study.json.tmp"
-    tmp.write_text(json.dumps({"fingerprint": study.fingerprint, "file": str(study.path), "text": study.text,
+    tmp.write_text(json.dumps({"fingerprint": study.fingerprint, "name": study.name, "file": str(study.path),
+                               "text": study.text,
                                "config": str(study.config)}, indent=1))
     tmp.replace(meta)
 
@@ -487,8 +498,8 @@ def run_study(path: str | Path, backend: str = "local", resume: bool = False, fo
         source = next((r for (k, rep), r in ran.items() if rep == repeat and r["status"] == "ok"
                        and k in by_key and by_key[k].runs_as == cell.runs_as), None)
         if source is not None:            # a one-node cell already run at another bandwidth
-            rec = {**source, "cell": cell.key, "axes": dict(cell.values), BANDWIDTH: cell.bandwidth,
-                   "shared_from": source["cell"]}
+            rec = {**source, "cell": cell.key, "axes": {k: _shown(v) for k, v in cell.values},
+                   BANDWIDTH: cell.bandwidth, "shared_from": source["cell"]}
         elif backend == "ray":
             from launch.study_ray import run_cell_ray
             rec = run_cell_ray(study, cell, repeat, ray_address)
@@ -499,8 +510,40 @@ def run_study(path: str | Path, backend: str = "local", resume: bool = False, fo
             f.write(json.dumps(rec) + "\n")
         log.info("[%d/%d] %s repeat %d: %s%s", i, len(todo), cell.key, repeat, rec["status"],
                  f", {rec['step_s_median']:.3f} s/step" if rec.get("step_s_median") else f" ({rec['error'][:200]})")
-    records = with_exposed(read_records(results))
-    write_csv(study.out, records)
+    return _write_outputs(study.out, study.name)
+
+
+def _write_outputs(out: Path, name: str) -> list[dict]:
+    records = with_exposed(read_records(out / "results.jsonl"))
+    write_csv(out, records)
     from launch.study_report import write_report
-    write_report(study.out, records, study.name)
+    write_report(out, records, name)
     return records
+
+
+def rewrite_report(out: str | Path) -> Path:
+    """results.csv, the figures and report.md of a study directory again from its results.jsonl (`fieldtrain study
+    report DIR`), each record's axes, settings and collectives re-derived from the study file where it still exists
+    (a cost model that changed since the study ran, a record of an older version); the report's path."""
+    out = Path(out)
+    meta = out / "study.json"
+    if not meta.is_file() or not (out / "results.jsonl").is_file():
+        raise ValueError(f"{str(out)!r} is not a study directory with results (study.json and results.jsonl)")
+    info = json.loads(meta.read_text())
+    if Path(info["file"]).is_file():      # re-derive what the records take from the study file and today's code
+        study = load_study(info["file"], out)
+        cells = {c.key: c for c in study.cells()}
+        records = read_records(out / "results.jsonl")
+        for r in records:
+            cell = cells.get(r["cell"])
+            summary = Path(r.get("run_dir", "")) / "summary.json"
+            if cell is None:
+                continue
+            r.update(axes={k: _shown(v) for k, v in cell.values}, settings=cell.settings)
+            if r["status"] == "ok" and summary.is_file():
+                r.update(_collectives(study, cell, Path(r["run_dir"]), json.loads(summary.read_text())))
+        tmp = out / "results.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp.replace(out / "results.jsonl")
+    _write_outputs(out, info.get("name") or Path(info["file"]).stem)
+    return out / "report.md"

@@ -5,7 +5,8 @@ Per step, a cell of series s (its axes other than world size, nodes and bandwidt
     t = c(cell) + sum over the step's collectives k of [ alpha m_k(W') + beta(link) b_k(W') ]
 
 Hockney's alpha-beta model with each engine's and compressor's own collectives (trainer/compress: a compressor's
-`collectives`, a sharded form's `scatter_ops`, the sharded engines' parameter all-gathers), each with its payload p_k:
+`collectives` under DDP and ZeRO-1/2, a reduce-scatter form's `scatter_ops` under FSDP2 and ZeRO-3, the sharded engines'
+parameter all-gathers), each with its payload p_k:
 
     collective            messages m_k   bytes one rank sends b_k
     allreduce (ring)      2 (W - 1)      2 (W - 1) / W p      (reduce-scatter then all-gather)
@@ -30,7 +31,6 @@ modelled: the prediction is the serial (upper) bound, and the fit's kappa absorb
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
 import statistics
@@ -84,7 +84,7 @@ def step_collectives(cfg, shapes: list[tuple[tuple[int, ...], bool]], w: int
     plan = GradientPlan(sum(math.prod(s) * (2 if c else 1) for s, c in shapes), *powersgd_plan(shapes, cfg.comm))
     if name == "skip" or w == 1:
         grads: list[tuple[str, float]] = []
-    elif engine == "ddp":
+    elif engine == "ddp" or (engine == "deepspeed" and cfg.parallel.zero_stage < 3):   # the allreduce forms
         cls = _compressors().get(name)
         if cls is None or not cls.cost_model:
             raise ValueError(f"no cost model for comm.compressor = {name!r}")
@@ -106,11 +106,16 @@ def is_floor(rec: dict) -> bool:
     return rec.get("settings", rec["axes"]).get("comm.compressor") == "skip"
 
 
+def is_exchange_key(key: str) -> bool:
+    """A setting of the gradient exchange (how it runs, not what is trained or where): comm.*, DDP's bucket cap."""
+    return key.startswith("comm.") or key == "parallel.bucket_cap_mb"
+
+
 def floor_key(rec: dict) -> tuple:
-    """What a cell shares with its floor: placement and every setting but the exchange's (comm.*)."""
+    """What a cell shares with its floor: placement and every setting but the exchange's."""
     settings = rec.get("settings", {k: v for k, v in rec["axes"].items() if k not in PLACEMENT})
     return (int(rec[WORLD]), int(rec.get("nodes") or 1), rec.get("bandwidth") if (rec.get("nodes") or 1) > 1 else None,
-            tuple(sorted((k, str(v)) for k, v in settings.items() if not k.startswith("comm."))))
+            tuple(sorted((k, str(v)) for k, v in settings.items() if not is_exchange_key(k))))
 
 
 def series_label(rec: dict) -> str:
@@ -148,6 +153,7 @@ class CostModel:
     worlds: tuple[int, ...] = ()           # the world sizes > 1 it was fitted on
     links: tuple[int | None, ...] = ()     # the links it was fitted on (bps; None: unshaped)
     bytes_check: list[tuple[str, int, float, float]] = field(default_factory=list)   # (series, W, counted, model)
+    codec: dict[str, float] = field(default_factory=dict)   # series -> its exchange's own seconds per step
 
     def predict(self, series: str, w: int, bandwidth_bps: float | None = None, compute_s: float | None = None,
                 ranks_per_node: int = 1) -> float:
@@ -161,7 +167,7 @@ class CostModel:
         msgs = sum(messages(k, span) for k, _ in kind_params)
         b = sum(wire_bytes(k, p, span) for k, p in kind_params)
         beta = self.kappa * 8.0 / bandwidth_bps if bandwidth_bps else self.beta_local
-        return c + self.alpha * msgs + beta * b
+        return c + self.codec.get(series, 0.0) + self.alpha * msgs + beta * b
 
     @property
     def caveats(self) -> list[str]:
@@ -190,8 +196,10 @@ class CostModel:
     def describe(self) -> str:
         err = self.held_out_error
         shaped = f"kappa {self.kappa:.2f} x the shaped link's 8/bps" if any(self.links) else "no shaped link"
+        codec = (f"; per-step exchange cost of each series (its codec and waits, fitted where it has 3+ cells): "
+                 + ", ".join(f"{s} {e * 1e3:.1f} ms" for s, e in sorted(self.codec.items()))) if self.codec else ""
         return (f"alpha {self.alpha * 1e6:.1f} us per message, {shaped}, loopback/unshaped "
-                f"{self.beta_local * 1e9:.3f} ns per byte; held-out error "
+                f"{self.beta_local * 1e9:.3f} ns per byte{codec}; held-out error "
                 + ("n/a (fewer than 3 cells)" if err is None else f"{err:.1%} (median over {len(self.held_out)} "
                    "cells, each predicted by the fit of the others)"))
 
@@ -229,23 +237,20 @@ def _points(records: list[dict]) -> tuple[dict[str, float], list[Point], dict, d
     return compute, points, ops, hier
 
 
-def _solve(points: list[Point]) -> tuple[float, float, float]:
-    """Non-negative least squares for (alpha, kappa, beta_local): the best of the fits on each subset of columns."""
-    A = np.array([p.features() for p in points])
+def _design(points: list[Point], codec: list[str]) -> np.ndarray:
+    """One row per point: its (messages, shaped-link seconds, unshaped bytes) and a 1 in its series' codec column."""
+    return np.array([[*p.features(), *(1.0 if p.series == s else 0.0 for s in codec)] for p in points])
+
+
+def _solve(points: list[Point], codec: list[str]) -> np.ndarray:
+    """Non-negative least squares for (alpha, kappa, beta_local, e_s for s in codec), columns scaled to unit norm."""
+    from scipy.optimize import nnls
+    A = _design(points, codec)
     y = np.array([p.t - p.compute for p in points])
-    live = [j for j in range(3) if np.any(A[:, j] > 0)]
-    best, best_res = np.zeros(3), float(y @ y)
-    for k in range(1, len(live) + 1):
-        for cols in itertools.combinations(live, k):
-            coef, *_ = np.linalg.lstsq(A[:, cols], y, rcond=None)
-            if (coef < 0).any():
-                continue
-            full = np.zeros(3)
-            full[list(cols)] = coef
-            res = float(np.sum((A @ full - y) ** 2))
-            if res < best_res - 1e-18:
-                best, best_res = full, res
-    return float(best[0]), float(best[1]), float(best[2])
+    norm = np.linalg.norm(A, axis=0)
+    norm[norm == 0] = 1.0
+    coef, _ = nnls(A / norm, y)
+    return coef / norm
 
 
 def fit(records: list[dict]) -> CostModel:
@@ -254,19 +259,25 @@ def fit(records: list[dict]) -> CostModel:
     if not points:
         raise ValueError("cost model: no series has a world-size-1 cell (its compute) and a larger one that exchanges "
                          "(with its collectives recorded); add world_size = 1 to the study's axes")
-    alpha, kappa, beta_local = _solve(points)
+    # a series' own per-step exchange cost (encode, decode, the waits of its collectives) where it has the cells to
+    # tell it from the shared terms: three or more
+    count = {s: sum(p.series == s for p in points) for s in {p.series for p in points}}
+    codec = sorted(s for s, n in count.items() if n >= 3)
+    coef = _solve(points, codec)
+    alpha, kappa, beta_local = (float(x) for x in coef[:3])
     model = CostModel(alpha, kappa if kappa > 0 else 1.0, beta_local, compute, ops, hier,
-                      worlds=tuple(sorted({p.w for p in points})), links=tuple(sorted({p.bps or 0 for p in points})))
+                      worlds=tuple(sorted({p.w for p in points})), links=tuple(sorted({p.bps or 0 for p in points})),
+                      codec={s: float(e) for s, e in zip(codec, coef[3:])})
     model.links = tuple(b or None for b in model.links)
     for p in points:
         grad = [(k, b) for k, b in p.ops if k != "param_allgather"]
         if p.measured_bytes:
             model.bytes_check.append((p.series, p.w, p.measured_bytes, sum(wire_bytes(k, b, p.span) for k, b in grad)))
-    if len(points) > 3:                   # each cell predicted by the fit of all the others
+    if len(points) > 3 + len(codec):      # each cell predicted by the fit of all the others
         for i, p in enumerate(points):
-            a, k, bl = _solve(points[:i] + points[i + 1:])
-            f = p.features()
-            model.held_out.append((p.series, p.w, p.t, p.compute + a * f[0] + (k or 1.0) * f[1] + bl * f[2]))
+            c = _solve(points[:i] + points[i + 1:], codec)
+            c[1] = c[1] or 1.0
+            model.held_out.append((p.series, p.w, p.t, p.compute + float(_design([p], codec)[0] @ c)))
     return model
 
 

@@ -15,12 +15,11 @@
 
 from __future__ import annotations
 
-import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from launch.study_model import parse_rate, series_label
+from launch.study_model import PLACEMENT, is_floor, parse_rate, series_label
 
 WORLD = "world_size"
 
@@ -43,9 +42,10 @@ def _median(rs: list[dict], key: str) -> float | None:
 
 def scaling_figure(records: list[dict], path: Path) -> None:
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(13, 4))
+    series = _series(records)
+    fig = Figure(figsize=(13, 4 + 0.17 * len(series) / 2), layout="constrained")
     ax_t, ax_s, ax_e = fig.subplots(1, 3)
-    for label, by_world in sorted(_series(records).items()):
+    for label, by_world in sorted(series.items()):
         worlds = sorted(by_world)
         med = [_median(by_world[w], "step_s_median") for w in worlds]
         lo = [m - (_median(by_world[w], "step_s_p10") or m) for w, m in zip(worlds, med)]
@@ -63,8 +63,7 @@ def scaling_figure(records: list[dict], path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     ax_e.axhline(1.0, color="k", lw=0.5)
-    ax_t.legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(*ax_t.get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=7)
     fig.savefig(path, dpi=100)
 
 
@@ -98,9 +97,9 @@ def weak_scaling_table(records: list[dict]) -> list[str]:
             *rows]
 
 
-def _one_axes():
+def _one_axes(size: tuple[float, float] = (6, 4)):
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(6, 4))
+    fig = Figure(figsize=size, layout="constrained")
     return fig, fig.subplots()
 
 
@@ -108,8 +107,7 @@ def _save(fig, ax, path: Path, xlabel: str, ylabel: str, legend_size: int) -> No
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=legend_size)
-    fig.tight_layout()
+    ax.legend(fontsize=legend_size, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.savefig(path, dpi=100)
 
 
@@ -142,8 +140,7 @@ def prediction_figure(records: list[dict], model, path: Path, bandwidths: tuple[
     """Measured step times (points, per link) and the fitted cost model (dashed: the study's links; dotted:
     `bandwidths`) from one rank to 1024, per series."""
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(7.5, 4.8))
-    ax = fig.subplots()
+    fig, ax = _one_axes((10, 5))
     worlds = [2**i for i in range(11)]
     links = _links(records) or [None]
     rpn = {series_label(r): r.get("ranks_per_node") or 1 for r in records if r.get("status") == "ok"}
@@ -167,9 +164,23 @@ def prediction_figure(records: list[dict], model, path: Path, bandwidths: tuple[
     ax.set_title(f"measured (points), fitted at the study's links (dashed), at {', '.join(bandwidths)} (dotted)",
                  fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.savefig(path, dpi=100)
+
+
+def _fp32_twins(records: list[dict]) -> dict[str, str]:
+    """series -> the series that trains the same thing the same way but exchanges in fp32 (comm.compressor = "none",
+    no other exchange setting), for the compressed series that have one."""
+    from launch.study_model import is_exchange_key
+    settings = {series_label(r): r.get("settings", r["axes"]) for r in records if r.get("status") == "ok"}
+
+    def rest(st):
+        return tuple(sorted((k, str(v)) for k, v in st.items() if not is_exchange_key(k) and k not in PLACEMENT))
+    fp32 = {rest(st): s for s, st in settings.items()
+            if st.get("comm.compressor", "none") == "none" and not any(is_exchange_key(k) and k != "comm.compressor"
+                                                                        for k in st)}
+    return {s: fp32[rest(st)] for s, st in settings.items()
+            if st.get("comm.compressor", "none") not in ("none", "skip") and rest(st) in fp32}
 
 
 def bandwidth_figure(records: list[dict], model, path: Path) -> list[tuple[str, float | None]]:
@@ -182,8 +193,8 @@ def bandwidth_figure(records: list[dict], model, path: Path) -> list[tuple[str, 
     if not shaped:
         return []
     w = max(int(r[WORLD]) for r in shaped)
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.subplots()
+    twins = _fp32_twins(records)
+    fig, ax = _one_axes((9.5, 4.5))
     grid = [10 ** (6 + k / 8) for k in range(49)]
     pays = []
     for i, label in enumerate(sorted(model.ops)):
@@ -194,8 +205,8 @@ def bandwidth_figure(records: list[dict], model, path: Path) -> list[tuple[str, 
             ax.plot([parse_rate(r["bandwidth"]) for r in rs], [r["step_s_median"] for r in rs], "o", color=color)
         ax.plot(grid, [model.predict(label, w, b, ranks_per_node=rpn) for b in grid], "-", color=color, lw=1,
                 label=label)
-        twin = re.sub(r"comm\.compressor=[^,]+", "comm.compressor=none", label)
-        if twin != label and twin in model.ops:
+        twin = twins.get(label)
+        if twin is not None and twin != label and twin in model.ops:
             pays.append((label, crossover_bps(model, label, twin, w, rpn)))
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -204,10 +215,16 @@ def bandwidth_figure(records: list[dict], model, path: Path) -> list[tuple[str, 
     ax.set_title("measured (points) and predicted (lines): a compressor pays where its line is below fp32's",
                  fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.savefig(path, dpi=100)
     return pays
+
+
+def _replicas(ok: list[dict]) -> str:
+    consistent = {r.get("replicas_consistent") for r in ok}
+    if is_floor(ok[0]):
+        return "no exchange"          # a skip floor's replicas drift apart by design
+    return "identical" if consistent == {True} else "n/a" if consistent == {None} else "DIFFER"
 
 
 def _fmt(x, spec: str) -> str:
@@ -231,7 +248,6 @@ def write_report(out: Path, records: list[dict], title: str) -> None:
         if not ok:
             lines.append(f"| {key} | 0 of {len(rs)} | failed: {rs[-1]['error'][:80]} | | | | | | | | |")
             continue
-        consistent = {r.get("replicas_consistent") for r in ok}
         b = _median(ok, "bytes_per_step")
         lines.append(
             f"| {key} | {len(ok)} of {len(rs)} | {_fmt(_median(ok, 'step_s_median'), '.4f')} | "
@@ -240,7 +256,7 @@ def write_report(out: Path, records: list[dict], title: str) -> None:
             f"{_fmt(_median(ok, 'exposed_s'), '.4f')} | "
             f"{_fmt(None if b is None else b / 1e6, '.3f')} | {_fmt(_median(ok, 'peak_memory_mb_per_rank'), '.1f')} | "
             f"{_fmt(_median(ok, 'test_rel_l2'), '.4f')} | "
-            f"{'identical' if consistent == {True} else 'n/a' if consistent == {None} else 'DIFFER'} |")
+            f"{_replicas(ok)} |")
     lines += weak_scaling_table(records)
     from launch.study_model import fit
     try:

@@ -61,6 +61,11 @@ def test_study_runs_every_cell_records_them_and_resume_runs_nothing(small_darcy,
     again = fieldtrain("study", study, "--out", str(out), "--resume")
     assert again.returncode == 0 and "6 cells x 1 repeats, 0 to run" in again.stderr, again.stderr[-2000:]
     assert len(records(out)) == 6
+    (out / "report.md").unlink()
+    (out / "scaling.png").unlink()
+    redo = fieldtrain("study", "report", str(out))        # outputs again from results.jsonl, nothing run
+    assert redo.returncode == 0 and (out / "scaling.png").is_file(), redo.stderr[-2000:]
+    assert (out / "report.md").read_text() == report
     refused = fieldtrain("study", study, "--out", str(out))       # neither --resume nor --force
     assert refused.returncode == 2 and "--resume" in refused.stderr
 
@@ -128,7 +133,7 @@ OPS = {"none": [("allreduce", 4.0 * N)],                                   # the
        "fsdp2": [("reduce_scatter", 4.0 * N), ("param_allgather", 4.0 * N), ("param_allgather", 4.0 * N)]}
 
 
-def _synthetic(alpha, kappa, compute, worlds, bandwidths=("100mbit", "1gbit"), beta_local=0.0):
+def _synthetic(alpha, kappa, compute, worlds, bandwidths=("100mbit", "1gbit"), beta_local=0.0, codec=None):
     """Records timed by the model itself: W = 1 on loopback, W > 1 on W emulated nodes at each bandwidth."""
     from launch.study_model import messages, parse_rate, wire_bytes
     recs = []
@@ -138,6 +143,7 @@ def _synthetic(alpha, kappa, compute, worlds, bandwidths=("100mbit", "1gbit"), b
                 beta = kappa * 8 / parse_rate(bw) if bw else beta_local
                 ops = OPS[series] if w > 1 else []
                 t = c + sum(alpha * messages(k, w) + beta * wire_bytes(k, p, w) for k, p in ops)
+                t += (codec or {}).get(series, 0.0) if w > 1 else 0.0
                 b = sum(wire_bytes(k, p, w) for k, p in ops if k != "param_allgather")
                 recs.append({"status": "ok", "world_size": w, "nodes": w, "bandwidth": bw, "cores_per_rank": 1.0,
                              "axes": {"world_size": w, "comm.compressor": series, **({"bandwidth": bw} if bw else {})},
@@ -149,15 +155,17 @@ def test_cost_model_recovers_alpha_and_beta_from_synthetic_timings():
     from launch.study_model import crossover_bps, fit
     alpha, kappa = 3e-5, 1.25            # 30 us per message; the wire 1.25x slower than its nominal rate
     compute = {"none": 0.2, "topk": 0.22, "powersgd": 0.23, "fsdp2": 0.21}
-    model = fit(_synthetic(alpha, kappa, compute, [1, 2, 4]))
-    assert model.alpha == pytest.approx(alpha, rel=1e-9) and model.kappa == pytest.approx(kappa, rel=1e-9)
+    codec = {"topk": 0.011, "powersgd": 0.006}                              # each series' own encode/decode seconds
+    model = fit(_synthetic(alpha, kappa, compute, [1, 2, 4], codec=codec))
+    assert model.alpha == pytest.approx(alpha, rel=1e-6) and model.kappa == pytest.approx(kappa, rel=1e-6)
+    assert {s.split("=")[1]: round(e, 9) for s, e in model.codec.items()} == {**codec, "none": 0, "fsdp2": 0}
     assert model.held_out_error == pytest.approx(0, abs=1e-9) and model.caveats == []
     assert all(counted == pytest.approx(predicted) for _, _, counted, predicted in model.bytes_check)
     # 512 nodes at 100 Gbit/s: PowerSGD's two allreduces; top-k's allgather sends 511 x its payload
     assert model.predict("comm.compressor=powersgd", 512, bandwidth_bps=100e9) == pytest.approx(
-        0.23 + alpha * 2 * 2 * 511 + kappa * 8 / 100e9 * 3.3e5 * 2 * 511 / 512)
+        0.23 + 0.006 + alpha * 2 * 2 * 511 + kappa * 8 / 100e9 * 3.3e5 * 2 * 511 / 512)
     assert model.predict("comm.compressor=topk", 512, 100e9, compute_s=0.01) == pytest.approx(
-        0.01 + alpha * 511 + kappa * 8 / 100e9 * 511 * 8 * (N // 100))
+        0.01 + 0.011 + alpha * 511 + kappa * 8 / 100e9 * 511 * 8 * (N // 100))
     assert model.predict("comm.compressor=fsdp2", 64, 1e9) == pytest.approx(
         0.21 + alpha * 3 * 63 + kappa * 8 / 1e9 * 3 * 63 / 64 * 4 * N)
     # where compression pays: PowerSGD beats fp32 below the crossover, never above
@@ -219,6 +227,7 @@ def test_study_on_emulated_nodes_shapes_the_link_and_runs_one_node_once(small_da
     recs = {(x["nodes"], x["bandwidth"]): x for x in records(out)}
     assert len(recs) == 4 and all(x["status"] == "ok" for x in recs.values())
     assert recs[(1, "1gbit")]["shared_from"] == "nodes=1,bandwidth=\"10mbit\""
+    assert recs[(1, "1gbit")]["axes"] == {"nodes": 1, "bandwidth": "1gbit"}
     assert recs[(1, "1gbit")]["step_s_median"] == recs[(1, "10mbit")]["step_s_median"]
     slow = recs[(2, "10mbit")]
     assert slow["link"] == "10mbit between 2 emulated nodes (tbf)" and slow["world_size"] == 2

@@ -24,21 +24,22 @@ def cluster_env(ray_cluster, monkeypatch):  # noqa: F811
 
 @pytest.mark.slow
 def test_each_cell_is_a_ray_train_job_and_a_failing_one_is_recorded(cluster_env, small_darcy, tmp_path):
-    from launch.study import Cell, load_study, read_records, write_csv
+    from launch.study import Cell, load_study, read_records, run_study, write_csv
     from launch.study_ray import ray_capacity, run_cell_ray
     address = cluster_env
     assert ray_capacity(address) == (8, "0.5 CPU per worker on the Ray cluster's 1 node(s), 4 CPUs")   # --num-cpus=4
 
-    study = load_study(write_study(tmp_path / "s.toml", small_darcy, "world_size = [1, 2]", steps=3),
-                       tmp_path / "study")
-    study.out.mkdir(parents=True)
+    path = write_study(tmp_path / "s.toml", small_darcy, "world_size = [1, 2]", steps=3)
+    with pytest.raises(ValueError, match="study cell world_size=16: 16 ranks; the ray backend places at most 8"):
+        run_study(write_study(tmp_path / "big.toml", small_darcy, "world_size = [16]"), "ray", ray_address=address,
+                  out=tmp_path / "big")
+    run_study(path, "ray", ray_address=address, out=tmp_path / "study")      # the two cells, as the CLI runs them
+    study = load_study(path, tmp_path / "study")
     missing = tmp_path / "missing.zarr"
-    cells = [*study.cells(), Cell((("world_size", 1), ("data.path", str(missing))))]
     results = study.out / "results.jsonl"
-    for cell in cells:
-        rec = run_cell_ray(study, cell, 0, address)
-        with results.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+    rec = run_cell_ray(study, Cell((("world_size", 1), ("data.path", str(missing)))), 0, address)
+    with results.open("a") as f:
+        f.write(json.dumps(rec) + "\n")
     recs = read_records(results)
     write_csv(study.out, recs)
 
