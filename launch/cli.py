@@ -376,6 +376,9 @@ def cmd_study_predict(args: argparse.Namespace) -> int:
         raise ValueError(f"study directory {args.dir!r} has no results.jsonl records (run the study first)")
     model = fit(records)
     print(f"fit: {model.describe()}")
+    if args.alpha_us is not None:
+        model.alpha = args.alpha_us * 1e-6
+        print(f"alpha set to {args.alpha_us:g} us per message (--alpha-us)")
     for caveat in model.caveats:
         print(f"caveat: {caveat}")
     nodes = [int(n) for n in args.nodes.split(",") if n.strip()]
@@ -414,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("dir", nargs="?", help="with `predict` or `report`: the study directory")
     st.add_argument("--nodes", default="8,64,512,1024", help="predict: node counts, comma-separated")
     st.add_argument("--ranks-per-node", type=int, default=1, help="predict: ranks on each node")
+    st.add_argument("--alpha-us", type=float, default=None,
+                    help="predict: the target network's latency per message (us), instead of the fitted alpha")
     st.add_argument("--bandwidth", default="10gbit,100gbit,400gbit",
                     help="predict: links (tc rates, or `measured`: the study's loopback/unshaped link)")
     st.add_argument("--compute-s", type=float, default=None,

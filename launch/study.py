@@ -332,13 +332,18 @@ def _collectives(study: Study, cell: Cell, run_dir: Path, summary: dict) -> dict
     from trainer.config import load_config
     cfg = load_config(study.config, study.overrides(cell, run_dir))
     hierarchical = cfg.comm.hierarchy == "node" and cell.nodes > 1
+    span = cell.nodes if hierarchical else cell.world
+    shapes = [(tuple(s), c) for s, c in summary.get("param_shapes", [])]
+    at = {}
     try:
-        shapes = [(tuple(s), c) for s, c in summary.get("param_shapes", [])]
-        grads, params = step_collectives(cfg, shapes, cell.nodes if hierarchical else cell.world)
+        for w in sorted({span, *(2**k for k in range(1, 13))}):     # a shard's payload depends on W: predictions
+            grads, params = step_collectives(cfg, shapes, w)        # take them at the span they predict
+            at[w] = [list(op) for op in grads + params]
     except ValueError as e:              # a compressor without a cost model (auto): the cell is not in the fit
         log.info("study cell %s: no collectives for the cost model (%s)", cell.key, e)
         return {}
-    return {"collectives": [list(op) for op in grads + params], "hierarchical": hierarchical}
+    return {"collectives": at[span], "collectives_at": {str(w): ops for w, ops in at.items()},
+            "hierarchical": hierarchical}
 
 
 def _cell_paths(study: Study, cell: Cell, repeat: int) -> tuple[Path, Path]:

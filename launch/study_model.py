@@ -118,6 +118,14 @@ def floor_key(rec: dict) -> tuple:
             tuple(sorted((k, str(v)) for k, v in settings.items() if not is_exchange_key(k))))
 
 
+def ops_at(table: dict[int, list[tuple[str, float]]], span: int) -> list[tuple[str, float]]:
+    """A series' collectives at `span` ranks: as computed there, else at the nearest span computed (log scale; a
+    shard's payload shrinks as 1/W, so records carry them at every power of two, launch/study.py `_collectives`)."""
+    if span in table:
+        return table[span]
+    return table[min(table, key=lambda k: abs(math.log(k) - math.log(span)))]
+
+
 def series_label(rec: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in rec["axes"].items() if k not in PLACEMENT) or "all"
 
@@ -147,13 +155,14 @@ class CostModel:
     kappa: float                           # shaped link: seconds per byte = kappa 8 / bps
     beta_local: float                      # seconds per byte on loopback / an unshaped link
     compute: dict[str, float]              # series -> one-rank compute seconds per step
-    ops: dict[str, list[tuple[str, float]]]   # series -> its collectives (payloads)
+    ops: dict[str, dict[int, list[tuple[str, float]]]]   # series -> span -> its collectives (payloads) there
     hierarchical: dict[str, bool] = field(default_factory=dict)
     held_out: list[tuple[str, int, float, float]] = field(default_factory=list)   # (series, W, measured, predicted)
     worlds: tuple[int, ...] = ()           # the world sizes > 1 it was fitted on
     links: tuple[int | None, ...] = ()     # the links it was fitted on (bps; None: unshaped)
     bytes_check: list[tuple[str, int, float, float]] = field(default_factory=list)   # (series, W, counted, model)
     codec: dict[str, float] = field(default_factory=dict)   # series -> its exchange's own seconds per step
+    placed: dict[tuple[str, int], float] = field(default_factory=dict)   # (series, W) -> compute as measured here
 
     def predict(self, series: str, w: int, bandwidth_bps: float | None = None, compute_s: float | None = None,
                 ranks_per_node: int = 1) -> float:
@@ -163,7 +172,7 @@ class CostModel:
         span = max(1, w // ranks_per_node) if self.hierarchical.get(series) else w
         if span == 1:
             return c
-        kind_params = self.ops[series]
+        kind_params = ops_at(self.ops[series], span)
         msgs = sum(messages(k, span) for k, _ in kind_params)
         b = sum(wire_bytes(k, p, span) for k, p in kind_params)
         beta = self.kappa * 8.0 / bandwidth_bps if bandwidth_bps else self.beta_local
@@ -180,8 +189,9 @@ class CostModel:
             out.append("no cell ran on a shaped link: predictions at other bandwidths take kappa = 1 (the wire's "
                        "nominal rate), not a measured one")
         if self.alpha == 0:
-            out.append("alpha fitted negative and dropped: the exchange did not grow with messages as the model "
-                       "assumes (CPU-bound codecs, ranks sharing cores)")
+            out.append("alpha fitted to 0: these cells do not tell the per-message latency from each series' fixed "
+                       "exchange cost (ranks sharing cores, CPU-bound codecs); predictions at many ranks leave latency "
+                       "out: give the target network's with `study predict --alpha-us`")
         bad = [(s, w) for s, w, counted, model in self.bytes_check if model and abs(counted / model - 1) > 0.05]
         if bad:
             out.append(f"the transport counted bytes > 5% off the model's for {len(bad)} cell(s), e.g. {bad[0]}")
@@ -222,16 +232,20 @@ def _points(records: list[dict]) -> tuple[dict[str, float], list[Point], dict, d
         r0 = rs[0]
         if w == 1 or "collectives" not in r0 or s not in compute:
             continue
-        ops[s] = [tuple(o) for o in r0["collectives"]]     # payloads: the same at every W (but block padding)
         hier[s] = hier.get(s, False) or bool(r0.get("hierarchical"))
+        span = n if hier[s] else w
+        table = ops.setdefault(s, {})
+        table[span] = [tuple(o) for o in r0["collectives"]]
+        for k, at in r0.get("collectives_at", {}).items():     # the same collectives at other spans (study.py)
+            table.setdefault(int(k), [tuple(o) for o in at])
         if is_floor(r0):
             continue
         floor = floors.get(floor_key(r0))
         c = floor if floor is not None else compute[s] * max(1.0, 1.0 / (r0.get("cores_per_rank") or 1.0))
-        span = n if hier[s] else w
         counted = statistics.median(x.get("bytes_per_step") or 0 for x in rs)
         # a skip floor still gathers a sharded engine's parameters: they are in c, not in the exchange
-        paid = ops[s] if floor is None else [o for o in ops[s] if o[0] != "param_allgather"]
+        own = table[span]
+        paid = own if floor is None else [o for o in own if o[0] != "param_allgather"]
         points.append(Point(s, w, n, parse_rate(bw) if bw else None, _median(rs, "step_s_median"), c, paid, span,
                             counted))
     return compute, points, ops, hier
@@ -269,6 +283,7 @@ def fit(records: list[dict]) -> CostModel:
                       worlds=tuple(sorted({p.w for p in points})), links=tuple(sorted({p.bps or 0 for p in points})),
                       codec={s: float(e) for s, e in zip(codec, coef[3:])})
     model.links = tuple(b or None for b in model.links)
+    model.placed = {(p.series, p.w): p.compute for p in points}
     for p in points:
         grad = [(k, b) for k, b in p.ops if k != "param_allgather"]
         if p.measured_bytes:
@@ -283,11 +298,13 @@ def fit(records: list[dict]) -> CostModel:
 
 def crossover_bps(model: CostModel, series: str, baseline: str, w: int, ranks_per_node: int = 1) -> float | None:
     """The highest bandwidth (bps, searched 1 Mbit/s-1 Tbit/s) below which `series` is predicted faster than
-    `baseline` at w ranks: where its compression starts to pay. None where it never does."""
+    `baseline` at w ranks: where its compression starts to pay. None where it never does, inf where it always does."""
     grid = np.logspace(6, 12, 241)
     faster = [model.predict(series, w, b, ranks_per_node=ranks_per_node)
               < model.predict(baseline, w, b, ranks_per_node=ranks_per_node) for b in grid]
     below = [b for b, f in zip(grid, faster) if f]
+    if faster[-1]:
+        return math.inf                   # faster on every link searched: its fixed costs are below fp32's
     return float(max(below)) if below else None
 
 

@@ -41,29 +41,43 @@ def _median(rs: list[dict], key: str) -> float | None:
 
 
 def scaling_figure(records: list[dict], path: Path) -> None:
+    """One row of three panels per link bandwidth (one row without a bandwidth axis); a series keeps its colour."""
     from matplotlib.figure import Figure
-    series = _series(records)
-    fig = Figure(figsize=(13, 4 + 0.17 * len(series) / 2), layout="constrained")
-    ax_t, ax_s, ax_e = fig.subplots(1, 3)
-    for label, by_world in sorted(series.items()):
-        worlds = sorted(by_world)
-        med = [_median(by_world[w], "step_s_median") for w in worlds]
-        lo = [m - (_median(by_world[w], "step_s_p10") or m) for w, m in zip(worlds, med)]
-        hi = [(_median(by_world[w], "step_s_p90") or m) - m for w, m in zip(worlds, med)]
-        ax_t.errorbar(worlds, med, yerr=[lo, hi], marker="o", capsize=3, label=label)
-        ax_s.plot(worlds, [_median(by_world[w], "samples_per_s") for w in worlds], marker="o", label=label)
-        line = ax_e.plot(worlds, [med[0] / m for m in med], marker="o", label=label)
-        floor = _floor_efficiency(by_world)
-        if floor:
-            ax_e.plot(*zip(*floor), "--", marker="x", color=line[0].get_color())
-    for ax, title in ((ax_t, "step time (s), median and p10-p90"), (ax_s, "samples / s"),
-                      (ax_e, "weak-scaling efficiency t(W min) / t(W);\ndashed: t_floor(W) / t(W), same placement")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("world size (ranks)")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-    ax_e.axhline(1.0, color="k", lw=0.5)
-    fig.legend(*ax_t.get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=7)
+    links = sorted({r.get("bandwidth") for r in records if r.get("status") == "ok"},
+                   key=lambda b: (b is not None, parse_rate(b) if b else 0))
+    colours = {s: f"C{i % 10}" for i, s in enumerate(sorted({series_label(r) for r in records
+                                                              if r.get("status") == "ok"}))}
+    fig = Figure(figsize=(13, 0.6 + 3.6 * len(links) + 0.17 * len(colours) / 2), layout="constrained")
+    axes = fig.subplots(len(links), 3, squeeze=False)
+    for row, link in zip(axes, links):
+        ax_t, ax_s, ax_e = row
+        for label, by_world in sorted(_series([r for r in records if r.get("bandwidth") == link],
+                                              drop=(WORLD, "nodes", "bandwidth")).items()):
+            colour = colours.get(label)
+            worlds = sorted(by_world)
+            med = [_median(by_world[w], "step_s_median") for w in worlds]
+            lo = [m - (_median(by_world[w], "step_s_p10") or m) for w, m in zip(worlds, med)]
+            hi = [(_median(by_world[w], "step_s_p90") or m) - m for w, m in zip(worlds, med)]
+            ax_t.errorbar(worlds, med, yerr=[lo, hi], marker="o", capsize=3, label=label, color=colour)
+            ax_s.plot(worlds, [_median(by_world[w], "samples_per_s") for w in worlds], marker="o", color=colour)
+            ax_e.plot(worlds, [med[0] / m for m in med], marker="o", color=colour)
+            floor = _floor_efficiency(by_world)
+            if floor:
+                ax_e.plot(*zip(*floor), "--", marker="x", color=colour)
+        at = f" at {link}" if link else ""
+        for ax, title in ((ax_t, f"step time (s), median and p10-p90{at}"), (ax_s, f"samples / s{at}"),
+                          (ax_e, f"weak-scaling efficiency t(W min) / t(W){at};\n"
+                                 "dashed: t_floor(W) / t(W), same placement")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("world size (ranks)")
+            ax.set_title(title, fontsize=10)
+            ax.grid(alpha=0.3)
+        ax_e.axhline(1.0, color="k", lw=0.5)
+    handles = {}
+    for ax in axes[:, 0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=3, fontsize=7)
     fig.savefig(path, dpi=100)
 
 
@@ -161,8 +175,8 @@ def prediction_figure(records: list[dict], model, path: Path, bandwidths: tuple[
     ax.set_yscale("log")
     ax.set_xlabel("world size (ranks)")
     ax.set_ylabel("step time (s)")
-    ax.set_title(f"measured (points), fitted at the study's links (dashed), at {', '.join(bandwidths)} (dotted)",
-                 fontsize=9)
+    ax.set_title(f"measured (points); predicted with each rank on cores of its own, at the study's links (dashed) "
+                 f"and {', '.join(bandwidths)} (dotted)", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.savefig(path, dpi=100)
@@ -203,11 +217,12 @@ def bandwidth_figure(records: list[dict], model, path: Path) -> list[tuple[str, 
         rpn = rs[0].get("ranks_per_node", 1) if rs else 1
         if rs:
             ax.plot([parse_rate(r["bandwidth"]) for r in rs], [r["step_s_median"] for r in rs], "o", color=color)
-        ax.plot(grid, [model.predict(label, w, b, ranks_per_node=rpn) for b in grid], "-", color=color, lw=1,
+        placed = model.placed.get((label, w))      # the compute of this machine's placement, as the points had
+        ax.plot(grid, [model.predict(label, w, b, placed, ranks_per_node=rpn) for b in grid], "-", color=color, lw=1,
                 label=label)
         twin = twins.get(label)
         if twin is not None and twin != label and twin in model.ops:
-            pays.append((label, crossover_bps(model, label, twin, w, rpn)))
+            pays.append((label, crossover_bps(model, label, twin, w, rpn)))   # each rank on its own cores
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("link bandwidth between nodes (bit/s)")
@@ -225,6 +240,12 @@ def _replicas(ok: list[dict]) -> str:
     if is_floor(ok[0]):
         return "no exchange"          # a skip floor's replicas drift apart by design
     return "identical" if consistent == {True} else "n/a" if consistent == {None} else "DIFFER"
+
+
+def _pays(bps: float | None) -> str:
+    if bps is None:
+        return "never"
+    return "every link to 1 Tbit/s" if bps == float("inf") else f"{bps / 1e9:.3g} Gbit/s"
 
 
 def _fmt(x, spec: str) -> str:
@@ -273,7 +294,7 @@ def write_report(out: Path, records: list[dict], title: str) -> None:
         if pays:
             lines += ["", "## Where compression pays", "", "![bandwidth](bandwidth.png)", "",
                       "| series | predicted faster than fp32 below |", "|---|---|"]
-            lines += [f"| {s} | {'never' if b is None else f'{b / 1e9:.3g} Gbit/s'} |" for s, b in pays]
+            lines += [f"| {s} | {_pays(b)} |" for s, b in pays]
     from launch.study_proxy import write_lr_transfer
     lr_transfer = write_lr_transfer(out, records)   # (path, markdown); None without optim.lr and model.fno.width axes
     if lr_transfer is not None:

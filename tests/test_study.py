@@ -45,6 +45,10 @@ def test_study_runs_every_cell_records_them_and_resume_runs_nothing(small_darcy,
     model = fit(recs)
     checked = {(s.split("=")[-1], w): (counted, predicted) for s, w, counted, predicted in model.bytes_check}
     assert sorted(checked) == [("int8", 2), ("int8", 4), ("none", 2), ("none", 4)], checked
+    # int8's allgather carries this rank's reduced shard: 1/W of the gradient, so the records carry it at every span
+    two_int8 = two["int8"]["collectives_at"]
+    gather = {w: dict(map(tuple, two_int8[str(w)]))["allgather"] for w in (2, 1024)}
+    assert gather[1024] == pytest.approx(gather[2] * 2 / 1024, rel=0.05)
     for (name, w), (counted, predicted) in checked.items():
         if name == "none":
             assert counted == predicted, (w, counted, predicted)
