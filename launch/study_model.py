@@ -141,6 +141,7 @@ class Point:
     ops: list[tuple[str, float]]           # every collective, with payload
     span: int                              # the world the collectives span (W, or nodes when hierarchical)
     measured_bytes: float | None = None
+    shared: float = 0.0                    # the one-rank compute scaled by the cores the ranks shared here
 
     def features(self) -> tuple[float, float, float]:
         """(messages, shaped-link seconds at kappa = 1, bytes on an unshaped link)."""
@@ -162,7 +163,7 @@ class CostModel:
     links: tuple[int | None, ...] = ()     # the links it was fitted on (bps; None: unshaped)
     bytes_check: list[tuple[str, int, float, float]] = field(default_factory=list)   # (series, W, counted, model)
     codec: dict[str, float] = field(default_factory=dict)   # series -> its exchange's own seconds per step
-    placed: dict[tuple[str, int], float] = field(default_factory=dict)   # (series, W) -> compute as measured here
+    placed: dict[tuple[str, int], float] = field(default_factory=dict)   # (series, W) -> compute with the cores shared
 
     def predict(self, series: str, w: int, bandwidth_bps: float | None = None, compute_s: float | None = None,
                 ranks_per_node: int = 1) -> float:
@@ -241,13 +242,14 @@ def _points(records: list[dict]) -> tuple[dict[str, float], list[Point], dict, d
         if is_floor(r0):
             continue
         floor = floors.get(floor_key(r0))
-        c = floor if floor is not None else compute[s] * max(1.0, 1.0 / (r0.get("cores_per_rank") or 1.0))
+        shared = compute[s] * max(1.0, 1.0 / (r0.get("cores_per_rank") or 1.0))
+        c = floor if floor is not None else shared
         counted = statistics.median(x.get("bytes_per_step") or 0 for x in rs)
         # a skip floor still gathers a sharded engine's parameters: they are in c, not in the exchange
         own = table[span]
         paid = own if floor is None else [o for o in own if o[0] != "param_allgather"]
         points.append(Point(s, w, n, parse_rate(bw) if bw else None, _median(rs, "step_s_median"), c, paid, span,
-                            counted))
+                            counted, shared))
     return compute, points, ops, hier
 
 
@@ -283,7 +285,7 @@ def fit(records: list[dict]) -> CostModel:
                       worlds=tuple(sorted({p.w for p in points})), links=tuple(sorted({p.bps or 0 for p in points})),
                       codec={s: float(e) for s, e in zip(codec, coef[3:])})
     model.links = tuple(b or None for b in model.links)
-    model.placed = {(p.series, p.w): p.compute for p in points}
+    model.placed = {(p.series, p.w): p.shared for p in points}
     for p in points:
         grad = [(k, b) for k, b in p.ops if k != "param_allgather"]
         if p.measured_bytes:

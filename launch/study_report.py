@@ -211,15 +211,15 @@ def bandwidth_figure(records: list[dict], model, path: Path) -> list[tuple[str, 
     fig, ax = _one_axes((9.5, 4.5))
     grid = [10 ** (6 + k / 8) for k in range(49)]
     pays = []
-    for i, label in enumerate(sorted(model.ops)):
+    floors = {series_label(r) for r in shaped if is_floor(r)}      # their compute is what the others are placed on
+    for i, label in enumerate(sorted(set(model.ops) - floors)):
         color = f"C{i % 10}"
         rs = [r for r in shaped if series_label(r) == label and int(r[WORLD]) == w]
         rpn = rs[0].get("ranks_per_node", 1) if rs else 1
         if rs:
             ax.plot([parse_rate(r["bandwidth"]) for r in rs], [r["step_s_median"] for r in rs], "o", color=color)
-        placed = model.placed.get((label, w))      # the compute of this machine's placement, as the points had
-        ax.plot(grid, [model.predict(label, w, b, placed, ranks_per_node=rpn) for b in grid], "-", color=color, lw=1,
-                label=label)
+        placed = model.placed.get((label, w))      # the compute with this machine's cores shared, as the points
+        ax.plot(grid, [model.predict(label, w, b, placed, rpn) for b in grid], "-", color=color, lw=1, label=label)
         twin = twins.get(label)
         if twin is not None and twin != label and twin in model.ops:
             pays.append((label, crossover_bps(model, label, twin, w, rpn)))   # each rank on its own cores
