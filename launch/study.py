@@ -9,6 +9,7 @@ times for `steps` steps each:
     repeats = 2
     warmup_steps = 5                          # left out of the step-time statistics
     set = ["model.fno.width=32", "data.batch_size=16"]   # common to every cell
+    # global_batch = 64                       # strong scaling: data.batch_size = 64 / W (default: weak, per rank)
 
     [axes]
     world_size = [1, 2, 4]                    # ranks in all (not a config key)
@@ -61,7 +62,7 @@ WORLD = "world_size"
 NODES = "nodes"
 BANDWIDTH = "bandwidth"
 PLACEMENT = (WORLD, NODES, BANDWIDTH)       # axes that place the ranks; every other axis is a config key
-STUDY_KEYS = {"config", "steps", "repeats", "warmup_steps", "set", "name", "out_dir", "eval_every"}
+STUDY_KEYS = {"config", "steps", "repeats", "warmup_steps", "set", "name", "out_dir", "eval_every", "global_batch"}
 BACKENDS = ("local", "slurm", "ray")
 SLURM_TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                   "DEADLINE", "PREEMPTED")
@@ -136,6 +137,11 @@ class Study:
     out: Path
     eval_every: int
     text: str = field(repr=False, default="")
+    global_batch: int = 0              # > 0: strong scaling, data.batch_size = global_batch / W in every cell
+
+    @property
+    def scaling(self) -> str:
+        return "strong" if self.global_batch else "weak"
 
     @property
     def fingerprint(self) -> str:
@@ -146,8 +152,10 @@ class Study:
         return [Cell(tuple(zip(keys, combo))) for combo in itertools.product(*(self.axes[k] for k in keys))]
 
     def overrides(self, cell: Cell, run_dir: Path) -> list[str]:
-        return [*self.sets, *cell.overrides, f"train.max_steps={self.steps}", f"train.eval_every={self.eval_every}",
-                "train.progress=false", f"run.out_dir={run_dir.parent}", f"run.name={run_dir.name}"]
+        batch = [f"data.batch_size={self.global_batch // cell.world}"] if self.global_batch else []
+        return [*self.sets, *cell.overrides, *batch, f"train.max_steps={self.steps}",
+                f"train.eval_every={self.eval_every}", "train.progress=false", f"run.out_dir={run_dir.parent}",
+                f"run.name={run_dir.name}"]
 
 
 def _shown(v):
@@ -195,7 +203,7 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
                                         or any(isinstance(x, dict) for x in v.values()) or set(v) & set(PLACEMENT)):
                 raise ValueError(f"study file {str(path)!r}: axes.{key}: a bundle {v!r} needs a name and config keys "
                                  f"(not {', '.join(PLACEMENT)}): {{name = \"fp32\", \"comm.compressor\" = \"none\"}}")
-    for key in ("steps", "repeats"):
+    for key in ("steps", "repeats", "global_batch"):
         if not isinstance(head.get(key, 1), int) or head.get(key, 1) < 1:
             raise ValueError(f"study file {str(path)!r}: study.{key} = {head[key]!r}; must be an integer >= 1")
     for key in (WORLD, NODES):
@@ -220,7 +228,7 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
     return Study(path=path, config=config, steps=steps, repeats=head.get("repeats", 1),
                  warmup_steps=int(head.get("warmup_steps", min(5, steps // 2))), sets=list(head.get("set", [])),
                  axes=dict(axes), name=name, out=Path(out or head.get("out_dir") or Path("runs") / "studies" / name),
-                 eval_every=int(head.get("eval_every", steps)), text=text)
+                 eval_every=int(head.get("eval_every", steps)), text=text, global_batch=head.get("global_batch", 0))
 
 
 def _capacity(backend: str, ray_address: str | None = None) -> tuple[int | None, str]:
@@ -257,6 +265,12 @@ def check_cells(study: Study, backend: str, ray_address: str | None = None) -> l
         per_node = cell.world // cell.nodes
         if cell.world % cell.nodes:
             raise ValueError(f"study cell {cell.key}: {cell.world} ranks do not split evenly over {cell.nodes} nodes")
+        if study.global_batch % cell.world:
+            raise ValueError(f"study cell {cell.key}: study.global_batch = {study.global_batch} does not split evenly "
+                             f"over {cell.world} ranks (strong scaling keeps the global batch)")
+        if study.global_batch and any(o.startswith("data.batch_size=") for o in cell.overrides):
+            raise ValueError(f"study cell {cell.key}: study.global_batch sets data.batch_size per cell; drop it from "
+                             "the axes")
         if backend == "ray" and cell.nodes > 1:
             raise ValueError(f"study cell {cell.key}: axes.{NODES}: Ray Train places a job's workers itself (drop the "
                              f"axis; world_size sets the workers)")
@@ -300,7 +314,8 @@ def cell_record(study: Study, cell: Cell, repeat: int, run_dir: Path, status: st
     cores = len(os.sched_getaffinity(0))
     link = (f"{cell.bandwidth or 'unshaped'} between {cell.nodes} emulated nodes (tbf)" if cell.nodes > 1
             else "loopback (one node)")
-    rec = {"cell": cell.key, "repeat": repeat, "status": status, "error": error, WORLD: cell.world,
+    rec = {"cell": cell.key, "repeat": repeat, "status": status, "error": error, "scaling": study.scaling,
+           WORLD: cell.world,
            NODES: cell.nodes, "ranks_per_node": cell.world // cell.nodes, BANDWIDTH: cell.bandwidth,
            "axes": {k: _shown(v) for k, v in cell.values}, "settings": cell.settings, "cores": cores,
            "cores_per_rank": round(cores / cell.world, 3),

@@ -60,13 +60,13 @@ def scaling_figure(records: list[dict], path: Path) -> None:
             hi = [(_median(by_world[w], "step_s_p90") or m) - m for w, m in zip(worlds, med)]
             ax_t.errorbar(worlds, med, yerr=[lo, hi], marker="o", capsize=3, label=label, color=colour)
             ax_s.plot(worlds, [_median(by_world[w], "samples_per_s") for w in worlds], marker="o", color=colour)
-            ax_e.plot(worlds, [med[0] / m for m in med], marker="o", color=colour)
+            ax_e.plot(worlds, _efficiency(by_world, worlds, med), marker="o", color=colour)
             floor = _floor_efficiency(by_world)
             if floor:
                 ax_e.plot(*zip(*floor), "--", marker="x", color=colour)
         at = f" at {link}" if link else ""
         for ax, title in ((ax_t, f"step time (s), median and p10-p90{at}"), (ax_s, f"samples / s{at}"),
-                          (ax_e, f"weak-scaling efficiency t(W min) / t(W){at};\n"
+                          (ax_e, f"{_EFFICIENCY[_scaling(records)]}{at};\n"
                                  "dashed: t_floor(W) / t(W), same placement")):
             ax.set_xscale("log", base=2)
             ax.set_xlabel("world size (ranks)")
@@ -79,6 +79,22 @@ def scaling_figure(records: list[dict], path: Path) -> None:
             handles.setdefault(lab, h)
     fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=3, fontsize=7)
     fig.savefig(path, dpi=100)
+
+
+_EFFICIENCY = {"weak": "weak-scaling efficiency t(W min) / t(W)",
+               "strong": "strong-scaling efficiency W min t(W min) / (W t(W))"}
+
+
+def _scaling(records: list[dict]) -> str:
+    return "strong" if any(r.get("scaling") == "strong" for r in records) else "weak"
+
+
+def _efficiency(by_world: dict[int, list[dict]], worlds: list[int], med: list[float]) -> list[float]:
+    """Weak scaling (a fixed batch per rank): t(W0) / t(W); strong (a fixed global batch): the speed-up over W0 per
+    rank added, W0 t(W0) / (W t(W)). 1.0 is perfect either way."""
+    if _scaling([r for w in worlds for r in by_world[w]]) == "strong":
+        return [worlds[0] * med[0] / (w * m) for w, m in zip(worlds, med)]
+    return [med[0] / m for m in med]
 
 
 def _floor_efficiency(by_world: dict[int, list[dict]]) -> list[tuple[int, float]]:
@@ -98,14 +114,16 @@ def weak_scaling_table(records: list[dict]) -> list[str]:
         worlds = sorted(by_world)
         if len(worlds) < 2:
             continue
-        t0 = _median(by_world[worlds[0]], "step_s_median")
+        eff = _efficiency(by_world, worlds, [_median(by_world[w], "step_s_median") for w in worlds])
         floor = dict(_floor_efficiency(by_world))
-        cells = [f"W={w}: {t0 / _median(by_world[w], 'step_s_median'):.2f}"
-                 + (f" ({floor[w]:.2f})" if w in floor else "") for w in worlds[1:]]
+        cells = [f"W={w}: {e:.2f}" + (f" ({floor[w]:.2f})" if w in floor else "") for w, e in zip(worlds[1:], eff[1:])]
         rows.append(f"| {label} | {'; '.join(cells)} |")
     if not rows:
         return []
-    return ["", "## Weak scaling", "", "t(W min) / t(W) per rank's fixed batch; in brackets t_floor(W) / t(W), the "
+    kind = _scaling(records)
+    what = ("t(W min) / t(W), each rank's batch fixed" if kind == "weak"
+            else "W min t(W min) / (W t(W)), the global batch fixed (study.global_batch)")
+    return ["", f"## {kind.capitalize()} scaling", "", f"{what}; in brackets t_floor(W) / t(W), the "
             "efficiency against the skip floor at the same placement (the ranks here share this machine's cores, so "
             "the first falls with W even when nothing waits on the link).", "", "| series | efficiency |", "|---|---|",
             *rows]

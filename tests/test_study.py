@@ -267,3 +267,21 @@ def test_bundles_vary_keys_together_and_exposed_time_is_measured_against_the_ski
     with pytest.raises(ValueError, match="a bundle .* needs a name"):
         from launch.study import load_study
         load_study(write_study(tmp_path / "b.toml", small_darcy, 'exchange = [{"comm.compressor" = "int8"}]'))
+
+
+def test_strong_scaling_splits_the_global_batch_and_its_efficiency_is_the_speedup_per_rank(small_darcy, tmp_path):
+    """study.global_batch keeps the global batch (data.batch_size = global_batch / W in each cell, refused where it does
+    not split), and the report's efficiency is W0 t(W0) / (W t(W)): a perfect speed-up scores 1."""
+    from launch.study import check_cells, load_study
+    from launch.study_report import weak_scaling_table
+    study = load_study(write_study(tmp_path / "s.toml", small_darcy, "world_size = [1, 2, 4]", extra="global_batch = 8"))
+    cells = check_cells(study, "local")
+    assert [study.overrides(c, tmp_path / "x")[-6] for c in cells] == [
+        "data.batch_size=8", "data.batch_size=4", "data.batch_size=2"]
+    with pytest.raises(ValueError, match="study cell world_size=3: study.global_batch = 8 does not split evenly"):
+        check_cells(load_study(write_study(tmp_path / "b.toml", small_darcy, "world_size = [1, 3]",
+                                           extra="global_batch = 8")), "local")
+    recs = [{"status": "ok", "scaling": "strong", "world_size": w, "axes": {"world_size": w}, "step_s_median": t}
+            for w, t in ((1, 0.8), (2, 0.4), (4, 0.4))]      # perfect to 2 ranks, no faster at 4
+    rows = weak_scaling_table(recs)
+    assert rows[1] == "## Strong scaling" and rows[-1] == "| all | W=2: 1.00; W=4: 0.50 |"
