@@ -1,5 +1,5 @@
 """The FNO's maximal-update parametrization (model.fno.parametrization = "mup", trainer/models/fno.py), the trainer's
-learning-rate groups (trainer/train.py: lr_groups) and the LR-transfer figure of a study (launch/study_proxy.py).
+learning-rate groups (trainer/optim.py: lr_groups) and the LR-transfer figure of a study (launch/study_proxy.py).
 
 The measured check is the property muP exists for (Yang & Hu 2021; Yang et al. 2022, "Tensor Programs V"): the first
 Adam step moves the hidden features and the output by an amount that does not depend on the width. Adam's first step
@@ -41,7 +41,7 @@ def test_standard_is_the_default_and_builds_the_same_model_and_optimizer():
     from trainer.config import load_config
     from trainer.models.fno import FNO, _build
     from trainer.registry import DataSpec
-    from trainer.train import lr_groups
+    from trainer.optim import lr_groups
     data = DataSpec((1, 17, 17), (1, 17, 17), torch.nn.Identity())
     default = load_config(CONFIG, []).model.fno
     assert default.parametrization == "standard" and default.base_width == default.width == 32
@@ -85,7 +85,7 @@ CLASSES = {"lifting.0.weight": "finite", "lifting.0.bias": "finite",            
 
 def test_mup_follows_table_3_at_twice_the_base_width():
     from trainer.models.fno import mup_classes
-    from trainer.train import lr_groups
+    from trainer.optim import lr_groups
     kw = dict(lifting_channels=8, emb_dim=4)   # every class present: a two-layer lifting, FiLM
     std, mup = _fno(32, **kw), _fno(32, "mup", base_width=16, **kw)
     names = [n for n, _ in mup.named_parameters()]
@@ -117,7 +117,7 @@ def test_mup_follows_table_3_at_twice_the_base_width():
 def _first_step_change(parametrization: str, width: int, seed: int, lr: float = 1e-2) -> tuple[float, float]:
     """RMS per coordinate of the change of the last Fourier layer's output (hidden features) and of the FNO's output
     on a fixed batch, after one Adam step from the seed's init (base width 16)."""
-    from trainer.train import lr_groups
+    from trainer.optim import lr_groups
     model = _fno(width, parametrization, base_width=16, seed=seed)
     g = torch.Generator().manual_seed(1234)
     x = torch.randn(8, 1, 16, 16, generator=g)

@@ -250,7 +250,7 @@ def test_resume_on_twice_the_ranks_rescales_lr_and_continues_the_epoch(small_dar
 
 
 def test_batch_lr_scale_rules():
-    from trainer.train import batch_lr_scale
+    from trainer.optim import batch_lr_scale
     assert batch_lr_scale("sgd", 32, 8) == 4.0 and batch_lr_scale("sgd", 4, 8) == 0.5
     assert batch_lr_scale("adam", 32, 8) == 2.0 and batch_lr_scale("adamw", 8, 16) == math.sqrt(0.5)
 

@@ -10,7 +10,7 @@ and `restore`.
 
 Elastic resume: a checkpoint may be loaded into another world size. The data plan reshards the
 interrupted epoch (data/shards.py), the compressor keeps its replicated state and resets per-rank error
-feedback (trainer/comm.py), and the learning rate follows the global batch (`batch_lr_scale`).
+feedback (trainer/comm.py), and the learning rate follows the global batch (trainer/optim.py `batch_lr_scale`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 import contextlib
 from contextlib import ExitStack
@@ -37,6 +36,7 @@ from trainer.compress.base import mixed_seed
 from trainer.config import RESUME_WHY, Config, resume_changes
 from trainer.ema import WeightEMA
 from trainer.metrics import MetricsLogger
+from trainer.optim import batch_lr_scale, build_optimizer
 from trainer.parallel import ENGINES
 from trainer.registry import Batch, DataSpec, get_model_spec
 from trainer.rundir import RunDirLock, check_fresh_run, clear_run_outputs
@@ -89,41 +89,6 @@ def read_run_meta(path: str | Path) -> dict | None:
 def batch_rows(batch: Batch) -> int:
     """Samples in a batch: its "n" entry (a simulated batch: trajectories), else its tensors' leading size."""
     return int(batch["n"]) if "n" in batch else len(next(iter(batch.values())))
-
-
-def batch_lr_scale(optimizer: str, global_batch: int, reference_batch: int) -> float:
-    """Learning-rate factor when the global batch changes from `reference_batch` to `global_batch`.
-
-    SGD: linear, lr ~ B (Goyal et al. 2017, "Accurate, Large Minibatch SGD"). Adam/AdamW: square root,
-    lr ~ sqrt(B) (Malladi et al. 2022, "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms";
-    Granziol et al. 2022, "Learning Rates as a Function of Batch Size").
-    """
-    ratio = global_batch / reference_batch
-    return ratio if optimizer == "sgd" else math.sqrt(ratio)
-
-
-def lr_groups(model: torch.nn.Module, params, optimizer: str, lr: float) -> list:
-    """`params` (what an engine hands the optimizer) as parameter groups at lr x each parameter's factor.
-
-    A module may define `lr_multipliers(optimizer_name) -> {parameter name: factor}` over its own parameters (the FNO
-    does under muP); they are found over `model.named_modules()` and matched by name, so they reach a backbone inside
-    another model, FSDP2's DTensors (registered in place under the same names) and DeepSpeed's real storage of complex
-    weights (torch's `parametrizations.<name>.original`). Without a factor other than 1 the parameters come back as
-    one list, today's optimizer exactly. Otherwise one group per factor, the group at 1 first (metrics.csv logs group
-    0's lr), each keeping its "lr_multiplier" for a resume (`Trainer._apply_config_on_resume`)."""
-    params = list(params)
-    factors: dict[str, float] = {}
-    for prefix, module in model.named_modules():
-        if callable(getattr(module, "lr_multipliers", None)):
-            factors.update({f"{prefix}.{n}" if prefix else n: f for n, f in module.lr_multipliers(optimizer).items()})
-    if all(f == 1.0 for f in factors.values()):
-        return params
-    names = {id(p): re.sub(r"parametrizations\.(\w+)\.original$", r"\1", n) for n, p in model.named_parameters()}
-    assert {names.get(id(p)) for p in params} >= factors.keys(), "the optimizer was given parameters the model lacks"
-    groups: dict[float, list] = {1.0: []}
-    for p in params:
-        groups.setdefault(factors.get(names[id(p)], 1.0), []).append(p)
-    return [{"params": ps, "lr": lr * f, "lr_multiplier": f} for f, ps in groups.items() if ps]
 
 
 def _rank_world() -> tuple[int, int]:
@@ -343,13 +308,8 @@ class Trainer:
     # ---- construction --------------------------------------------------------------------------------------
     def _build_optimizer(self, params) -> torch.optim.Optimizer:
         """The configured optimizer over `params` (the engine calls it on its own, possibly sharded, parameters, while
-        self.model is still the module it wraps), in the model's learning-rate groups (`lr_groups`)."""
-        o = self.cfg.optim
-        params = lr_groups(self.model, params, o.name, o.lr)
-        if o.name == "sgd":
-            return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-        cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-        return cls(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, foreach=False)
+        self.model is still the module it wraps), in the model's learning-rate groups (trainer/optim.py)."""
+        return build_optimizer(self.cfg.optim, self.model, params)
 
     def _build_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
         o = self.cfg.optim

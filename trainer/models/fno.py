@@ -249,7 +249,7 @@ class FNO(nn.Module):
             mup_init_(self)
 
     def lr_multipliers(self, optimizer: str) -> dict[str, float]:
-        """Learning-rate factor per parameter name (the trainer's optimizer hook, trainer/train.py: lr_groups)."""
+        """Learning-rate factor per parameter name (the trainer's optimizer hook, trainer/optim.py: lr_groups)."""
         return mup_lr_multipliers(self, optimizer) if self.parametrization == "mup" else {}
 
     def padded_grid(self, grid: tuple[int, ...]) -> tuple[int, ...]:
